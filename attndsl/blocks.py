@@ -1,0 +1,47 @@
+"""Tile classification (first version): each tile of the mask is evaluated and reduced.
+
+Input: a :class:`~attndsl.reference.CallGrid` and a tile shape (BQ, BK). Output: int8
+``[heads, ceil(q_len/BQ), ceil(kv_len/BK)]`` with 0 empty, 1 partial, 2 full (every in-bounds
+pair allowed). Exact, hence sound; cost O(heads x q_len x kv_len). The symbolic analysis
+(interval and congruence reasoning over the IR) supersedes it for large lengths.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .errors import AttnCallError
+from .reference import CallGrid
+
+EMPTY, PARTIAL, FULL = 0, 1, 2
+
+
+def tile_shape(block) -> tuple[int, int]:
+    try:
+        bq, bk = (int(b) for b in block)
+    except (TypeError, ValueError):
+        raise AttnCallError(f"argument 'block' must be a pair of positive ints, got {block!r}") from None
+    if bq < 1 or bk < 1:
+        raise AttnCallError(f"argument 'block' must be a pair of positive ints, got {block!r}")
+    return bq, bk
+
+
+def block_map_by_tiles(grid: CallGrid, block) -> np.ndarray:
+    bq, bk = tile_shape(block)
+    nqb, nkb = -(-grid.q_len // bq), -(-grid.kv_len // bk)
+    out = np.zeros((grid.heads, nqb, nkb), dtype=np.int8)
+    if nqb == 0 or nkb == 0:
+        return out
+    heads = np.arange(grid.heads)
+    cols = np.arange(grid.kv_len)
+    pad = nkb * bk - grid.kv_len
+    for i in range(nqb):
+        rows = np.arange(i * bq, min(grid.q_len, (i + 1) * bq))
+        m = np.asarray(grid.mask(heads, rows, cols))
+        any_ = np.pad(m, ((0, 0), (0, 0), (0, pad)), constant_values=False)
+        all_ = np.pad(m, ((0, 0), (0, 0), (0, pad)), constant_values=True)
+        shape = (grid.heads, len(rows), nkb, bk)
+        has = any_.reshape(shape).any(axis=(1, 3))
+        every = all_.reshape(shape).all(axis=(1, 3))
+        out[:, i] = np.where(every, FULL, np.where(has, PARTIAL, EMPTY))
+    return out

@@ -1,0 +1,75 @@
+"""Compile-time constants: which expressions are constant, and the checks on their values.
+
+Divisors of ``//``/``%`` must be > 0; selector arguments have ranges. A check that depends on
+a required parameter is done when that parameter is bound (``Pattern.bind``); the error then
+points at the same source location as it would at compile time.
+"""
+
+from __future__ import annotations
+
+from .errors import AttnError, AttnTypeError, ErrorSink
+from .ir import Expr, Op, PatternIR
+
+CONSTANT_OPS = {Op.CONST, Op.PARAM, Op.NEG, Op.ADD, Op.SUB, Op.MUL, Op.DIV, Op.FLOORDIV, Op.MOD,
+                Op.POW, Op.LT, Op.LE, Op.GT, Op.GE, Op.EQ, Op.NE, Op.NOT, Op.AND, Op.OR, Op.IF,
+                Op.ABS, Op.MIN, Op.MAX, Op.FLOAT, Op.EXP, Op.LOG, Op.SQRT, Op.TANH, Op.SIGMOID}
+
+
+def is_constant(expr: Expr) -> bool:
+    """True when the value is known at compile time: only literals, parameters and pure ops."""
+    return all(n.op in CONSTANT_OPS for n in expr.walk())
+
+
+def _params_of(expr: Expr) -> set[str]:
+    return {n.value for n in expr.walk() if n.op is Op.PARAM}
+
+
+# (op, argument position) -> (predicate on the value, what the value must be)
+_RANGES = {
+    (Op.FLOORDIV, 1): (lambda v: v > 0, "the divisor of '//' must be greater than 0"),
+    (Op.MOD, 1): (lambda v: v > 0, "the divisor of '%' must be greater than 0"),
+    (Op.TOPK_BLOCKS, 0): (lambda v: v > 0, "topk_blocks: n must be greater than 0"),
+    (Op.TOPK_BLOCKS, 1): (lambda v: v > 0, "topk_blocks: the block size b must be greater than 0"),
+    (Op.TOPP_BLOCKS, 0): (lambda v: 0.0 < v <= 1.0, "topp_blocks: p must be in (0, 1]"),
+    (Op.TOPP_BLOCKS, 1): (lambda v: v > 0, "topp_blocks: the block size b must be greater than 0"),
+    (Op.RANDOM_BLOCKS, 0): (lambda v: v >= 0, "random_blocks: r must not be negative"),
+    (Op.RANDOM_BLOCKS, 1): (lambda v: v > 0, "random_blocks: the block size b must be greater than 0"),
+}
+
+
+def constant_sites(ir: PatternIR):
+    """Every (constant expression, predicate, message) the pattern's values must satisfy."""
+    seen: set[int] = set()
+    for root in ir.roots():
+        for node in root.walk():
+            if id(node) in seen:
+                continue
+            seen.add(id(node))
+            for pos, arg in enumerate(node.args):
+                rule = _RANGES.get((node.op, pos))
+                if rule is not None:
+                    yield arg, rule[0], rule[1]
+
+
+def check_constants(ir: PatternIR, values: dict, source: str | None, partial: bool = False) -> None:
+    """Raise AttnTypeError (all failures together) for constants out of range.
+
+    With ``partial``, sites that depend on a parameter without a value are skipped.
+    """
+    from .interp import evaluate_scalar  # local: interp is heavier and imports program helpers
+
+    sink = ErrorSink(source or "")
+    for expr, ok, message in constant_sites(ir):
+        if partial and not _params_of(expr) <= set(values):
+            continue
+        try:
+            value = evaluate_scalar(expr, values)
+        except AttnError as err:  # pragma: no cover - constant expressions cannot fail
+            sink.errors.append(err)
+            continue
+        if not ok(value):
+            sink.add(AttnTypeError, f"{message}, got {value}", expr.span)
+    if sink.errors and source is None:
+        for e in sink.errors:
+            e.source = None
+    sink.raise_if_any()

@@ -1,0 +1,109 @@
+"""Diagnostics: one error family, rendered ``file:line:col: error: msg`` with the line and a caret.
+
+Every error a user can provoke is an :class:`AttnError`. Errors that come from a
+``.attn`` file carry a :class:`Span`; errors from a Python call (wrong shapes,
+missing tensor inputs) carry none and name the offending argument instead.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class Span:
+    """A 1-based source position (start line/column) plus its end, inside one file."""
+
+    filename: str
+    line: int
+    column: int
+    end_line: int
+    end_column: int
+
+    @staticmethod
+    def unknown(filename: str = "<unknown>") -> Span:
+        return Span(filename, 0, 0, 0, 0)
+
+
+class AttnError(Exception):
+    """Base of every error attndsl raises on bad input.
+
+    ``line`` and ``column`` are 1-based (0 when the error has no source position).
+    ``str(err)`` is the full rendered diagnostic.
+    """
+
+    kind = "error"
+
+    def __init__(self, message: str, span: Span | None = None, source: str | None = None,
+                 notes: tuple[AttnError, ...] = ()):
+        self.message = message
+        self.span = span
+        self.source = source
+        self.notes = tuple(notes)
+        super().__init__(self.render())
+
+    @property
+    def line(self) -> int:
+        return self.span.line if self.span else 0
+
+    @property
+    def column(self) -> int:
+        return self.span.column if self.span else 0
+
+    @property
+    def filename(self) -> str | None:
+        return self.span.filename if self.span else None
+
+    def render_one(self) -> str:
+        if self.span is None or self.span.line == 0:
+            return f"error: {self.message}"
+        head = f"{self.span.filename}:{self.span.line}:{self.span.column}: error: {self.message}"
+        if not self.source:
+            return head
+        lines = self.source.splitlines()
+        if not 1 <= self.span.line <= len(lines):
+            return head
+        text = lines[self.span.line - 1].expandtabs(1)
+        caret = " " * (self.span.column - 1) + "^"
+        return f"{head}\n    {text}\n    {caret}"
+
+    def render(self) -> str:
+        """This error, followed by any further errors found in the same pass."""
+        return "\n".join([self.render_one()] + [n.render_one() for n in self.notes])
+
+    def all_errors(self) -> tuple[AttnError, ...]:
+        return (self,) + self.notes
+
+
+class AttnSyntaxError(AttnError):
+    """The text does not follow the grammar (or holds a character the language has no use for)."""
+
+
+class AttnNameError(AttnError):
+    """An unknown, duplicate or recursive name."""
+
+
+class AttnTypeError(AttnError):
+    """An expression of the wrong type, arity or constness."""
+
+
+class AttnCallError(AttnError):
+    """A bad call from Python: wrong arguments, shapes, dtypes, devices or tensor inputs."""
+
+
+class ErrorSink:
+    """Collects several errors of one phase so they can be reported together."""
+
+    def __init__(self, source: str):
+        self.source = source
+        self.errors: list[AttnError] = []
+
+    def add(self, cls: type[AttnError], message: str, span: Span | None) -> None:
+        self.errors.append(cls(message, span, self.source))
+
+    def raise_if_any(self) -> None:
+        if not self.errors:
+            return
+        errs = sorted(self.errors, key=lambda e: (e.line, e.column))
+        first = errs[0]
+        raise type(first)(first.message, first.span, self.source, notes=tuple(errs[1:]))

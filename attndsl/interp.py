@@ -1,0 +1,299 @@
+"""The reference interpreter: the meaning of an IR expression over a grid of (h, q, k).
+
+Input: a checked :class:`~attndsl.ir.Expr` and an :class:`Env` giving the grid (``h`` shaped
+``[H,1,1]``, ``q`` ``[1,Nq,1]``, ``k`` ``[1,1,Nk]``: absolute positions), the lengths, the
+parameter values, this batch element's tensor inputs, the selector tables and, for the score
+clause, the score. Output: an array broadcastable to ``[H, Nq, Nk]``.
+
+One rule per :class:`~attndsl.ir.Op` in :data:`EVAL_RULES`. Rules compute with an array
+namespace (``env.xp``): NumPy here, torch in the blockwise torch backend, where only the
+sub-expressions that depend on ``score`` are computed in torch (so gradients flow) and
+everything else is delegated to NumPy. ``and``/``or``/``if`` narrow the set of *live* grid
+points for their right-hand/branch operands, so that a tensor index is only required to be in
+range where it is actually used (``doc[q - 1] if q > 0 else -1`` is valid).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from functools import reduce
+
+import numpy as np
+
+from .errors import AttnCallError
+from .ir import Expr, Op
+
+
+class NumpyOps:
+    """The array namespace of the reference: int64 and float64, IEEE float semantics."""
+
+    float_dtype = np.float64
+    where = staticmethod(np.where)
+    minimum = staticmethod(np.minimum)
+    maximum = staticmethod(np.maximum)
+    abs = staticmethod(np.abs)
+    exp = staticmethod(np.exp)
+    log = staticmethod(np.log)
+    sqrt = staticmethod(np.sqrt)
+    tanh = staticmethod(np.tanh)
+    power = staticmethod(np.power)
+
+    @staticmethod
+    def sigmoid(x):
+        return 0.5 * (1.0 + np.tanh(0.5 * x))
+
+    @staticmethod
+    def to_float(x):
+        return np.asarray(x, dtype=np.float64)
+
+    @staticmethod
+    def to_numpy(x):
+        return np.asarray(x)
+
+    @staticmethod
+    def from_numpy(x):
+        return x
+
+    @staticmethod
+    def any(x) -> bool:
+        return bool(np.any(x))
+
+
+@dataclass
+class Env:
+    """Everything the leaves of an expression can mean at one evaluation."""
+
+    h: object
+    q: object
+    k: object
+    q_len: int
+    kv_len: int
+    heads: int
+    kv_heads: int
+    params: dict
+    tensors: dict = field(default_factory=dict)     # name -> numpy array of this batch element
+    selectors: object = None                        # SelectorTables (see selectors.py)
+    score: object = None
+    xp: object = NumpyOps
+
+
+class Evaluator:
+    """Evaluates IR expressions against one Env; results of shared sub-trees are memoised."""
+
+    def __init__(self, env: Env, delegate: Evaluator | None = None):
+        self.env = env
+        self.xp = env.xp
+        self.delegate = delegate          # numpy evaluator for score-free sub-trees (torch path)
+        self._memo: dict[int, object] = {}
+        self._has_index: dict[int, bool] = {}
+        self._has_score: dict[int, bool] = {}
+
+    def _flag(self, cache: dict, node: Expr, op: Op) -> bool:
+        got = cache.get(id(node))
+        if got is None:
+            got = node.uses(op)
+            cache[id(node)] = got
+        return got
+
+    def needs_live(self, node: Expr) -> bool:
+        return self._flag(self._has_index, node, Op.INDEX)
+
+    def sub(self, node: Expr, live=None):
+        """The value of ``node`` where ``live`` (a bool array or None for everywhere) holds."""
+        if self.delegate is not None and not self._flag(self._has_score, node, Op.SCORE):
+            return self.xp.from_numpy(self.delegate.sub(node, live))
+        if live is None:
+            key = id(node)
+            if key not in self._memo:
+                self._memo[key] = EVAL_RULES[node.op](self, node, None)
+            return self._memo[key]
+        return EVAL_RULES[node.op](self, node, live)
+
+
+def _and_live(live, cond):
+    return cond if live is None else (live & cond)
+
+
+# ----------------------------------------------------------------------------- rules
+
+
+def _const(ev, node, live):
+    v = node.value
+    if isinstance(v, bool):
+        return np.bool_(v)
+    return np.int64(v) if isinstance(v, int) else np.float64(v)
+
+
+def _param(ev, node, live):
+    v = ev.env.params[node.value]
+    if isinstance(v, bool):
+        return np.bool_(v)
+    return np.int64(v) if isinstance(v, int) else np.float64(v)
+
+
+def _leaf(attr):
+    def rule(ev, node, live):
+        return getattr(ev.env, attr)
+    return rule
+
+
+def _scalar_leaf(attr):
+    def rule(ev, node, live):
+        return np.int64(getattr(ev.env, attr))
+    return rule
+
+
+def _score(ev, node, live):
+    if ev.env.score is None:
+        raise AttnCallError("'score' has no value outside the score clause")  # pragma: no cover
+    return ev.env.score
+
+
+def _binary(fn):
+    def rule(ev, node, live):
+        a, b = node.args
+        return fn(ev.xp, ev.sub(a, live), ev.sub(b, live))
+    return rule
+
+
+def _unary(fn):
+    def rule(ev, node, live):
+        return fn(ev.xp, ev.sub(node.args[0], live))
+    return rule
+
+
+def _and(ev, node, live):
+    a = ev.sub(node.args[0], live)
+    b_live = _and_live(live, a) if ev.needs_live(node.args[1]) else live
+    return a & ev.sub(node.args[1], b_live)
+
+
+def _or(ev, node, live):
+    a = ev.sub(node.args[0], live)
+    b_live = _and_live(live, ~a) if ev.needs_live(node.args[1]) else live
+    return a | ev.sub(node.args[1], b_live)
+
+
+def _if(ev, node, live):
+    cond, then, other = node.args
+    c = ev.sub(cond, live)
+    t = ev.sub(then, _and_live(live, c) if ev.needs_live(then) else live)
+    e = ev.sub(other, _and_live(live, ~c) if ev.needs_live(other) else live)
+    return ev.xp.where(c, t, e)
+
+
+def _nary(fn_name):
+    def rule(ev, node, live):
+        fn = getattr(ev.xp, fn_name)
+        return reduce(fn, (ev.sub(a, live) for a in node.args))
+    return rule
+
+
+def _index(ev, node, live):
+    """Gather from a tensor input; an index out of range where it is live is an error."""
+    tensor = ev.env.tensors[node.value]
+    xp = ev.xp
+    idx = [np.asarray(xp.to_numpy(ev.sub(a, live)), dtype=np.int64) for a in node.args]
+    shape = np.broadcast_shapes(*(i.shape for i in idx))
+    live_np = None if live is None else np.asarray(xp.to_numpy(live), dtype=bool)
+    clipped = []
+    for axis, i in enumerate(idx):
+        size = tensor.shape[axis]
+        bad = (i < 0) | (i >= size)
+        if live_np is not None:
+            bad = bad & live_np
+        if np.any(bad):
+            _raise_out_of_range(ev, node, axis, i, bad, size)
+        clipped.append(np.broadcast_to(np.clip(i, 0, max(size - 1, 0)), shape))
+    if tensor.size == 0:
+        return xp.from_numpy(np.zeros(shape, dtype=tensor.dtype))
+    return xp.from_numpy(tensor[tuple(clipped)])
+
+
+def _raise_out_of_range(ev, node, axis, idx, bad, size):
+    env = ev.env
+    full = np.broadcast_shapes(bad.shape, np.shape(env.h), np.shape(env.q), np.shape(env.k))
+    where = np.argwhere(np.broadcast_to(bad, full))[0]
+    h = int(np.broadcast_to(env.h, full)[tuple(where)])
+    q = int(np.broadcast_to(env.q, full)[tuple(where)])
+    k = int(np.broadcast_to(env.k, full)[tuple(where)])
+    value = int(np.broadcast_to(idx, full)[tuple(where)])
+    dim = f" (dimension {axis})" if len(node.args) > 1 else ""
+    raise AttnCallError(f"index {value} is out of range for tensor input '{node.value}'{dim} of "
+                        f"size {size}, at h={h}, q={q}, k={k}", node.span, _source_of(node))
+
+
+def _source_of(node: Expr):
+    from .program import source_for  # local: program imports this module
+    return source_for(node.span.filename)
+
+
+def _selector(ev, node, live):
+    return ev.env.selectors.lookup(node, ev.env)
+
+
+def _floordiv(xp, a, b):
+    return a // b
+
+
+def _mod(xp, a, b):
+    return a % b
+
+
+EVAL_RULES = {
+    Op.CONST: _const,
+    Op.PARAM: _param,
+    Op.Q: _leaf("q"),
+    Op.K: _leaf("k"),
+    Op.H: _leaf("h"),
+    Op.Q_LEN: _scalar_leaf("q_len"),
+    Op.KV_LEN: _scalar_leaf("kv_len"),
+    Op.HEADS: _scalar_leaf("heads"),
+    Op.KV_HEADS: _scalar_leaf("kv_heads"),
+    Op.SCORE: _score,
+    Op.NEG: _unary(lambda xp, a: -a),
+    Op.ADD: _binary(lambda xp, a, b: a + b),
+    Op.SUB: _binary(lambda xp, a, b: a - b),
+    Op.MUL: _binary(lambda xp, a, b: a * b),
+    Op.DIV: _binary(lambda xp, a, b: a / b),
+    Op.FLOORDIV: _binary(_floordiv),
+    Op.MOD: _binary(_mod),
+    Op.POW: _binary(lambda xp, a, b: xp.power(a, b)),
+    Op.LT: _binary(lambda xp, a, b: a < b),
+    Op.LE: _binary(lambda xp, a, b: a <= b),
+    Op.GT: _binary(lambda xp, a, b: a > b),
+    Op.GE: _binary(lambda xp, a, b: a >= b),
+    Op.EQ: _binary(lambda xp, a, b: a == b),
+    Op.NE: _binary(lambda xp, a, b: a != b),
+    Op.NOT: _unary(lambda xp, a: ~a),
+    Op.AND: _and,
+    Op.OR: _or,
+    Op.IF: _if,
+    Op.ABS: _unary(lambda xp, a: xp.abs(a)),
+    Op.MIN: _nary("minimum"),
+    Op.MAX: _nary("maximum"),
+    Op.FLOAT: _unary(lambda xp, a: xp.to_float(a)),
+    Op.EXP: _unary(lambda xp, a: xp.exp(a)),
+    Op.LOG: _unary(lambda xp, a: xp.log(a)),
+    Op.SQRT: _unary(lambda xp, a: xp.sqrt(a)),
+    Op.TANH: _unary(lambda xp, a: xp.tanh(a)),
+    Op.SIGMOID: _unary(lambda xp, a: xp.sigmoid(a)),
+    Op.INDEX: _index,
+    Op.TOPK_BLOCKS: _selector,
+    Op.TOPP_BLOCKS: _selector,
+    Op.ROUTE: _selector,
+    Op.RANDOM_BLOCKS: _selector,
+}
+
+
+def evaluate(expr: Expr, env: Env):
+    """The value of ``expr`` on the grid of ``env`` (NumPy), with float warnings silenced."""
+    with np.errstate(all="ignore"):
+        return Evaluator(env).sub(expr)
+
+
+def evaluate_scalar(expr: Expr, params: dict):
+    """A compile-time constant expression's Python value (leaves: literals and parameters)."""
+    env = Env(h=0, q=0, k=0, q_len=0, kv_len=0, heads=1, kv_heads=1, params=params)
+    value = evaluate(expr, env)
+    return np.asarray(value).item()

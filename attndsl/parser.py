@@ -1,0 +1,407 @@
+"""Pass 1, parse: source text -> a tuple of surface declarations (:class:`DefDecl`, :class:`PatternDecl`).
+
+Input: any text. Output: surface syntax trees whose every node carries a 1-based span, or an
+:class:`~attndsl.errors.AttnSyntaxError` listing every syntax error found. The file is split
+at top-level ``def``/``pattern`` lines and each declaration is parsed on its own, so one bad
+declaration does not hide errors in the next. Lark's exceptions never escape this module.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from functools import lru_cache
+from importlib import resources
+
+import lark
+from lark import Token, Transformer, v_args
+
+from .errors import AttnSyntaxError, ErrorSink, Span
+
+# ----------------------------------------------------------------------------- surface syntax
+
+
+@dataclass(frozen=True, slots=True)
+class Node:
+    """A surface expression. ``kind`` is the grammar's name for it ('name', 'int', 'call', '+' ...)."""
+
+    kind: str
+    children: tuple = ()
+    value: object = None
+    span: Span = field(default_factory=Span.unknown, compare=False)
+
+
+@dataclass(frozen=True, slots=True)
+class DefParam:
+    name: str
+    default: Node | None
+    span: Span
+
+
+@dataclass(frozen=True, slots=True)
+class DefDecl:
+    name: str
+    params: tuple[DefParam, ...] | None     # None: declared without parentheses
+    body: Node
+    span: Span                              # the name
+
+
+@dataclass(frozen=True, slots=True)
+class ParamDecl:
+    name: str
+    type_name: str | None                   # 'int', 'float[][]', ... or None when defaulted
+    default: object                         # Python scalar literal, or None
+    span: Span
+
+
+@dataclass(frozen=True, slots=True)
+class Clause:
+    kind: str                               # 'let', 'mask' or 'score'
+    name: str
+    expr: Node
+    span: Span                              # the clause's name
+
+
+@dataclass(frozen=True, slots=True)
+class PatternDecl:
+    name: str
+    params: tuple[ParamDecl, ...]
+    clauses: tuple[Clause, ...]
+    span: Span                              # the name
+
+
+# ----------------------------------------------------------------------------- lark plumbing
+
+
+class _Indenter(lark.lark.PostLex):
+    """Python-style INDENT/DEDENT tokens; newlines inside brackets continue the line."""
+
+    always_accept = ("_NL",)
+    OPEN = ("LPAR", "LSQB")
+    CLOSE = ("RPAR", "RSQB")
+
+    def __init__(self, filename: str):
+        self.filename = filename
+
+    def process(self, stream):
+        levels = [0]
+        depth = 0
+        last = None
+        for tok in stream:
+            last = tok
+            if tok.type == "_NL":
+                if depth > 0:
+                    continue
+                yield tok
+                indent_text = tok.rsplit("\n", 1)[-1] if "\n" in tok else ""
+                indent = len(indent_text.expandtabs(8))
+                if indent > levels[-1]:
+                    levels.append(indent)
+                    yield Token.new_borrow_pos("_INDENT", indent_text, tok)
+                else:
+                    while indent < levels[-1]:
+                        levels.pop()
+                        yield Token.new_borrow_pos("_DEDENT", indent_text, tok)
+                    if indent != levels[-1]:
+                        span = Span(self.filename, tok.end_line, len(indent_text) + 1,
+                                    tok.end_line, len(indent_text) + 1)
+                        raise _Located("unindent does not match any outer indentation level", span)
+                continue
+            if tok.type in self.OPEN:
+                depth += 1
+            elif tok.type in self.CLOSE and depth > 0:
+                depth -= 1
+            yield tok
+        while len(levels) > 1:
+            levels.pop()
+            yield Token.new_borrow_pos("_DEDENT", "", last) if last else Token("_DEDENT", "")
+
+
+class _Located(Exception):
+    def __init__(self, message: str, span: Span):
+        super().__init__(message)
+        self.message = message
+        self.span = span
+
+
+@lru_cache(maxsize=1)
+def grammar_text() -> str:
+    return resources.files("attndsl.grammar").joinpath("attn.lark").read_text(encoding="utf-8")
+
+
+@lru_cache(maxsize=8)
+def _lark(filename: str) -> lark.Lark:
+    return lark.Lark(grammar_text(), parser="lalr", lexer="contextual", postlex=_Indenter(filename),
+                     propagate_positions=True, maybe_placeholders=False)
+
+
+_WORDS = {
+    "NAME": "a name", "INT": "an integer", "FLOAT": "a number", "_NL": "end of line",
+    "_INDENT": "an indented block", "_DEDENT": "end of the indented block", "CMP_OP": "a comparison",
+    "TRUE": "'true'", "FALSE": "'false'", "$END": "end of file", "COMMENT": "a comment",
+}
+
+
+def _describe(term: str, parser: lark.Lark) -> str:
+    if term in _WORDS:
+        return _WORDS[term]
+    for t in parser.terminals:
+        if t.name == term and t.pattern.type == "str":
+            return repr(t.pattern.value)
+    return term.lower()
+
+
+def _expected(names, parser: lark.Lark) -> str:
+    words = sorted({_describe(n, parser) for n in names})
+    if not words:
+        return ""
+    if len(words) > 6:
+        words = words[:6] + ["..."]
+    return "; expected " + (words[0] if len(words) == 1 else ", ".join(words[:-1]) + " or " + words[-1])
+
+
+def _found(tok: Token) -> str:
+    if tok.type == "_NL":
+        return "end of line"
+    if tok.type == "_INDENT":
+        return "unexpected indentation"
+    if tok.type == "_DEDENT":
+        return "end of the indented block"
+    if tok.type == "$END":
+        return "end of file"
+    return repr(str(tok))
+
+
+def _syntax_error(exc: Exception, filename: str, parser: lark.Lark, text: str) -> tuple[str, Span]:
+    if isinstance(exc, _Located):
+        return exc.message, exc.span
+    if isinstance(exc, lark.exceptions.UnexpectedCharacters):
+        ch = text[exc.pos_in_stream] if 0 <= exc.pos_in_stream < len(text) else "?"
+        span = Span(filename, exc.line, exc.column, exc.line, exc.column + 1)
+        return f"unexpected character {ch!r}", span
+    if isinstance(exc, lark.exceptions.UnexpectedToken):
+        tok = exc.token
+        line, col = tok.line or 0, tok.column or 0
+        if tok.type in ("_NL", "_DEDENT", "_INDENT") and tok.type != "_INDENT":
+            # point just after the last real token on that line
+            line = getattr(tok, "line", line) or line
+        if tok.type == "_INDENT":
+            line = tok.end_line
+            col = len(str(tok)) + 1
+        if tok.type == "$END" or not line:
+            lines = text.rstrip("\n").splitlines() or [""]
+            line, col = len(lines), len(lines[-1]) + 1
+        what = _found(tok)
+        msg = what if tok.type == "_INDENT" else f"unexpected {what}"
+        return msg + _expected(exc.accepts or exc.expected, parser), Span(filename, line, col, line, col + 1)
+    if isinstance(exc, lark.exceptions.UnexpectedEOF):
+        lines = text.rstrip("\n").splitlines() or [""]
+        line = len(lines)
+        return "unexpected end of file" + _expected(exc.expected, parser), Span(
+            filename, line, len(lines[-1]) + 1, line, len(lines[-1]) + 1)
+    raise exc
+
+
+# ----------------------------------------------------------------------------- tree -> surface
+
+
+def _tok_span(filename: str, tok: Token) -> Span:
+    return Span(filename, tok.line, tok.column, tok.end_line or tok.line,
+                tok.end_column or tok.column + len(tok))
+
+
+class _ToSurface(Transformer):
+    def __init__(self, filename: str):
+        super().__init__()
+        self.f = filename
+
+    def _span(self, meta) -> Span:
+        if getattr(meta, "empty", True):
+            return Span.unknown(self.f)
+        return Span(self.f, meta.line, meta.column, meta.end_line, meta.end_column)
+
+    # --- atoms
+    def int_lit(self, c):
+        return Node("int", (), int(c[0]), _tok_span(self.f, c[0]))
+
+    def float_lit(self, c):
+        return Node("float", (), float(c[0]), _tok_span(self.f, c[0]))
+
+    def true_lit(self, c):
+        return Node("bool", (), True, _tok_span(self.f, c[0]))
+
+    def false_lit(self, c):
+        return Node("bool", (), False, _tok_span(self.f, c[0]))
+
+    def name(self, c):
+        return Node("name", (), str(c[0]), _tok_span(self.f, c[0]))
+
+    # --- operators
+    def add(self, c):
+        return Node("+", tuple(c), None, c[0].span)
+
+    def sub(self, c):
+        return Node("-", tuple(c), None, c[0].span)
+
+    def mul(self, c):
+        return Node("*", tuple(c), None, c[0].span)
+
+    def div(self, c):
+        return Node("/", tuple(c), None, c[0].span)
+
+    def floordiv(self, c):
+        return Node("//", tuple(c), None, c[0].span)
+
+    def mod(self, c):
+        return Node("%", tuple(c), None, c[0].span)
+
+    def pow(self, c):
+        return Node("**", tuple(c), None, c[0].span)
+
+    def or_(self, c):
+        return Node("or", tuple(c), None, c[0].span)
+
+    def and_(self, c):
+        return Node("and", tuple(c), None, c[0].span)
+
+    @v_args(meta=True)
+    def neg(self, meta, c):
+        return Node("neg", (c[0],), None, self._span(meta))
+
+    @v_args(meta=True)
+    def not_(self, meta, c):
+        return Node("not", (c[0],), None, self._span(meta))
+
+    def cond(self, c):
+        then, test, other = c
+        return Node("if", (test, then, other), None, then.span)
+
+    def chain(self, c):
+        operands = tuple(c[0::2])
+        ops = tuple(str(t) for t in c[1::2])
+        return Node("chain", operands, ops, operands[0].span)
+
+    def call(self, c):
+        name_tok = c[0]
+        args = c[1] if len(c) > 1 and c[1] is not None else ()
+        return Node("call", tuple(args), str(name_tok), _tok_span(self.f, name_tok))
+
+    def arguments(self, c):
+        return tuple(a for a in c if a is not None)
+
+    def kwarg(self, c):
+        return Node("kwarg", (c[1],), str(c[0]), _tok_span(self.f, c[0]))
+
+    def index(self, c):
+        name_tok = c[0]
+        idx = tuple(x for x in c[1:] if isinstance(x, Node))
+        return Node("index", idx, str(name_tok), _tok_span(self.f, name_tok))
+
+    # --- declarations
+    def def_param(self, c):
+        return DefParam(str(c[0]), c[1] if len(c) > 1 else None, _tok_span(self.f, c[0]))
+
+    def def_params(self, c):
+        return tuple(p for p in c if p is not None)
+
+    def def_decl(self, c):
+        params = c[1] if len(c) == 3 else None
+        return DefDecl(str(c[0]), params, c[-1], _tok_span(self.f, c[0]))
+
+    def literal(self, c):
+        return c[0]
+
+    def negated_literal(self, c):
+        return ("neg", c[0])
+
+    def param_default(self, c):
+        return ParamDecl(str(c[0]), None, c[1], _tok_span(self.f, c[0]))
+
+    def type_name(self, c):
+        return str(c[0]) + "[]" * ((len(c) - 1) // 2)
+
+    def param_typed(self, c):
+        return ParamDecl(str(c[0]), c[1], None, _tok_span(self.f, c[0]))
+
+    def pattern_params(self, c):
+        return tuple(p for p in c if p is not None)
+
+    def let_clause(self, c):
+        return Clause("let", str(c[0]), c[1], _tok_span(self.f, c[0]))
+
+    def named_clause(self, c):
+        return Clause(str(c[0]), str(c[0]), c[1], _tok_span(self.f, c[0]))
+
+    def pattern_decl(self, c):
+        params = c[1] if len(c) > 2 and isinstance(c[1], tuple) else ()
+        clauses = tuple(x for x in c[1:] if isinstance(x, Clause))
+        return PatternDecl(str(c[0]), params, clauses, _tok_span(self.f, c[0]))
+
+    def start(self, c):
+        return tuple(c)
+
+
+_LITERAL_WORDS = {"inf": float("inf")}
+
+
+def _literal_value(raw, span: Span, sink: ErrorSink):
+    """A pattern parameter's default: an int, float or bool literal, optionally negated."""
+    negate = isinstance(raw, tuple)
+    tok = raw[1] if negate else raw
+    text = str(tok)
+    if tok.type == "INT":
+        value = int(text)
+    elif tok.type == "FLOAT":
+        value = float(text)
+    elif tok.type in ("TRUE", "FALSE"):
+        value = tok.type == "TRUE"
+    elif text in _LITERAL_WORDS:
+        value = _LITERAL_WORDS[text]
+    else:
+        sink.add(AttnSyntaxError, f"a parameter default must be a literal, not {text!r}",
+                 _tok_span(span.filename, tok))
+        return 0
+    if negate:
+        if isinstance(value, bool):
+            sink.add(AttnSyntaxError, "a bool default cannot be negated", _tok_span(span.filename, tok))
+            return value
+        value = -value
+    return value
+
+
+_TOP_LEVEL = re.compile(r"^(def|pattern)\b")
+
+
+def _split_declarations(text: str) -> list[tuple[int, str]]:
+    """Chunks starting at each top-level ``def``/``pattern`` line, with their first line index."""
+    lines = text.split("\n")
+    starts = [i for i, line in enumerate(lines) if _TOP_LEVEL.match(line)]
+    if not starts or starts[0] != 0:
+        starts = [0] + starts
+    starts.append(len(lines))
+    return [(a, "\n".join(lines[a:b])) for a, b in zip(starts, starts[1:]) if a < b]
+
+
+def parse(text: str, filename: str = "<string>") -> tuple:
+    """Parse a whole file; raises AttnSyntaxError (with every syntax error found)."""
+    text = text.replace("\r\n", "\n").replace("\r", "\n")
+    parser = _lark(filename)
+    sink = ErrorSink(text)
+    decls: list = []
+    for first_line, chunk in _split_declarations(text):
+        padded = "\n" * first_line + chunk + "\n"
+        try:
+            tree = parser.parse(padded)
+        except (lark.exceptions.LarkError, _Located) as exc:
+            message, span = _syntax_error(exc, filename, parser, padded)
+            sink.add(AttnSyntaxError, message, span)
+            continue
+        decls.extend(_ToSurface(filename).transform(tree))
+    for i, d in enumerate(decls):
+        if isinstance(d, PatternDecl):
+            params = tuple(
+                ParamDecl(p.name, p.type_name, _literal_value(p.default, p.span, sink), p.span)
+                if p.type_name is None else p for p in d.params)
+            decls[i] = PatternDecl(d.name, params, d.clauses, d.span)
+    sink.raise_if_any()
+    return tuple(decls)

@@ -1,0 +1,258 @@
+"""The compiler pipeline and the user-facing objects: :func:`compile`, :func:`load`,
+:class:`Program` and :class:`Pattern` (LANGUAGE.md section 6).
+
+``compile`` is the list of passes; ``ATTNDSL_DUMP=ast,ir`` prints a pass's output to stderr.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+from functools import lru_cache
+from importlib import resources
+
+import numpy as np
+
+from . import reference as ref
+from .checker import PRELUDE_FILENAME, Checker
+from .constants import check_constants
+from .errors import AttnCallError, AttnError, AttnSyntaxError, Span
+from .inputs import check_lengths, tensor_inputs, to_numpy
+from .ir import DATA_SELECTOR_OPS, PatternIR, Type
+from .parser import parse
+from .printer import print_pattern
+
+_SOURCES: dict[str, str] = {}
+
+
+def source_for(filename: str | None) -> str | None:
+    """The text of a compiled file, to render a call-time error at its source line."""
+    return _SOURCES.get(filename or "")
+
+
+def _dump(stage: str, value, render) -> None:
+    wanted = {s.strip() for s in os.environ.get("ATTNDSL_DUMP", "").split(",")}
+    if stage in wanted:
+        print(f"--- {stage} ---\n{render(value)}", file=sys.stderr)
+
+
+@lru_cache(maxsize=1)
+def prelude_decls() -> tuple:
+    text = resources.files("attndsl.grammar").joinpath("prelude.attn").read_text(encoding="utf-8")
+    _SOURCES[PRELUDE_FILENAME] = text
+    return parse(text, PRELUDE_FILENAME)
+
+
+def compile(source: str, filename: str = "<string>") -> Program:  # noqa: A001 - the API's name
+    """Compile .attn source text into a Program; raises AttnError on any error in it."""
+    if not isinstance(source, str):
+        raise AttnCallError("compile() takes the source text as a str")
+    _SOURCES[filename] = source
+    try:
+        decls = parse(source, filename)
+        _dump("ast", decls, lambda ds: "\n".join(map(repr, ds)))
+        patterns = Checker(decls, source, prelude_decls()).check()
+    except RecursionError:
+        raise AttnSyntaxError("expression nested too deeply", Span(filename, 1, 1, 1, 1),
+                              source) from None
+    _dump("ir", patterns, lambda ps: "\n".join(print_pattern(p) for p in ps.values()))
+    return Program(filename, {name: Pattern(ir, source) for name, ir in patterns.items()})
+
+
+def load(path) -> Program:
+    """Compile a .attn file."""
+    path = os.fspath(path)
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise AttnCallError(f"cannot read '{path}': {exc}") from None
+    return compile(text, path)
+
+
+class Program:
+    """The patterns of one file, by name."""
+
+    def __init__(self, filename: str, patterns: dict):
+        self.filename = filename
+        self._patterns = patterns
+
+    @property
+    def patterns(self) -> list[str]:
+        return list(self._patterns)
+
+    def __getitem__(self, name: str) -> Pattern:
+        try:
+            return self._patterns[name]
+        except KeyError:
+            known = ", ".join(self._patterns) or "none"
+            raise AttnCallError(f"no pattern '{name}' in {self.filename} (patterns: {known})") from None
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._patterns
+
+    def __iter__(self):
+        return iter(self._patterns.values())
+
+    def __len__(self) -> int:
+        return len(self._patterns)
+
+    def __repr__(self) -> str:
+        return f"<attndsl.Program {self.filename}: {', '.join(self._patterns)}>"
+
+
+def _bind_value(param, value):
+    t = param.type
+    if t is Type.BOOL and isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    if t is Type.INT and isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_)):
+        return int(value)
+    if t is Type.FLOAT and isinstance(value, (int, float, np.integer, np.floating)) \
+            and not isinstance(value, (bool, np.bool_)):
+        return float(value)
+    raise AttnCallError(f"parameter '{param.name}' is {t.value}, got {type(value).__name__} "
+                        f"{value!r}")
+
+
+class Pattern:
+    """A checked pattern with values for its compile-time parameters."""
+
+    def __init__(self, ir: PatternIR, source: str | None = None, values: dict | None = None):
+        self.ir = ir
+        self.source = source
+        self.values = dict(values) if values is not None else \
+            {p.name: p.default for p in ir.params if not p.is_tensor and p.default is not None}
+
+    @property
+    def name(self) -> str:
+        return self.ir.name
+
+    @property
+    def params(self) -> dict:
+        """Scalar parameter values (required ones that are unbound are absent)."""
+        return dict(self.values)
+
+    @property
+    def tensor_params(self) -> list[str]:
+        return [p.name for p in self.ir.params if p.is_tensor]
+
+    def bind(self, **values) -> Pattern:
+        """A new Pattern with the given compile-time parameters replaced."""
+        new = dict(self.values)
+        for name, value in values.items():
+            try:
+                param = self.ir.param(name)
+            except KeyError:
+                raise AttnCallError(f"pattern '{self.name}' has no parameter '{name}'") from None
+            if param.is_tensor:
+                raise AttnCallError(f"'{name}' is a tensor input of pattern '{self.name}'; pass it "
+                                    "at each call, not to bind()")
+            new[name] = _bind_value(param, value)
+        check_constants(self.ir, new, self.source, partial=True)
+        return Pattern(self.ir, self.source, new)
+
+    def _values(self) -> dict:
+        missing = [p.name for p in self.ir.params if not p.is_tensor and p.name not in self.values]
+        if missing:
+            raise AttnCallError(f"pattern '{self.name}' needs a value for parameter '{missing[0]}'; "
+                                f"bind it with pat.bind({missing[0]}=...)")
+        return self.values
+
+    def uses_selectors(self) -> bool:
+        return any(r.uses(*DATA_SELECTOR_OPS) for r in self.ir.roots())
+
+    def grid(self, q_len, kv_len, heads, kv_heads, tensors, query=None, key=None, scale=None):
+        return ref.CallGrid(self.ir, self._values(), q_len, kv_len, heads, kv_heads, tensors,
+                            query, key, scale)
+
+    # ------------------------------------------------------------------ the interpreter
+    def dense_mask(self, q_len: int, kv_len: int, heads: int = 1, kv_heads: int | None = None,
+                   query=None, key=None, **tensor_inputs_) -> np.ndarray:
+        """numpy bool [heads, q_len, kv_len]: the mask clause at every (h, i, j)."""
+        kv_heads = heads if kv_heads is None else kv_heads
+        check_lengths(q_len, kv_len, heads, kv_heads)
+        tensors = tensor_inputs(self.ir, tensor_inputs_, None)[0]
+        query, key = self._selector_inputs(query, key, q_len, kv_len, heads, kv_heads)
+        return ref.dense_mask(self.grid(q_len, kv_len, heads, kv_heads, tensors, query, key))
+
+    def _selector_inputs(self, query, key, q_len, kv_len, heads, kv_heads):
+        if query is None and key is None:
+            if self.uses_selectors():
+                raise AttnCallError(f"pattern '{self.name}' selects blocks from the query and key "
+                                    "vectors: pass query= [heads, q_len, D] and key= "
+                                    "[kv_heads, kv_len, D]")
+            return None, None
+        if query is None or key is None:
+            raise AttnCallError("pass both query= and key=, or neither")
+        query, key = to_numpy(query, "query"), to_numpy(key, "key")
+        if query.ndim != 3 or query.shape[:2] != (heads, q_len):
+            raise AttnCallError(f"argument 'query' must have shape [heads={heads}, q_len={q_len}, D], "
+                                f"got {list(query.shape)}")
+        if key.ndim != 3 or key.shape[:2] != (kv_heads, kv_len) or key.shape[2] != query.shape[2]:
+            raise AttnCallError(f"argument 'key' must have shape [kv_heads={kv_heads}, kv_len="
+                                f"{kv_len}, D={query.shape[2]}], got {list(key.shape)}")
+        return query.astype(np.float64), key.astype(np.float64)
+
+    def reference(self, q, k, v, scale: float | None = None, **tensor_inputs_):
+        """The interpreter of LANGUAGE.md section 1: float64 (out [B,H,Lq,Dv], lse [B,H,Lq])."""
+        from .runtime import check_qkv  # one validation for every entry point
+
+        q, k, v = (to_numpy(x, n).astype(np.float64) for x, n in ((q, "q"), (k, "k"), (v, "v")))
+        shapes = check_qkv(q.shape, k.shape, v.shape)
+        scale = _scale(scale, q.shape[-1])
+        grids = self.grids(shapes, q, k, scale, tensor_inputs_)
+        return ref.reference_attention(grids, q, k, v, scale)
+
+    def grids(self, shapes, q, k, scale, given_tensors) -> list:
+        """One CallGrid per batch element (q, k: NumPy float64, needed only by selectors)."""
+        batch, heads, kv_heads, q_len, kv_len = shapes
+        per_batch = tensor_inputs(self.ir, given_tensors, batch)
+        need_qk = self.uses_selectors()
+        return [self.grid(q_len, kv_len, heads, kv_heads, t,
+                          q[b] if need_qk else None, k[b] if need_qk else None, scale)
+                for b, t in enumerate(per_batch)]
+
+    def block_map(self, q_len: int, kv_len: int, heads: int = 1, block=(128, 128),
+                  **tensor_inputs_) -> np.ndarray:
+        """int8 [heads, ceil(q_len/BQ), ceil(kv_len/BK)]: 0 empty, 1 partial, 2 full.
+
+        This first version classifies each tile from the mask evaluated on that tile (exact, so
+        sound); the symbolic analysis replaces it without changing the result's meaning.
+        """
+        from .blocks import block_map_by_tiles
+
+        if self.uses_selectors():
+            raise AttnCallError(f"block_map: pattern '{self.name}' selects blocks from the query and "
+                                "key vectors at run time; block maps describe static patterns only")
+        check_lengths(q_len, kv_len, heads, heads)
+        tensors = tensor_inputs(self.ir, tensor_inputs_, None)[0]
+        return block_map_by_tiles(self.grid(q_len, kv_len, heads, heads, tensors), block)
+
+    # ------------------------------------------------------------------ torch
+    def __call__(self, q, k, v, return_lse: bool = False, scale: float | None = None,
+                 backend: str | None = None, **tensor_inputs_):
+        from .runtime import run
+
+        return run(self, q, k, v, return_lse=return_lse, scale=scale, backend=backend,
+                   tensors=tensor_inputs_)
+
+    def triton_source(self) -> str:
+        raise AttnError(f"pattern '{self.name}': the Triton backend is not available in this "
+                        "version of attndsl (use backend='torch')")
+
+    # ------------------------------------------------------------------ display
+    def __str__(self) -> str:
+        return print_pattern(self.ir, self.values)
+
+    def __repr__(self) -> str:
+        vals = ", ".join(f"{k}={v!r}" for k, v in self.values.items())
+        return f"<attndsl.Pattern {self.name}({vals})>"
+
+
+def _scale(scale, head_dim: int) -> float:
+    if scale is None:
+        return 1.0 / math.sqrt(head_dim) if head_dim else 1.0
+    if isinstance(scale, bool) or not isinstance(scale, (int, float, np.integer, np.floating)):
+        raise AttnCallError(f"argument 'scale' must be a number, got {type(scale).__name__}")
+    return float(scale)
