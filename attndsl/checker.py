@@ -60,8 +60,10 @@ def _type_word(t) -> str:
 
 
 class Checker:
-    def __init__(self, decls: tuple, source: str, prelude: tuple[DefDecl, ...] = ()):
-        self.sink = ErrorSink(source)
+    def __init__(self, decls: tuple, source: str, prelude: tuple[DefDecl, ...] = (),
+                 sink: ErrorSink | None = None, broken: set | None = None):
+        self.sink = sink if sink is not None else ErrorSink(source)
+        self.broken = set(broken or ())     # declarations that did not parse (already reported)
         self.prelude = {d.name: d for d in prelude}
         self.defs: dict[str, DefDecl] = dict(self.prelude)
         self.patterns: list[PatternDecl] = []
@@ -111,6 +113,8 @@ class Checker:
     def _check_names(self, node: Node, local: set[str]) -> None:
         """Report unknown names in a def body (types are checked when the def is used)."""
         for n in _walk_surface(node):
+            if n.value in self.broken:
+                continue
             if n.kind == "name" and n.value not in local and n.value not in self.defs \
                     and n.value not in RESERVED:
                 self.sink.add(AttnNameError, f"unknown name '{n.value}'", n.span)
@@ -314,6 +318,8 @@ class Checker:
             return self._inline(self.defs[name], (), node, scope)
         if name in FUNCTIONS or name in SELECTORS:
             raise self._err(AttnTypeError, f"'{name}' is a function; call it", node.span)
+        if name in self.broken:
+            raise _Reported()
         raise self._err(AttnNameError, f"unknown name '{name}'", node.span)
 
     def _binary(self, node: Node, scope: _Scope) -> Expr:
@@ -419,6 +425,8 @@ class Checker:
         if name in SELECTORS:
             return self._selector(node, scope)
         if name not in FUNCTIONS:
+            if name in self.broken:
+                raise _Reported()
             raise self._err(AttnNameError, f"unknown name '{name}'", node.span)
         pos, kw = self._split_args(node)
         if kw:
@@ -467,7 +475,7 @@ class Checker:
                                 "(centroids [heads, C, head_dim])", arg.span)
             return Expr(Op.ROUTE, Type.BOOL, (), arg.value, node.span)
         args = []
-        for pname, ptype, default in signature:
+        for pname, ptype, _default in signature:
             value = bound[pname]
             if isinstance(value, Node):
                 x = self.expr(value, scope)

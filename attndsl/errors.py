@@ -63,9 +63,9 @@ class AttnError(Exception):
         lines = self.source.splitlines()
         if not 1 <= self.span.line <= len(lines):
             return head
-        text = lines[self.span.line - 1].expandtabs(1)
+        text = lines[self.span.line - 1].replace("\t", " ")   # a tab is one column
         caret = " " * (self.span.column - 1) + "^"
-        return f"{head}\n    {text}\n    {caret}"
+        return f"{head}\n{text}\n{caret}"
 
     def render(self) -> str:
         """This error, followed by any further errors found in the same pass."""

@@ -89,6 +89,7 @@ def check_lengths(q_len: int, kv_len: int, heads: int, kv_heads: int) -> None:
         if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
             raise AttnCallError(f"argument '{name}' must be an int, got {type(v).__name__}")
         if v < 0 or (name in ("heads", "kv_heads") and v < 1):
-            raise AttnCallError(f"argument '{name}' must be {'positive' if 'heads' in name else 'non-negative'}, got {v}")
+            need = "positive" if "heads" in name else "non-negative"
+            raise AttnCallError(f"argument '{name}' must be {need}, got {v}")
     if heads % kv_heads:
         raise AttnCallError(f"argument 'heads' ({heads}) must be a multiple of 'kv_heads' ({kv_heads})")

@@ -85,12 +85,12 @@ class _Indenter(lark.lark.PostLex):
 
     def process(self, stream):
         levels = [0]
-        depth = 0
+        opened: list[Token] = []
         last = None
         for tok in stream:
             last = tok
             if tok.type == "_NL":
-                if depth > 0:
+                if opened:
                     continue
                 yield tok
                 indent_text = tok.rsplit("\n", 1)[-1] if "\n" in tok else ""
@@ -108,10 +108,13 @@ class _Indenter(lark.lark.PostLex):
                         raise _Located("unindent does not match any outer indentation level", span)
                 continue
             if tok.type in self.OPEN:
-                depth += 1
-            elif tok.type in self.CLOSE and depth > 0:
-                depth -= 1
+                opened.append(tok)
+            elif tok.type in self.CLOSE and opened:
+                opened.pop()
             yield tok
+        if opened:
+            tok = opened[-1]
+            raise _Located(f"'{tok}' was never closed", _tok_span(self.filename, tok))
         while len(levels) > 1:
             levels.pop()
             yield Token.new_borrow_pos("_DEDENT", "", last) if last else Token("_DEDENT", "")
@@ -382,11 +385,21 @@ def _split_declarations(text: str) -> list[tuple[int, str]]:
     return [(a, "\n".join(lines[a:b])) for a, b in zip(starts, starts[1:]) if a < b]
 
 
-def parse(text: str, filename: str = "<string>") -> tuple:
-    """Parse a whole file; raises AttnSyntaxError (with every syntax error found)."""
+_DECL_NAME = re.compile(r"^(?:def|pattern)\s+([A-Za-z_][A-Za-z0-9_]*)")
+
+
+def parse(text: str, filename: str = "<string>", sink: ErrorSink | None = None,
+          broken: set | None = None) -> tuple:
+    """Parse a whole file into its declarations.
+
+    Without ``sink``, raises AttnSyntaxError with every syntax error found. With one, adds the
+    errors to it and returns the declarations that parsed; the names of those that did not are
+    added to ``broken`` so that later passes do not report their uses as unknown.
+    """
     text = text.replace("\r\n", "\n").replace("\r", "\n")
     parser = _lark(filename)
-    sink = ErrorSink(text)
+    own_sink = sink is None
+    sink = ErrorSink(text) if own_sink else sink
     decls: list = []
     for first_line, chunk in _split_declarations(text):
         padded = "\n" * first_line + chunk + "\n"
@@ -395,6 +408,9 @@ def parse(text: str, filename: str = "<string>") -> tuple:
         except (lark.exceptions.LarkError, _Located) as exc:
             message, span = _syntax_error(exc, filename, parser, padded)
             sink.add(AttnSyntaxError, message, span)
+            named = _DECL_NAME.match(chunk)
+            if named and broken is not None:
+                broken.add(named.group(1))
             continue
         decls.extend(_ToSurface(filename).transform(tree))
     for i, d in enumerate(decls):
@@ -403,5 +419,6 @@ def parse(text: str, filename: str = "<string>") -> tuple:
                 ParamDecl(p.name, p.type_name, _literal_value(p.default, p.span, sink), p.span)
                 if p.type_name is None else p for p in d.params)
             decls[i] = PatternDecl(d.name, params, d.clauses, d.span)
-    sink.raise_if_any()
+    if own_sink:
+        sink.raise_if_any()
     return tuple(decls)

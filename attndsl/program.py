@@ -17,7 +17,7 @@ import numpy as np
 from . import reference as ref
 from .checker import PRELUDE_FILENAME, Checker
 from .constants import check_constants
-from .errors import AttnCallError, AttnError, AttnSyntaxError, Span
+from .errors import AttnCallError, AttnError, AttnSyntaxError, ErrorSink, Span
 from .inputs import check_lengths, tensor_inputs, to_numpy
 from .ir import DATA_SELECTOR_OPS, PatternIR, Type
 from .parser import parse
@@ -50,9 +50,10 @@ def compile(source: str, filename: str = "<string>") -> Program:  # noqa: A001 -
         raise AttnCallError("compile() takes the source text as a str")
     _SOURCES[filename] = source
     try:
-        decls = parse(source, filename)
+        sink, broken = ErrorSink(source), set()
+        decls = parse(source, filename, sink, broken)
         _dump("ast", decls, lambda ds: "\n".join(map(repr, ds)))
-        patterns = Checker(decls, source, prelude_decls()).check()
+        patterns = Checker(decls, source, prelude_decls(), sink, broken).check()
     except RecursionError:
         raise AttnSyntaxError("expression nested too deeply", Span(filename, 1, 1, 1, 1),
                               source) from None

@@ -33,7 +33,7 @@ def random_block_table(r: int, b: int, seed: int, first_block: int, last_block: 
     """bool [query blocks first..last, nkb]: the r key blocks with the smallest key(I, J)."""
     nkb = -(-kv_len // b)
     blocks = np.arange(first_block, last_block + 1, dtype=np.int64)
-    base = np.uint64(((seed << 40) & _MASK64))
+    base = np.uint64((seed << 40) & _MASK64)
     rows = (blocks.astype(np.uint64) << np.uint64(20))       # two's complement == mod 2**64
     cols = np.arange(nkb, dtype=np.uint64)
     with np.errstate(over="ignore"):
