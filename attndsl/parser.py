@@ -80,9 +80,6 @@ class _Indenter(lark.lark.PostLex):
     OPEN = ("LPAR", "LSQB")
     CLOSE = ("RPAR", "RSQB")
 
-    def __init__(self, filename: str):
-        self.filename = filename
-
     def process(self, stream):
         levels = [0]
         opened: list[Token] = []
@@ -103,9 +100,8 @@ class _Indenter(lark.lark.PostLex):
                         levels.pop()
                         yield Token.new_borrow_pos("_DEDENT", indent_text, tok)
                     if indent != levels[-1]:
-                        span = Span(self.filename, tok.end_line, len(indent_text) + 1,
-                                    tok.end_line, len(indent_text) + 1)
-                        raise _Located("unindent does not match any outer indentation level", span)
+                        raise _Located("unindent does not match any outer indentation level",
+                                       tok.end_line, len(indent_text) + 1)
                 continue
             if tok.type in self.OPEN:
                 opened.append(tok)
@@ -114,17 +110,19 @@ class _Indenter(lark.lark.PostLex):
             yield tok
         if opened:
             tok = opened[-1]
-            raise _Located(f"'{tok}' was never closed", _tok_span(self.filename, tok))
+            raise _Located(f"'{tok}' was never closed", tok.line, tok.column)
         while len(levels) > 1:
             levels.pop()
             yield Token.new_borrow_pos("_DEDENT", "", last) if last else Token("_DEDENT", "")
 
 
 class _Located(Exception):
-    def __init__(self, message: str, span: Span):
+    """A syntax error found by the indenter, at a 1-based line and column."""
+
+    def __init__(self, message: str, line: int, column: int):
         super().__init__(message)
         self.message = message
-        self.span = span
+        self.line, self.column = line, column
 
 
 @lru_cache(maxsize=1)
@@ -132,9 +130,9 @@ def grammar_text() -> str:
     return resources.files("attndsl.grammar").joinpath("attn.lark").read_text(encoding="utf-8")
 
 
-@lru_cache(maxsize=8)
-def _lark(filename: str) -> lark.Lark:
-    return lark.Lark(grammar_text(), parser="lalr", lexer="contextual", postlex=_Indenter(filename),
+@lru_cache(maxsize=1)
+def _lark() -> lark.Lark:
+    return lark.Lark(grammar_text(), parser="lalr", lexer="contextual", postlex=_Indenter(),
                      propagate_positions=True, maybe_placeholders=False)
 
 
@@ -177,7 +175,7 @@ def _found(tok: Token) -> str:
 
 def _syntax_error(exc: Exception, filename: str, parser: lark.Lark, text: str) -> tuple[str, Span]:
     if isinstance(exc, _Located):
-        return exc.message, exc.span
+        return exc.message, Span(filename, exc.line, exc.column, exc.line, exc.column + 1)
     if isinstance(exc, lark.exceptions.UnexpectedCharacters):
         ch = text[exc.pos_in_stream] if 0 <= exc.pos_in_stream < len(text) else "?"
         span = Span(filename, exc.line, exc.column, exc.line, exc.column + 1)
@@ -397,7 +395,7 @@ def parse(text: str, filename: str = "<string>", sink: ErrorSink | None = None,
     added to ``broken`` so that later passes do not report their uses as unknown.
     """
     text = text.replace("\r\n", "\n").replace("\r", "\n")
-    parser = _lark(filename)
+    parser = _lark()
     own_sink = sink is None
     sink = ErrorSink(text) if own_sink else sink
     decls: list = []
