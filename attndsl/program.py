@@ -68,7 +68,8 @@ def load(path) -> Program:
         with open(path, encoding="utf-8") as f:
             text = f.read()
     except (OSError, UnicodeDecodeError) as exc:
-        raise AttnCallError(f"cannot read '{path}': {exc}") from None
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise AttnCallError(f"cannot read '{path}': {reason}") from None
     return compile(text, path)
 
 
@@ -215,7 +216,7 @@ class Pattern:
                 for b, t in enumerate(per_batch)]
 
     def block_map(self, q_len: int, kv_len: int, heads: int = 1, block=(128, 128),
-                  **tensor_inputs_) -> np.ndarray:
+                  kv_heads: int | None = None, **tensor_inputs_) -> np.ndarray:
         """int8 [heads, ceil(q_len/BQ), ceil(kv_len/BK)]: 0 empty, 1 partial, 2 full.
 
         This first version classifies each tile from the mask evaluated on that tile (exact, so
@@ -226,9 +227,10 @@ class Pattern:
         if self.uses_selectors():
             raise AttnCallError(f"block_map: pattern '{self.name}' selects blocks from the query and "
                                 "key vectors at run time; block maps describe static patterns only")
-        check_lengths(q_len, kv_len, heads, heads)
+        kv_heads = heads if kv_heads is None else kv_heads
+        check_lengths(q_len, kv_len, heads, kv_heads)
         tensors = tensor_inputs(self.ir, tensor_inputs_, None)[0]
-        return block_map_by_tiles(self.grid(q_len, kv_len, heads, heads, tensors), block)
+        return block_map_by_tiles(self.grid(q_len, kv_len, heads, kv_heads, tensors), block)
 
     # ------------------------------------------------------------------ torch
     def __call__(self, q, k, v, return_lse: bool = False, scale: float | None = None,

@@ -148,7 +148,7 @@ def blockwise_attention(grids, q, k, v, scale, block_q: int = BLOCK_Q, block_k: 
                 mask_np = grid.mask(all_heads, rows, cols)
                 if not mask_np.any():
                     continue
-                mask = torch.as_tensor(np.ascontiguousarray(mask_np), device=q.device)
+                mask = torch.as_tensor(np.array(mask_np, dtype=bool), device=q.device)
                 s = scale * (qb[:, r0:r0 + len(rows)] @ kb[:, c0:c0 + len(cols)].transpose(-1, -2))
                 s = _score(grid, xp, all_heads, rows, cols, s)
                 allowed = mask & (s != -torch.inf)

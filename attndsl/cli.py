@@ -1,0 +1,411 @@
+"""The ``attndsl`` command-line tool: ``check``, ``show`` and ``run`` (``attndsl --help``).
+
+Every :class:`~attndsl.errors.AttnError` (a diagnostic in a file, a file that cannot be read,
+a bad size or parameter) is printed as its rendered message on stderr with exit status 1,
+never as a Python traceback. Pictures and report lines are built by :mod:`attndsl.render`.
+Patterns that take tensor inputs or select blocks from the query and key vectors get demo
+values from a fixed seed (:func:`attndsl.render.demo_inputs`), and the output says what they are.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import statistics
+import sys
+import time
+
+import numpy as np
+
+from . import __version__, render
+from .errors import AttnCallError, AttnError
+from .inputs import check_lengths
+from .ir import Op
+from .program import load
+from .reference import head_dependent
+from .render import demo_inputs
+
+# Accepted max |out - ref| is TOLERANCE[dtype] * (max |ref| + 1); the same rule for lse.
+TOLERANCE = {"float32": 2e-5, "float16": 2e-2, "bfloat16": 5e-2, "float64": 1e-10}
+DENSE_LIMIT = 1 << 27        # largest heads * q_len * kv_len for which a dense mask is built
+DEMO_DIM = 16                # head_dim of the demo query/key vectors of `show`
+MAX_ROWS, MAX_COLS = 64, 120
+
+
+def main(argv=None) -> int:
+    """Entry point of the console script; returns the exit status."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:            # --help, --version and usage errors
+        return exc.code if isinstance(exc.code, int) else 1
+    try:
+        return args.func(args)
+    except AttnError as err:
+        report(err)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:                # `attndsl show ... | head`
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+
+
+def report(err: AttnError) -> None:
+    """Print a diagnostic on stderr, after whatever stdout holds, so the two interleave right."""
+    sys.stdout.flush()
+    print(err, file=sys.stderr, flush=True)
+
+
+# ----------------------------------------------------------------------------- arguments
+
+
+def _count(minimum: int):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
+        return value
+    return parse
+
+
+def parse_assignment(text: str):
+    """``NAME=VALUE`` -> (name, value) with the value an int, a float or true/false."""
+    name, sep, value = text.partition("=")
+    name, value = name.strip(), value.strip()
+    if not sep or not name.isidentifier():
+        raise argparse.ArgumentTypeError(f"expected NAME=VALUE, got {text!r}")
+    if value.lower() in ("true", "false"):
+        return name, value.lower() == "true"
+    for conv in (int, float):
+        try:
+            return name, conv(value)
+        except ValueError:
+            pass
+    raise argparse.ArgumentTypeError(f"{text!r}: the value must be an int, a float, true or false")
+
+
+def _common(p: argparse.ArgumentParser, q_len: int, heads_help: str) -> None:
+    p.add_argument("file", help="the .attn file")
+    p.add_argument("-p", "--pattern", action="append", metavar="PATTERN",
+                   help="pattern to use (repeatable; default: every pattern of the file)")
+    p.add_argument("--q-len", type=_count(0), default=q_len, metavar="N",
+                   help=f"number of query rows (default {q_len})")
+    p.add_argument("--kv-len", type=_count(0), metavar="N",
+                   help="number of keys (default: as many as --q-len)")
+    p.add_argument("--heads", type=_count(1), metavar="H", help=heads_help)
+    p.add_argument("--kv-heads", type=_count(1), metavar="H",
+                   help="key/value heads, dividing --heads (default: as many as --heads)")
+    p.add_argument("--set", action="append", type=parse_assignment, metavar="NAME=VALUE",
+                   help="bind a scalar parameter (int, float, true/false); repeatable")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of the random demo inputs (default 0)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="attndsl", description="Compile, draw and run attention patterns written in .attn.",
+        epilog="Run 'attndsl COMMAND --help' for the options of a command.")
+    parser.add_argument("--version", action="version", version=f"attndsl {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("check", help="compile files and report their errors",
+                       description="Compile each file; print its diagnostics, or the names of "
+                                   "its patterns. Exit status 1 when any file has an error.")
+    p.add_argument("files", nargs="+", metavar="FILE", help=".attn files")
+    p.set_defaults(func=cmd_check)
+
+    p = sub.add_parser("show", help="draw the mask of a pattern in the terminal or a PNG",
+                       description="Draw each pattern's mask: one character per query/key pair "
+                                   "for small sizes, two rows per character for medium ones, "
+                                   "and the block map (tiles full / partial / empty) when the "
+                                   "mask is bigger than the terminal. Heads with identical "
+                                   "masks share one panel.")
+    _common(p, 64, "query heads (default 1, or 4 when the mask depends on the head)")
+    p.add_argument("--block", type=_count(1), default=16, metavar="B",
+                   help="tile size of the block map (default 16; enlarged until the map fits)")
+    p.add_argument("--view", choices=("auto", "cells", "half", "blocks"), default="auto",
+                   help="cells: one character per pair; half: two rows per character; "
+                        "blocks: the block map (default auto: the most detailed that fits)")
+    p.add_argument("--width", type=_count(8), metavar="COLS",
+                   help=f"picture width limit (default: the terminal's, at most {MAX_COLS})")
+    p.add_argument("--png", metavar="OUT", help="also write a heat map (one subplot per head "
+                                               "group, one row per pattern) to this PNG file")
+    p.set_defaults(func=cmd_show)
+
+    p = sub.add_parser("run", help="run a pattern with torch and validate it against the "
+                                   "reference", description="Run each pattern on random "
+                       "inputs, time it, and compare its output and log-sum-exp with the "
+                       "float64 reference interpreter. Exit status 1 when any pattern FAILs.")
+    _common(p, 512, "query heads (default 4)")
+    p.add_argument("--batch", type=_count(1), default=1, metavar="B", help="batch size (default 1)")
+    p.add_argument("--head-dim", type=_count(1), default=64, metavar="D",
+                   help="head dimension (default 64)")
+    p.add_argument("--dtype", choices=tuple(TOLERANCE), default="float32",
+                   help="dtype of q, k and v (default float32)")
+    p.add_argument("--backend", choices=("torch", "triton", "triton-interpret"),
+                   help="backend (default: torch on CPU, triton on CUDA)")
+    p.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    p.add_argument("--repeat", type=_count(1), default=1, metavar="R",
+                   help="timed calls after one warm-up call; the median is reported (default 1)")
+    p.set_defaults(func=cmd_run, heads=None)
+    return parser
+
+
+# ----------------------------------------------------------------------------- patterns
+
+
+def select_patterns(prog, args) -> list:
+    """The chosen patterns of a file, with every --set value bound where the name exists."""
+    names = args.pattern or prog.patterns
+    if not names:
+        raise AttnCallError(f"{prog.filename}: the file has no patterns")
+    pats = [prog[n] for n in names]
+    sets = dict(args.set or [])
+    used = set()
+    out = []
+    for pat in pats:
+        mine = {n: v for n, v in sets.items() if any(p.name == n for p in pat.ir.params)}
+        used |= mine.keys()
+        out.append(pat.bind(**mine) if mine else pat)
+    unknown = [n for n in sets if n not in used]
+    if unknown:
+        raise AttnCallError(f"--set {unknown[0]}: no parameter '{unknown[0]}' in pattern"
+                            f"{'s' if len(pats) > 1 else ''} {', '.join(names)}")
+    return out
+
+
+def require_bound(pat) -> None:
+    for p in pat.ir.params:
+        if not p.is_tensor and p.name not in pat.values:
+            raise AttnCallError(f"pattern '{pat.name}' needs a value for parameter '{p.name}' "
+                                f"({p.type.value}): pass --set {p.name}=VALUE")
+
+
+# ----------------------------------------------------------------------------- check
+
+
+def cmd_check(args) -> int:
+    status = 0
+    for path in args.files:
+        try:
+            prog = load(path)
+        except AttnError as err:
+            report(err)
+            status = 1
+            continue
+        n = len(prog.patterns)
+        names = f": {', '.join(prog.patterns)}" if n else ""
+        print(f"{path}: ok ({n} pattern{'' if n == 1 else 's'}{names})")
+    return status
+
+
+# ----------------------------------------------------------------------------- show
+
+
+def cmd_show(args) -> int:
+    prog = load(args.file)
+    width = args.width
+    if width is None:
+        width = max(8, min(MAX_COLS, shutil.get_terminal_size((MAX_COLS, MAX_ROWS)).columns - 1))
+    status, figures, blocks = 0, [], []
+    for pat in select_patterns(prog, args):
+        try:
+            lines, figure = show_one(pat, args, MAX_ROWS, width)
+        except AttnError as err:
+            report(err)
+            status = 1
+            continue
+        blocks.append("\n".join(lines))
+        figures.append(figure)
+    if blocks:
+        print("\n\n".join(blocks))
+    if args.png and figures:
+        try:
+            render.write_png(args.png, figures)
+        except OSError as exc:
+            raise AttnCallError(f"cannot write '{args.png}': {exc.strerror or exc}") from None
+        print(f"wrote {args.png}")
+    return status
+
+
+def show_one(pat, args, max_rows: int, max_cols: int):
+    """(text lines, PNG figure) for one pattern."""
+    require_bound(pat)
+    q_len, kv_len = args.q_len, args.q_len if args.kv_len is None else args.kv_len
+    heads = args.heads or (4 if any(head_dependent(r) for r in pat.ir.roots()) else 1)
+    kv_heads = args.kv_heads or heads
+    check_lengths(q_len, kv_len, heads, kv_heads)
+    rng = np.random.default_rng(args.seed)
+    notes, query, key = [], None, None
+    selectors = pat.uses_selectors()
+    if selectors:
+        query = rng.standard_normal((heads, q_len, DEMO_DIM))
+        key = rng.standard_normal((kv_heads, kv_len, DEMO_DIM))
+        notes.append(f"query/key: random Gaussian vectors, head_dim {DEMO_DIM} (seed "
+                     f"{args.seed}); the selection depends on them")
+    tensors, more = demo_inputs(pat, (q_len, kv_len, heads, kv_heads), DEMO_DIM, rng, query, key)
+    notes += [f"{line} (seed {args.seed})" for line in more]
+    total = heads * q_len * kv_len
+    dense = None
+    if total <= DENSE_LIMIT:
+        dense = pat.dense_mask(q_len, kv_len, heads, kv_heads, query=query, key=key, **tensors)
+    view = args.view
+    if view == "auto":
+        view = render.choose_view(q_len, kv_len, max_rows, max_cols - 2)   # 2: the frame
+    if view != "blocks" and dense is None:
+        raise AttnCallError(f"--view {view}: {heads} x {q_len} x {kv_len} is too large to draw "
+                            "pair by pair; use --view blocks")
+    if view == "blocks":
+        block = render.fit_block(q_len, kv_len, args.block, max_rows, max_cols - 2)
+        uses_kvh = any(r.uses(Op.KV_HEADS) for r in pat.ir.roots())
+        if selectors or (uses_kvh and kv_heads != heads):
+            if dense is None:
+                raise AttnCallError(f"pattern '{pat.name}': {heads} x {q_len} x {kv_len} is too "
+                                    "large for a block map computed from the dense mask")
+            per_head = render.tiles_from_mask(dense, block, block)
+        else:
+            per_head = pat.block_map(q_len, kv_len, heads, block=(block, block), **tensors)
+        draw, legend = render.block_cells, render.TILE_LEGEND
+        grown = f" (--block {args.block} enlarged to fit)" if block != args.block else ""
+        legend += f"; tiles of {block} queries x {block} keys{grown}"
+    else:
+        per_head = dense
+        draw = render.mask_cells if view == "cells" else render.mask_half
+        legend = render.CELL_LEGEND if view == "cells" else render.HALF_LEGEND
+        legend += f"; rows: queries {render.span(q_len)}, columns: keys {render.span(kv_len)}"
+    if dense is not None:
+        dens = render.density_text(int(dense.sum()), total)
+    else:
+        lo, hi = render.density_bounds(per_head, q_len, kv_len, block, block)
+        dens = f"density between {lo:.3f} and {hi:.3f} (from the block map)"
+    lines = [f"{render.signature(pat)}: q_len={q_len} kv_len={kv_len} heads={heads} "
+             f"kv_heads={kv_heads}, {dens}"]
+    lines += [f"  {n}" for n in notes] + [f"  {legend}"]
+    groups = render.group_heads(per_head)
+    panels = []
+    for hs, arr in groups:
+        title = render.format_heads(hs)
+        if dense is not None and len(groups) > 1:
+            title += f", density {dense[hs].mean():.3f}" if dense[hs].size else ""
+        panels.append(render.frame(draw(arr), title))
+    lines += render.layout(panels, max_cols)
+    if dense is not None:
+        figure = [(render.format_heads(hs), dense[hs[0]], "mask")
+                  for hs, _ in render.group_heads(dense)]
+    else:
+        figure = [(render.format_heads(hs), arr, "blocks") for hs, arr in groups]
+    return lines, (f"{pat.name}  ({q_len} x {kv_len})", figure)
+
+
+# ----------------------------------------------------------------------------- run
+
+
+def cmd_run(args) -> int:
+    prog = load(args.file)
+    status = 0
+    for pat in select_patterns(prog, args):
+        try:
+            ok = run_one(pat, args)
+        except AttnError as err:
+            report(err)
+            print(f"FAIL {pat.name}: {err.message}")
+            ok = False
+        status |= not ok
+    return int(status)
+
+
+def _timed(fn, repeat: int, sync):
+    result = fn()                                  # warm-up (and the values checked)
+    times = []
+    for _ in range(repeat):
+        sync()
+        t0 = time.perf_counter()
+        result = fn()
+        sync()
+        times.append(time.perf_counter() - t0)
+    return result, 1e3 * statistics.median(times)
+
+
+def compare(out, lse, ref_out, ref_lse, rtol: float):
+    """Errors of (out, lse) against the reference, with the tolerances they are held to.
+
+    Returns (max |out - ref|, max |ref|, rtol * (max |ref| + 1), max |lse - ref lse| over the
+    rows with keys, its tolerance, whether the rows without keys (lse -inf) agree and no NaN).
+    """
+    o = out.detach().double().cpu().numpy()
+    lo = lse.detach().double().cpu().numpy()
+    err = float(np.max(np.abs(o - ref_out))) if o.size else 0.0
+    ref_max = float(np.max(np.abs(ref_out))) if o.size else 0.0
+    fin = np.isfinite(ref_lse)
+    same_empty = np.array_equal(np.isneginf(lo), np.isneginf(ref_lse)) and not np.isnan(lo).any()
+    lse_err = float(np.max(np.abs(lo[fin] - ref_lse[fin]))) if fin.any() else 0.0
+    lse_max = float(np.max(np.abs(ref_lse[fin]))) if fin.any() else 0.0
+    return err, ref_max, rtol * (ref_max + 1), lse_err, rtol * (lse_max + 1), same_empty
+
+
+def run_one(pat, args) -> bool:
+    """Run one pattern, print its report; True when it PASSes."""
+    import torch
+
+    require_bound(pat)
+    b, q_len, d = args.batch, args.q_len, args.head_dim
+    kv_len = q_len if args.kv_len is None else args.kv_len
+    heads = args.heads or 4
+    kv_heads = args.kv_heads or heads
+    check_lengths(q_len, kv_len, heads, kv_heads)
+    try:
+        device = torch.device(args.device)
+        torch.empty(0, device=device)
+    except (RuntimeError, AssertionError) as exc:
+        raise AttnCallError(f"--device {args.device}: {exc}") from None
+    gen = torch.Generator().manual_seed(args.seed)
+    q, k, v = (torch.randn(shape, generator=gen).to(device=device, dtype=getattr(torch, args.dtype))
+               for shape in ((b, heads, q_len, d), (b, kv_heads, kv_len, d), (b, kv_heads, kv_len, d)))
+    selectors = pat.uses_selectors()
+    qn, kn = (x.double().cpu().numpy() for x in (q, k))
+    query, key = (qn[0], kn[0]) if selectors else (None, None)
+    rng = np.random.default_rng(args.seed)
+    tensors, notes = demo_inputs(pat, (q_len, kv_len, heads, kv_heads), d, rng, query, key)
+    backend = args.backend or ("torch" if device.type == "cpu" else "triton")
+    tt = {n: torch.as_tensor(a, device=device) for n, a in tensors.items()}
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    (out, lse), ms = _timed(lambda: pat(q, k, v, return_lse=True, backend=backend, **tt),
+                            args.repeat, sync)
+    t0 = time.perf_counter()
+    ref_out, ref_lse = pat.reference(q, k, v, **tensors)
+    ref_ms = 1e3 * (time.perf_counter() - t0)
+
+    total = heads * q_len * kv_len
+    density = None
+    if total <= DENSE_LIMIT:
+        mask = pat.dense_mask(q_len, kv_len, heads, kv_heads, query=query, key=key, **tensors)
+        density = float(mask.sum()) / total if total else 0.0
+        dens = render.density_text(int(mask.sum()), total)
+        dens += " (batch element 0)" if selectors and b > 1 else ""
+    else:
+        dens = "density not computed (mask too large)"
+    err, ref_max, tol, lse_err, lse_tol, same_empty = compare(out, lse, ref_out, ref_lse,
+                                                              TOLERANCE[args.dtype])
+    ok = bool(err <= tol and lse_err <= lse_tol and same_empty)
+
+    print(render.signature(pat))
+    print(f"  backend {backend} on {device}, dtype {args.dtype}, scale 1/sqrt({d})")
+    print(f"  q {[b, heads, q_len, d]}, k and v {[b, kv_heads, kv_len, d]}: random Gaussian "
+          f"(seed {args.seed})")
+    for line in notes:
+        print(f"  {line} (seed {args.seed})")
+    print(f"  {dens}")
+    rel = err / ref_max if ref_max else err
+    print(f"  out: max |err| {render.fmt_err(err)}, relative {render.fmt_err(rel)} (vs the "
+          f"float64 reference; max |ref| {ref_max:.3g})")
+    empty = "" if same_empty else "; rows without keys DIFFER (-inf vs finite)"
+    print(f"  lse: max |err| {render.fmt_err(lse_err)} (tolerance {render.fmt_err(lse_tol)}){empty}")
+    print(f"  time: {backend} {ms:.1f} ms (median of {args.repeat} after a warm-up), "
+          f"reference {ref_ms:.1f} ms")
+    print(render.verdict_line(ok, pat.name, err, tol, density, backend, ms))
+    return ok
