@@ -75,6 +75,9 @@ class Env:
     selectors: object = None                        # SelectorTables (see selectors.py)
     score: object = None
     xp: object = NumpyOps
+    # None: an index out of range raises. A list: such indices are clipped and the bool array
+    # of grid points where it happened is appended (the analysis then treats them as unknown).
+    out_of_range: list | None = None
 
 
 class Evaluator:
@@ -203,7 +206,9 @@ def _index(ev, node, live):
         if live_np is not None:
             bad = bad & live_np
         if np.any(bad):
-            _raise_out_of_range(ev, node, axis, i, bad, size)
+            if ev.env.out_of_range is None:
+                _raise_out_of_range(ev, node, axis, i, bad, size)
+            ev.env.out_of_range.append(bad)
         clipped.append(np.broadcast_to(np.clip(i, 0, max(size - 1, 0)), shape))
     if tensor.size == 0:
         return xp.from_numpy(np.zeros(shape, dtype=tensor.dtype))

@@ -109,10 +109,17 @@ def _bind_value(param, value):
     if t is Type.BOOL and isinstance(value, (bool, np.bool_)):
         return bool(value)
     if t is Type.INT and isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_)):
+        if not -(2 ** 63) <= int(value) < 2 ** 63:
+            raise AttnCallError(f"parameter '{param.name}' is int (64-bit), got {value!r}, which is "
+                                "out of range")
         return int(value)
     if t is Type.FLOAT and isinstance(value, (int, float, np.integer, np.floating)) \
             and not isinstance(value, (bool, np.bool_)):
-        return float(value)
+        try:
+            return float(value)
+        except OverflowError:
+            raise AttnCallError(f"parameter '{param.name}' is float, got {value!r}, which is out of "
+                                "range") from None
     raise AttnCallError(f"parameter '{param.name}' is {t.value}, got {type(value).__name__} "
                         f"{value!r}")
 
@@ -219,18 +226,31 @@ class Pattern:
                   kv_heads: int | None = None, **tensor_inputs_) -> np.ndarray:
         """int8 [heads, ceil(q_len/BQ), ceil(kv_len/BK)]: 0 empty, 1 partial, 2 full.
 
-        This first version classifies each tile from the mask evaluated on that tile (exact, so
-        sound); the symbolic analysis replaces it without changing the result's meaning.
+        Sound for every pattern (empty: no allowed pair; full: every in-bounds pair allowed),
+        exact on the band family; see attndsl.analysis.blockmap.
         """
-        from .blocks import block_map_by_tiles
+        from .analysis.blockmap import block_map
+        from .blocks import tile_shape
 
         if self.uses_selectors():
             raise AttnCallError(f"block_map: pattern '{self.name}' selects blocks from the query and "
                                 "key vectors at run time; block maps describe static patterns only")
         kv_heads = heads if kv_heads is None else kv_heads
         check_lengths(q_len, kv_len, heads, kv_heads)
+        block = tile_shape(block)
         tensors = tensor_inputs(self.ir, tensor_inputs_, None)[0]
-        return block_map_by_tiles(self.grid(q_len, kv_len, heads, kv_heads, tensors), block)
+        return block_map(self.grid(q_len, kv_len, heads, kv_heads, tensors), block,
+                         self.row_sets())
+
+    def row_sets(self):
+        """The mask solved for k (attndsl.analysis.solve), cached per parameter values."""
+        from .analysis.solve import solve
+
+        key = tuple(sorted(self.values.items()))
+        cache = self.__dict__.setdefault("_row_sets", {})
+        if key not in cache:
+            cache[key] = solve(self.ir.mask, self._values())
+        return cache[key]
 
     # ------------------------------------------------------------------ torch
     def __call__(self, q, k, v, return_lse: bool = False, scale: float | None = None,

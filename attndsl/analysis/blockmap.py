@@ -1,0 +1,93 @@
+"""Tile classification: the three-valued block map of a pattern, sound for every pattern and
+exact on the band family.
+
+Input: a :class:`~attndsl.reference.CallGrid` and a tile shape (BQ, BK). Output: int8
+``[heads, ceil(q_len/BQ), ceil(kv_len/BK)]``: 0 empty (no allowed pair), 1 partial, 2 full
+(every in-bounds pair allowed).
+
+Passes, cheapest first:
+1. the row solver (:mod:`.solve`, :mod:`.rows`): exact key intervals per row turned into
+   touched/covered tiles — when the solve is exact this is the answer;
+2. otherwise the tile interval analysis (:mod:`.intervals`) narrows what the rows left open;
+3. tiles still undecided (neither proved empty, full, nor partial) are evaluated pair by pair,
+   if they hold at most ``REFINE_PAIRS`` pairs in all; beyond that they stay partial (sound).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..reference import CallGrid
+from .intervals import classify_tiles, make_grid
+from .rows import merge, piece_bounds, touch_and_cover, uses_head
+from .solve import RowSets, solve
+
+EMPTY, PARTIAL, FULL = 0, 1, 2
+REFINE_PAIRS = 1 << 24
+
+
+def _sets_bounds(pieces, grid: CallGrid, heads, rows, upper: bool):
+    lo, hi, unknown = piece_bounds(pieces, grid, heads, rows, keep_residues=upper)
+    if unknown.any():
+        if upper:       # every key, for rows the analysis could not evaluate
+            lo = np.concatenate([lo, np.where(unknown, 0, 1)[..., None]], -1)
+            hi = np.concatenate([hi, np.where(unknown, grid.kv_len - 1, 0)[..., None]], -1)
+        else:           # no key
+            lo = np.where(unknown[..., None], 1, lo)
+            hi = np.where(unknown[..., None], 0, hi)
+    return merge(lo, hi)
+
+
+def row_classes(sets: RowSets, grid: CallGrid, block):
+    """(may, must, certainly_partial, exact) per tile from the row solver."""
+    per_head = uses_head(sets.lower) or uses_head(sets.upper)
+    heads = np.arange(grid.heads if per_head else 1)
+    rows = np.arange(grid.q_len)
+    up = _sets_bounds(sets.upper, grid, heads, rows, upper=True)
+    touched_u, covered_u = touch_and_cover(*up, grid, rows, block)
+    if sets.exact and not any(p.residue for p in sets.upper):
+        return touched_u, covered_u, touched_u & ~covered_u, True
+    low = _sets_bounds(sets.lower, grid, heads, rows, upper=False)
+    touched_l, covered_l = touch_and_cover(*low, grid, rows, block)
+    return touched_u, covered_l, touched_l & ~covered_u, False
+
+
+def _refine(grid: CallGrid, block, undecided: np.ndarray, may, must) -> None:
+    """Evaluate undecided tiles pair by pair; updates may/must [heads, nQT, nKT] in place."""
+    bq, bk = block
+    heads = np.arange(grid.heads)
+    for i in np.flatnonzero(undecided.any(axis=(0, 2))):
+        js = np.flatnonzero(undecided[:, i].any(axis=0))
+        rows = np.arange(i * bq, min(grid.q_len, (i + 1) * bq))
+        spans = [np.arange(j * bk, min(grid.kv_len, (j + 1) * bk)) for j in js]
+        starts = np.cumsum([0] + [len(c) for c in spans[:-1]])
+        m = np.asarray(grid.mask(heads, rows, np.concatenate(spans)))
+        has = np.logical_or.reduceat(m.any(axis=1), starts, axis=1)       # [H, len(js)]
+        every = np.logical_and.reduceat(m.all(axis=1), starts, axis=1)
+        sel = undecided[:, i, js]
+        may[:, i, js] = np.where(sel, has, may[:, i, js])
+        must[:, i, js] = np.where(sel, every, must[:, i, js])
+
+
+def block_map(grid: CallGrid, block, sets: RowSets | None = None) -> np.ndarray:
+    bq, bk = block
+    n_qt, n_kt = -(-grid.q_len // bq), -(-grid.kv_len // bk)
+    shape = (grid.heads, n_qt, n_kt)
+    if n_qt == 0 or n_kt == 0:
+        return np.zeros(shape, dtype=np.int8)
+    sets = sets if sets is not None else solve(grid.ir.mask, grid.params)
+    may, must, partial, exact = row_classes(sets, grid, block)
+    if not exact:
+        tiles = make_grid(grid.q_len, grid.kv_len, grid.heads, grid.kv_heads, block, grid.params,
+                          grid.tensors, per_head=grid.mask_per_head)
+        ai = classify_tiles(grid.ir.mask, tiles)
+        heads = max(may.shape[0], ai.may.shape[0])
+        may = np.broadcast_to(may, (heads, n_qt, n_kt)) & ai.may
+        must = np.broadcast_to(must, (heads, n_qt, n_kt)) | ai.must
+        undecided = may & ~must & ~partial
+        if 0 < int(undecided.sum()) * (grid.heads // undecided.shape[0]) * bq * bk <= REFINE_PAIRS:
+            may, must, undecided = (np.broadcast_to(a, shape).copy() for a in (may, must, undecided))
+            _refine(grid, block, undecided, may, must)
+    out = np.broadcast_to(may, shape).astype(np.int8)     # must implies may: 0, 1 or 2
+    out += np.broadcast_to(must, shape)
+    return out

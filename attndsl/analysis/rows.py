@@ -1,0 +1,142 @@
+"""Row sets made numeric: each query row's allowed keys as merged intervals, and the tiles they
+touch and cover.
+
+Input: the :class:`~attndsl.analysis.solve.Piece` unions of a :class:`RowSets`, a
+:class:`~attndsl.reference.CallGrid` (sizes, parameters, tensor inputs) and a tile shape.
+Output: per (head, query tile, key tile) whether some row of the tile touches the key tile and
+whether every row covers it entirely. Work is O(heads x q_len x pieces) for the rows plus
+O(tiles) for two cumulative sums; no per-pair evaluation.
+
+Residue pieces are not expanded here: in an upper set a residue piece counts as its whole
+interval (a superset), in a lower set it counts as nothing (a subset). Rows where a tensor index
+falls outside its tensor (possible only where the pattern would not read it) are made unknown.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..interp import Evaluator
+from ..ir import Op
+from ..reference import CallGrid
+from .solve import Piece
+
+
+def _eval_rows(grid: CallGrid, expr, heads, rows, live=None):
+    env = grid.env(heads, rows, np.zeros(1, dtype=np.int64))
+    env.out_of_range = []
+    with np.errstate(all="ignore"):
+        value = Evaluator(env).sub(expr, live)
+    bad = None
+    for b in env.out_of_range:
+        b = np.asarray(b)
+        b = b.any(axis=2, keepdims=True) if b.ndim == 3 else b
+        bad = b if bad is None else (bad | b)
+    return np.asarray(value), bad
+
+
+def piece_bounds(pieces: tuple[Piece, ...], grid: CallGrid, heads: np.ndarray, rows: np.ndarray,
+                 keep_residues: bool):
+    """lo, hi [H', R, P] (empty slots have lo > hi) and rows made unknown [H', R] (bool)."""
+    shape = (len(heads), len(rows))
+    los, his = [], []
+    unknown = np.zeros(shape, dtype=bool)
+    last = grid.kv_len - 1
+    for p in pieces:
+        if p.residue is not None and not keep_residues:
+            continue
+        guard, bad_g = _eval_rows(grid, p.guard, heads, rows)
+        guard = np.broadcast_to(guard, shape + (1,))[..., 0].astype(bool)
+        lo, bad_lo = _eval_rows(grid, p.lo, heads, rows, guard[..., None])
+        hi, bad_hi = _eval_rows(grid, p.hi, heads, rows, guard[..., None])
+        lo = np.maximum(np.broadcast_to(lo, shape + (1,))[..., 0], 0)
+        hi = np.minimum(np.broadcast_to(hi, shape + (1,))[..., 0], last)
+        for bad in (bad_g, bad_lo, bad_hi):
+            if bad is not None:
+                unknown |= np.broadcast_to(bad, shape + (1,))[..., 0]
+        los.append(np.where(guard, lo, 1))
+        his.append(np.where(guard, hi, 0))
+    if not los:
+        return np.ones(shape + (0,), np.int64), np.zeros(shape + (0,), np.int64), unknown
+    return np.stack(los, -1).astype(np.int64), np.stack(his, -1).astype(np.int64), unknown
+
+
+def merge(lo: np.ndarray, hi: np.ndarray):
+    """Merge each row's intervals into disjoint, non-adjacent ones (same slot count)."""
+    n = lo.shape[-1]
+    if n <= 1:
+        return lo, hi
+    big = np.iinfo(np.int64).max
+    empty = lo > hi
+    lo = np.where(empty, big, lo)
+    hi = np.where(empty, -1, hi)
+    if n == 2:
+        swap = lo[..., 1] < lo[..., 0]
+        lo = np.where(swap[..., None], lo[..., ::-1], lo)
+        hi = np.where(swap[..., None], hi[..., ::-1], hi)
+    else:
+        order = np.argsort(lo, axis=-1, kind="stable")
+        lo = np.take_along_axis(lo, order, -1)
+        hi = np.take_along_axis(hi, order, -1)
+    out_lo = np.ones_like(lo)
+    out_hi = np.zeros_like(hi)
+    cur_lo, cur_hi = lo[..., 0], hi[..., 0]
+    for j in range(1, n):
+        new = (lo[..., j] > cur_hi + 1) & (lo[..., j] != big)
+        out_lo[..., j - 1] = np.where(new, cur_lo, 1)
+        out_hi[..., j - 1] = np.where(new, cur_hi, 0)
+        cur_lo = np.where(new, lo[..., j], cur_lo)
+        cur_hi = np.where(new, hi[..., j], np.maximum(cur_hi, hi[..., j]))
+    valid = cur_lo != big
+    out_lo[..., n - 1] = np.where(valid, cur_lo, 1)
+    out_hi[..., n - 1] = np.where(valid, cur_hi, 0)
+    return out_lo, out_hi
+
+
+def _range_counts(tile_rows, first, last, n_qt: int, n_kt: int):
+    """How many rows of each (head, row tile) have key tile J in their range [first, last].
+
+    first, last: [H, R, P]. Consecutive rows of one row tile with the same range are counted
+    as one weighted entry, so the work is the number of distinct ranges, not of rows.
+    """
+    n_heads, n_rows, n_slots = first.shape
+    f = np.ascontiguousarray(first.transpose(0, 2, 1)).reshape(-1, n_rows)
+    la = np.ascontiguousarray(last.transpose(0, 2, 1)).reshape(-1, n_rows)
+    change = np.ones(f.shape, dtype=bool)
+    change[:, 1:] = (f[:, 1:] != f[:, :-1]) | (la[:, 1:] != la[:, :-1]) \
+        | (tile_rows[1:] != tile_rows[:-1])[None, :]
+    idx = np.flatnonzero(change)
+    weight = np.diff(np.append(idx, change.size))
+    fi, li = f.ravel()[idx], la.ravel()[idx]
+    ok = fi <= li
+    idx, weight, fi, li = idx[ok], weight[ok], fi[ok], li[ok]
+    h = (idx // n_rows) // n_slots
+    width = n_kt + 1
+    base = (h * n_qt + tile_rows[idx % n_rows]) * width
+    size = n_heads * n_qt * width
+    diff = np.zeros(size, dtype=np.int32)
+    np.add.at(diff, base + fi, weight.astype(np.int32))
+    np.subtract.at(diff, base + li + 1, weight.astype(np.int32))
+    return np.cumsum(diff.reshape(n_heads, n_qt, width), axis=-1, dtype=np.int32)[..., :n_kt]
+
+
+def touch_and_cover(lo, hi, grid: CallGrid, rows: np.ndarray, block):
+    """touched, covered [H', nQT, nKT] from merged per-row intervals lo/hi [H', R, P]."""
+    bq, bk = block
+    n_qt, n_kt = -(-grid.q_len // bq), -(-grid.kv_len // bk)
+    tile_rows = rows // bq
+    nonempty = lo <= hi
+    first_t = np.where(nonempty, lo // bk, 1)
+    last_t = np.where(nonempty, hi // bk, 0)
+    touched = _range_counts(tile_rows, first_t, last_t, n_qt, n_kt) > 0
+    first_c = np.where(nonempty, -(-lo // bk), 1)
+    end = np.where(hi == grid.kv_len - 1, n_kt - 1, (hi + 1) // bk - 1)
+    last_c = np.where(nonempty, end, 0)
+    cover_rows = _range_counts(tile_rows, first_c, last_c, n_qt, n_kt)
+    rows_per_tile = np.bincount(tile_rows, minlength=n_qt)
+    covered = cover_rows == rows_per_tile[None, :, None]
+    return touched, covered
+
+
+def uses_head(pieces) -> bool:
+    return any(e.uses(Op.H) for p in pieces for e in (p.guard, p.lo, p.hi))

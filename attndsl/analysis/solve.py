@@ -1,0 +1,390 @@
+"""Solving a mask for k: the allowed keys of each query row as a union of guarded intervals.
+
+Input: a checked mask expression and the pattern's parameter values. Output: a
+:class:`RowSets` with two unions of :class:`Piece` — ``lower`` (a subset of the allowed keys of
+every row) and ``upper`` (a superset) — whose guards and bounds are IR expressions free of
+``k``. Each piece means: where ``guard`` holds, the keys ``lo <= k <= hi`` (and, with a
+residue, only those with ``(k - offset) mod m`` in ``live``) are in the set.
+
+Atoms that are linear in ``k`` (or in ``k // c``) with a constant coefficient are solved
+exactly; ``abs``/``min``/``max``/``if`` inside comparisons are rewritten into and/or first;
+``(linear in k) % m`` compared with a constant becomes a residue piece. Anything else
+(tensors indexed by ``k``, selectors, non-linear terms) is unknown: the empty set in ``lower``
+and every key in ``upper``. So ``exact`` (lower is upper) holds for the band family — causal,
+windows, bands, sinks, globals, chunks, prefixes, dilation and strides and their and/or/not/if
+combinations — and the row sets are then exactly the mask.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import reduce
+
+from ..interp import evaluate_scalar
+from ..ir import Expr, Op, Type, const
+
+MAX_PIECES = 24
+_K_OPS = (Op.K, Op.TOPK_BLOCKS, Op.TOPP_BLOCKS, Op.ROUTE, Op.RANDOM_BLOCKS)
+
+
+@dataclass(frozen=True, slots=True)
+class Residue:
+    modulus: int
+    offset: Expr                 # k-free int expression
+    live: frozenset              # residues of (k - offset) mod modulus that are in the set
+
+
+@dataclass(frozen=True, slots=True)
+class Piece:
+    guard: Expr
+    lo: Expr
+    hi: Expr
+    residue: Residue | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class RowSets:
+    lower: tuple[Piece, ...]
+    upper: tuple[Piece, ...]
+
+    @property
+    def exact(self) -> bool:
+        return self.lower == self.upper
+
+
+# ----------------------------------------------------------------------------- IR builders
+
+TRUE, FALSE = const(True), const(False)
+ZERO, ONE = const(0), const(1)
+_KV_LAST = Expr(Op.SUB, Type.INT, (Expr(Op.KV_LEN, Type.INT), ONE))
+
+
+def _is_const(e: Expr, v) -> bool:
+    return e.op is Op.CONST and e.value == v and type(e.value) is type(v)
+
+
+def b_and(a: Expr, b: Expr) -> Expr:
+    if _is_const(a, True) or _is_const(b, False):
+        return b
+    if _is_const(b, True) or _is_const(a, False):
+        return a
+    return a if a == b else Expr(Op.AND, Type.BOOL, (a, b))
+
+
+def b_or(a: Expr, b: Expr) -> Expr:
+    if _is_const(a, False) or _is_const(b, True):
+        return b
+    if _is_const(b, False) or _is_const(a, True):
+        return a
+    return a if a == b else Expr(Op.OR, Type.BOOL, (a, b))
+
+
+def b_not(a: Expr) -> Expr:
+    if a.op is Op.CONST:
+        return const(not a.value)
+    return a.args[0] if a.op is Op.NOT else Expr(Op.NOT, Type.BOOL, (a,))
+
+
+def i_add(a: Expr, b: Expr) -> Expr:
+    if a.op is Op.CONST and b.op is Op.CONST:
+        return const(a.value + b.value)
+    if _is_const(b, 0):
+        return a
+    if _is_const(a, 0):
+        return b
+    return Expr(Op.ADD, Type.INT, (a, b))
+
+
+def i_neg(a: Expr) -> Expr:
+    if a.op is Op.CONST:
+        return const(-a.value)
+    return a.args[0] if a.op is Op.NEG else Expr(Op.NEG, Type.INT, (a,))
+
+
+def i_sub(a: Expr, b: Expr) -> Expr:
+    if a.op is Op.CONST and b.op is Op.CONST:
+        return const(a.value - b.value)
+    return a if _is_const(b, 0) else Expr(Op.SUB, Type.INT, (a, b))
+
+
+def i_mul(a: Expr, c: int) -> Expr:
+    if c == 1:
+        return a
+    if a.op is Op.CONST:
+        return const(a.value * c)
+    return Expr(Op.MUL, Type.INT, (a, const(c)))
+
+
+def i_floordiv(a: Expr, c: int) -> Expr:
+    if c == 1:
+        return a
+    if a.op is Op.CONST:
+        return const(a.value // c)
+    return Expr(Op.FLOORDIV, Type.INT, (a, const(c)))
+
+
+def i_ceildiv(a: Expr, c: int) -> Expr:
+    return i_neg(i_floordiv(i_neg(a), c))
+
+
+def i_max(a: Expr, b: Expr) -> Expr:
+    if a == b:
+        return a
+    if a.op is Op.CONST and b.op is Op.CONST:
+        return const(max(a.value, b.value))
+    return Expr(Op.MAX, Type.INT, (a, b))
+
+
+def i_min(a: Expr, b: Expr) -> Expr:
+    if a == b:
+        return a
+    if a.op is Op.CONST and b.op is Op.CONST:
+        return const(min(a.value, b.value))
+    return Expr(Op.MIN, Type.INT, (a, b))
+
+
+ALL = (Piece(TRUE, ZERO, _KV_LAST),)
+NONE: tuple = ()
+
+
+def depends_on_k(e: Expr) -> bool:
+    return e.uses(*_K_OPS)
+
+
+# ----------------------------------------------------------------------------- set algebra
+
+
+def _residue_meet(a: Residue | None, b: Residue | None):
+    """The residue of the intersection, or False when it cannot be represented exactly."""
+    if a is None or b is None:
+        return a or b
+    if a.modulus == b.modulus and a.offset == b.offset:
+        return Residue(a.modulus, a.offset, a.live & b.live)
+    return False
+
+
+def intersect(xs: tuple, ys: tuple):
+    out = []
+    for x in xs:
+        for y in ys:
+            res = _residue_meet(x.residue, y.residue)
+            if res is False:
+                return None
+            if res is not None and not res.live:
+                continue
+            guard = b_and(x.guard, y.guard)
+            if _is_const(guard, False):
+                continue
+            out.append(Piece(guard, i_max(x.lo, y.lo), i_min(x.hi, y.hi), res))
+    return tuple(out) if len(out) <= MAX_PIECES else None
+
+
+def union(xs: tuple, ys: tuple):
+    out = tuple(dict.fromkeys(xs + ys))
+    return out if len(out) <= MAX_PIECES else None
+
+
+def complement(xs: tuple):
+    """Keys not in the union: the intersection of each piece's complement."""
+    result = ALL
+    for p in xs:
+        outside = (Piece(p.guard, ZERO, i_sub(p.lo, ONE)), Piece(p.guard, i_add(p.hi, ONE), _KV_LAST),
+                   Piece(b_not(p.guard), ZERO, _KV_LAST))
+        if p.residue is not None:
+            m = p.residue.modulus
+            other = frozenset(range(m)) - p.residue.live
+            if other:
+                outside += (Piece(p.guard, p.lo, p.hi, Residue(m, p.residue.offset, other)),)
+        result = intersect(result, outside)
+        if result is None:
+            return None
+    return result
+
+
+# ----------------------------------------------------------------------------- atoms
+
+
+class Solver:
+    def __init__(self, params: dict):
+        self.params = params
+
+    def constant(self, e: Expr):
+        if e.uses(Op.Q, Op.K, Op.H, Op.Q_LEN, Op.KV_LEN, Op.HEADS, Op.KV_HEADS, Op.INDEX, Op.SCORE,
+                  Op.TOPK_BLOCKS, Op.TOPP_BLOCKS, Op.ROUTE, Op.RANDOM_BLOCKS):
+            return None
+        return evaluate_scalar(e, self.params)
+
+    def linear(self, e: Expr):
+        """e == coef * var + rest with var 'k' or ('kdiv', c) or None; rest is k-free."""
+        if not depends_on_k(e):
+            return None, 0, e
+        if e.op is Op.K:
+            return "k", 1, ZERO
+        if e.op is Op.FLOORDIV and e.args[0].op is Op.K:
+            c = int(self.constant(e.args[1]))
+            return ("kdiv", c), 1, ZERO
+        if e.op in (Op.ADD, Op.SUB):
+            a, b = self.linear(e.args[0]), self.linear(e.args[1])
+            if a is None or b is None or (a[0] and b[0] and a[0] != b[0]):
+                return None
+            sign = 1 if e.op is Op.ADD else -1
+            rest = i_add(a[2], b[2]) if sign == 1 else i_sub(a[2], b[2])
+            return a[0] or b[0], a[1] + sign * b[1], rest
+        if e.op is Op.NEG:
+            a = self.linear(e.args[0])
+            return None if a is None else (a[0], -a[1], i_neg(a[2]))
+        if e.op is Op.MUL:
+            for x, y in (e.args, e.args[::-1]):
+                c = self.constant(y) if not depends_on_k(y) else None
+                if c is not None:
+                    a = self.linear(x)
+                    return None if a is None else (a[0], a[1] * c, i_mul(a[2], c))
+        return None
+
+    def compare(self, op: Op, left: Expr, right: Expr):
+        """The exact key set of ``left OP right`` for int operands, or None."""
+        a, b = self.linear(left), self.linear(right)
+        if a is None or b is None or (a[0] and b[0] and a[0] != b[0]):
+            return None
+        var, coef, rest = a[0] or b[0], a[1] - b[1], i_sub(b[2], a[2])   # coef*var OP rest
+        if coef == 0:
+            return guard_only(Expr(op, Type.BOOL, (ZERO, rest)))
+        if coef < 0:
+            coef, rest = -coef, i_neg(rest)
+            op = {Op.LT: Op.GT, Op.LE: Op.GE, Op.GT: Op.LT, Op.GE: Op.LE}.get(op, op)
+        bounds = {
+            Op.LE: [(None, i_floordiv(rest, coef))],
+            Op.LT: [(None, i_floordiv(i_sub(rest, ONE), coef))],
+            Op.GE: [(i_ceildiv(rest, coef), None)],
+            Op.GT: [(i_add(i_floordiv(rest, coef), ONE), None)],
+            Op.EQ: [(i_ceildiv(rest, coef), i_floordiv(rest, coef))],
+        }.get(op)
+        if op is Op.NE:
+            eq = self.compare(Op.EQ, left, right)
+            return None if eq is None else complement(eq)
+        pieces = []
+        for lo, hi in bounds:
+            if var != "k":
+                c = var[1]
+                lo = None if lo is None else i_mul(lo, c)
+                hi = None if hi is None else i_add(i_mul(hi, c), const(c - 1))
+            pieces.append(Piece(TRUE, ZERO if lo is None else i_max(lo, ZERO),
+                                _KV_LAST if hi is None else i_min(hi, _KV_LAST)))
+        return tuple(pieces)
+
+    def modular(self, op: Op, left: Expr, right: Expr):
+        """``(linear in k) % m OP c`` with c constant: a residue piece."""
+        if left.op is not Op.MOD or depends_on_k(right):
+            if right.op is Op.MOD and not depends_on_k(left):
+                flip = {Op.LT: Op.GT, Op.LE: Op.GE, Op.GT: Op.LT, Op.GE: Op.LE}.get(op, op)
+                return self.modular(flip, right, left)
+            return None
+        c = self.constant(right)
+        lin = self.linear(left.args[0])
+        if c is None or lin is None or lin[0] != "k" or lin[1] not in (1, -1):
+            return None
+        m = int(self.constant(left.args[1]))
+        if m > 4096:
+            return None
+        test = {Op.LT: lambda r: r < c, Op.LE: lambda r: r <= c, Op.GT: lambda r: r > c,
+                Op.GE: lambda r: r >= c, Op.EQ: lambda r: r == c, Op.NE: lambda r: r != c}[op]
+        values = [r for r in range(m) if test(r)]       # values of (s*k + rest) mod m
+        # s*k + rest == v (mod m)  <=>  k == s*(v - rest) (mod m): live residues of k - s*(-rest)
+        s, rest = lin[1], lin[2]
+        offset = i_neg(rest) if s == 1 else rest
+        live = frozenset((s * v) % m for v in values)
+        if not live:
+            return NONE
+        if len(live) == m:
+            return ALL
+        return (Piece(TRUE, ZERO, _KV_LAST, Residue(m, offset, live)),)
+
+
+def guard_only(cond: Expr) -> tuple:
+    return ((Piece(cond, ZERO, _KV_LAST),) if not _is_const(cond, False) else NONE)
+
+
+_FLIP = {Op.LT: Op.GT, Op.LE: Op.GE, Op.GT: Op.LT, Op.GE: Op.LE, Op.EQ: Op.EQ, Op.NE: Op.NE}
+
+
+def _rewrite_compare(op: Op, a: Expr, b: Expr) -> Expr | None:
+    """Push a comparison through abs/min/max/if on its k-dependent side."""
+    for x, y, o in ((a, b, op), (b, a, _FLIP[op])):
+        if not depends_on_k(x):
+            continue
+        def cmp(u, v, o=o):
+            return Expr(o, Type.BOOL, (u, v))
+        if x.op is Op.IF:
+            c, t, f = x.args
+            return b_or(b_and(c, cmp(t, y)), b_and(b_not(c), cmp(f, y)))
+        if x.op in (Op.MIN, Op.MAX) and o in (Op.LT, Op.LE, Op.GT, Op.GE):
+            parts = [cmp(arg, y) for arg in x.args]
+            below = o in (Op.LT, Op.LE)
+            join = b_or if (x.op is Op.MIN) == below else b_and
+            return reduce(join, parts)
+        if x.op is Op.ABS and x.type is Type.INT:
+            v = x.args[0]
+            neg_y = i_neg(y)
+            if o in (Op.LE, Op.LT):
+                return b_and(cmp(v, y), Expr(_FLIP[o], Type.BOOL, (v, neg_y)))
+            if o in (Op.GE, Op.GT):
+                return b_or(cmp(v, y), Expr(_FLIP[o], Type.BOOL, (v, neg_y)))
+            if o is Op.EQ:
+                eq = b_or(cmp(v, y), cmp(v, neg_y))
+                return b_and(Expr(Op.GE, Type.BOOL, (y, ZERO)), eq)
+            if o is Op.NE:
+                return b_not(_rewrite_compare(Op.EQ, x, y))
+    return None
+
+
+def solve(mask: Expr, params: dict) -> RowSets:
+    """lower/upper key sets per row for a bool expression."""
+    solver = Solver(params)
+    memo: dict[int, tuple] = {}
+
+    def go(e: Expr) -> tuple:
+        key = id(e)
+        if key not in memo:
+            memo[key] = _go(e)
+        return memo[key]
+
+    def unknown():
+        return NONE, ALL
+
+    def _go(e: Expr):
+        if not depends_on_k(e):
+            s = guard_only(e)
+            return s, s
+        op = e.op
+        if op is Op.AND or op is Op.OR:
+            (la, ua), (lb, ub) = go(e.args[0]), go(e.args[1])
+            f = intersect if op is Op.AND else union
+            lo, up = f(la, lb), f(ua, ub)
+            return (lo if lo is not None else NONE), (up if up is not None else ALL)
+        if op is Op.NOT:
+            la, ua = go(e.args[0])
+            lo, up = complement(ua), complement(la)
+            return (lo if lo is not None else NONE), (up if up is not None else ALL)
+        if op is Op.IF:
+            c, t, f = e.args
+            return go(b_or(b_and(c, t), b_and(b_not(c), f)))
+        if op in _FLIP:
+            a, b = e.args
+            if a.type is Type.BOOL:          # a == b on bools
+                both = b_or(b_and(a, b), b_and(b_not(a), b_not(b)))
+                return go(both if op is Op.EQ else b_not(both))
+            if a.type is not Type.INT:
+                return unknown()
+            exact = solver.compare(op, a, b)
+            if exact is None:
+                exact = solver.modular(op, a, b)
+            if exact is not None:
+                return exact, exact
+            rewritten = _rewrite_compare(op, a, b)
+            if rewritten is not None:
+                return go(rewritten)
+            return unknown()
+        return unknown()
+
+    lower, upper = go(mask)
+    return RowSets(lower, upper)
