@@ -20,6 +20,7 @@ from .parser import DefDecl, Node, PatternDecl
 
 PRELUDE_FILENAME = "<prelude>"
 MAX_TREE_SIZE = 200_000
+INT_MIN, INT_MAX = -(2 ** 63), 2 ** 63 - 1     # ints are int64 in the reference and the kernels
 
 _BINARY = {"+": Op.ADD, "-": Op.SUB, "*": Op.MUL, "/": Op.DIV, "//": Op.FLOORDIV, "%": Op.MOD,
            "**": Op.POW}
@@ -45,6 +46,11 @@ class _Reported(Exception):
     """An error already reported elsewhere (e.g. a use of a recursive def); adds nothing."""
 
 
+class _TooLarge(Exception):
+    """Inlining the defs of one pattern made more than MAX_TREE_SIZE nodes of work."""
+
+
+
 @dataclass
 class _Scope:
     """What names mean inside one expression."""
@@ -68,6 +74,7 @@ class Checker:
         self.defs: dict[str, DefDecl] = dict(self.prelude)
         self.patterns: list[PatternDecl] = []
         self.recursive: set[str] = set()
+        self._work = 0                  # expression nodes checked for the current pattern
         self._declare(decls)
 
     # ------------------------------------------------------------------ declarations
@@ -175,6 +182,9 @@ class Checker:
             if p.type_name is None:
                 v = p.default
                 kind = Type.BOOL if isinstance(v, bool) else Type.INT if isinstance(v, int) else Type.FLOAT
+                if kind is Type.INT and not INT_MIN <= v <= INT_MAX:
+                    self.sink.add(AttnTypeError, f"the default of '{p.name}' is out of range (ints are "
+                                  "64-bit)", p.span)
                 params[p.name] = Param(p.name, kind, v, p.span)
                 continue
             ptype = _parse_type(p.type_name)
@@ -186,9 +196,18 @@ class Checker:
         return params
 
     def _check_pattern(self, decl: PatternDecl) -> PatternIR | None:
+        self._work = 0
+        try:
+            return self._check_pattern_body(decl)
+        except _TooLarge:
+            self.sink.add(AttnTypeError, f"pattern '{decl.name}' is too large after inlining its defs "
+                          f"(over {MAX_TREE_SIZE} nodes)", decl.span)
+            return None
+
+    def _check_pattern_body(self, decl: PatternDecl) -> PatternIR | None:
         n_errors = len(self.sink.errors)
         params = self._check_params(decl)
-        lets: dict[str, Expr] = {}
+        lets: dict[str, Expr | None] = {}      # None: a let whose error is already reported
         mask = score = None
         clause_names: dict[str, Span] = {}
         for clause in decl.clauses:
@@ -215,12 +234,21 @@ class Checker:
                     lets[clause.name] = expr
                 elif clause.kind == "mask":
                     mask = self._expect(expr, Type.BOOL, "the mask", clause.expr.span)
+                    # a let may mention 'score' (for the score clause), but the mask cannot use it
+                    use = next((n for n in mask.walk() if n.op is Op.SCORE), None)
+                    if use is not None:
+                        mask = None
+                        raise self._err(AttnTypeError, "'score' may only be used in the score clause "
+                                        "(the mask uses it through a let)", use.span)
                 else:
                     score = self._expect(expr, Type.FLOAT, "the score", clause.expr.span)
             except AttnError as err:
                 self.sink.errors.append(err)
+                if clause.kind == "let":
+                    lets[clause.name] = None
             except _Reported:
-                pass
+                if clause.kind == "let":
+                    lets[clause.name] = None
         if mask is None and "mask" not in clause_names:
             self.sink.add(AttnNameError, f"pattern '{decl.name}' has no 'mask = ...' clause", decl.span)
         if len(self.sink.errors) > n_errors or mask is None:
@@ -249,8 +277,14 @@ class Checker:
         return cls(message, span, self.sink.source)
 
     def expr(self, node: Node, scope: _Scope) -> Expr:
+        self._work += 1
+        if self._work > MAX_TREE_SIZE:
+            raise _TooLarge()
         kind = node.kind
         if kind == "int":
+            if not INT_MIN <= node.value <= INT_MAX:
+                raise self._err(AttnTypeError, f"integer literal {node.value} is out of range (ints are "
+                                "64-bit)", node.span)
             return Expr(Op.CONST, Type.INT, (), node.value, node.span)
         if kind == "float":
             return Expr(Op.CONST, Type.FLOAT, (), node.value, node.span)
@@ -299,7 +333,10 @@ class Checker:
     def _name(self, node: Node, scope: _Scope) -> Expr:
         name = node.value
         if name in scope.locals:
-            return scope.locals[name]
+            value = scope.locals[name]
+            if value is None:           # a let that failed to check: its error is reported
+                raise _Reported()
+            return value
         if name in scope.params:
             p = scope.params[name]
             if p.is_tensor:

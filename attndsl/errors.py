@@ -104,6 +104,9 @@ class ErrorSink:
     def raise_if_any(self) -> None:
         if not self.errors:
             return
-        errs = sorted(self.errors, key=lambda e: (e.line, e.column))
+        unique: dict = {}
+        for e in self.errors:      # a def body is checked at each use: report each error once
+            unique.setdefault((type(e), e.message, e.span), e)
+        errs = sorted(unique.values(), key=lambda e: (e.line, e.column))
         first = errs[0]
         raise type(first)(first.message, first.span, self.source, notes=tuple(errs[1:]))

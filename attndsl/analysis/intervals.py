@@ -166,7 +166,8 @@ def _add(an, node):
     a, b = (an.value(x) for x in node.args)
     if _is_float(node):
         lo, hi = a.lo + b.lo, a.hi + b.hi
-        return Num(*_fix_nan(lo, hi), _nan(a, b) | np.isnan(lo) | np.isnan(hi))
+        cross = np.isnan(a.lo + b.hi) | np.isnan(a.hi + b.lo)    # inf + -inf is possible
+        return Num(*_fix_nan(lo, hi), _nan(a, b) | np.isnan(lo) | np.isnan(hi) | cross)
     return _wrap_check(a.lo + b.lo, a.hi + b.hi, np.float64(a.lo) + b.lo, np.float64(a.hi) + b.hi)
 
 
@@ -174,7 +175,8 @@ def _sub(an, node):
     a, b = (an.value(x) for x in node.args)
     if _is_float(node):
         lo, hi = a.lo - b.hi, a.hi - b.lo
-        return Num(*_fix_nan(lo, hi), _nan(a, b) | np.isnan(lo) | np.isnan(hi))
+        cross = np.isnan(a.lo - b.lo) | np.isnan(a.hi - b.hi)    # inf - inf is possible
+        return Num(*_fix_nan(lo, hi), _nan(a, b) | np.isnan(lo) | np.isnan(hi) | cross)
     return _wrap_check(a.lo - b.hi, a.hi - b.lo, np.float64(a.lo) - b.hi, np.float64(a.hi) - b.lo)
 
 
