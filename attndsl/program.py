@@ -229,7 +229,7 @@ class Pattern:
         Sound for every pattern (empty: no allowed pair; full: every in-bounds pair allowed),
         exact on the band family; see attndsl.analysis.blockmap.
         """
-        from .analysis.blockmap import block_map
+        from .analysis.blockmap import pattern_block_map
         from .blocks import tile_shape
 
         if self.uses_selectors():
@@ -239,17 +239,18 @@ class Pattern:
         check_lengths(q_len, kv_len, heads, kv_heads)
         block = tile_shape(block)
         tensors = tensor_inputs(self.ir, tensor_inputs_, None)[0]
-        return block_map(self.grid(q_len, kv_len, heads, kv_heads, tensors), block,
-                         self.row_sets())
+        return pattern_block_map(self.grid(q_len, kv_len, heads, kv_heads, tensors), block,
+                                 self.row_sets)
 
-    def row_sets(self):
-        """The mask solved for k (attndsl.analysis.solve), cached per parameter values."""
+    def row_sets(self, expr=None, params=None):
+        """The mask (or a specialisation of it) solved for k; see attndsl.analysis.solve."""
         from .analysis.solve import solve
 
-        key = tuple(sorted(self.values.items()))
+        expr = self.ir.mask if expr is None else expr
         cache = self.__dict__.setdefault("_row_sets", {})
+        key = (expr, tuple(sorted(self.values.items())))
         if key not in cache:
-            cache[key] = solve(self.ir.mask, self._values())
+            cache[key] = solve(expr, self._values())
         return cache[key]
 
     # ------------------------------------------------------------------ torch

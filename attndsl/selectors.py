@@ -20,12 +20,18 @@ _MASK64 = (1 << 64) - 1
 
 def splitmix64(x: np.ndarray) -> np.ndarray:
     """Steele et al.'s splitmix64 finaliser on uint64 arrays (arithmetic mod 2**64)."""
-    x = np.asarray(x, dtype=np.uint64)
+    return _splitmix64_inplace(np.array(x, dtype=np.uint64))
+
+
+def _splitmix64_inplace(z: np.ndarray) -> np.ndarray:
     with np.errstate(over="ignore"):
-        x = x + np.uint64(0x9E3779B97F4A7C15)
-        z = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-        return z ^ (z >> np.uint64(31))
+        z += np.uint64(0x9E3779B97F4A7C15)
+        z ^= z >> np.uint64(30)
+        z *= np.uint64(0xBF58476D1CE4E5B9)
+        z ^= z >> np.uint64(27)
+        z *= np.uint64(0x94D049BB133111EB)
+        z ^= z >> np.uint64(31)
+    return z
 
 
 def random_block_table(r: int, b: int, seed: int, first_block: int, last_block: int,
@@ -37,11 +43,21 @@ def random_block_table(r: int, b: int, seed: int, first_block: int, last_block: 
     rows = (blocks.astype(np.uint64) << np.uint64(20))       # two's complement == mod 2**64
     cols = np.arange(nkb, dtype=np.uint64)
     with np.errstate(over="ignore"):
-        keys = splitmix64(base + rows[:, None] + cols[None, :])
-    order = np.argsort(keys, axis=1, kind="stable")[:, :r]
-    table = np.zeros((len(blocks), nkb), dtype=bool)
-    np.put_along_axis(table, order, True, axis=1)
-    return table
+        keys = rows[:, None] + cols[None, :]
+        keys += base
+    keys = _splitmix64_inplace(keys)
+    if r >= nkb:
+        return np.ones((len(blocks), nkb), dtype=bool)
+    if r == 0:
+        return np.zeros((len(blocks), nkb), dtype=bool)
+    # the r-th smallest key per row; keys below it are in, ties at it go to the smaller J
+    kth = np.partition(keys, r - 1, axis=1)[:, r - 1:r]
+    below = keys < kth
+    tied = keys == kth
+    room = r - below.sum(axis=1, keepdims=True)
+    if np.array_equal(tied.sum(axis=1, keepdims=True), room):     # no tie crosses the cut
+        return below | tied
+    return below | (tied & (np.cumsum(tied, axis=1) <= room))
 
 
 def _pooled(x: np.ndarray, block_of: np.ndarray, n_blocks: int) -> np.ndarray:

@@ -15,9 +15,13 @@ Passes, cheapest first:
 
 from __future__ import annotations
 
+import copy
+from dataclasses import replace
+
 import numpy as np
 
 from ..reference import CallGrid
+from .fold import head_classes
 from .intervals import classify_tiles, make_grid
 from .rows import merge, piece_bounds, touch_and_cover, uses_head
 from .solve import RowSets, solve
@@ -90,4 +94,26 @@ def block_map(grid: CallGrid, block, sets: RowSets | None = None) -> np.ndarray:
             _refine(grid, block, undecided, may, must)
     out = np.broadcast_to(may, shape).astype(np.int8)     # must implies may: 0, 1 or 2
     out += np.broadcast_to(must, shape)
+    return out
+
+
+def pattern_block_map(grid: CallGrid, block, sets_for=solve) -> np.ndarray:
+    """The block map of every head, computed once per class of heads with one mask.
+
+    ``sets_for(expr, params)`` solves a (specialised) mask for k; pass a cached one.
+    """
+    bq, bk = block
+    shape = (grid.heads, -(-grid.q_len // bq), -(-grid.kv_len // bk))
+    sizes = {"q_len": grid.q_len, "kv_len": grid.kv_len, "heads": grid.heads,
+             "kv_heads": grid.kv_heads}
+    classes = head_classes(grid.ir.mask, grid.heads, grid.params, sizes)
+    if len(classes) == 1 and classes[0][0] is grid.ir.mask:
+        return block_map(grid, block, sets_for(grid.ir.mask, grid.params))
+    out = np.empty(shape, dtype=np.int8)
+    for expr, heads in classes:
+        sub = copy.copy(grid)
+        sub.ir = replace(grid.ir, mask=expr)
+        sub.heads = sub.kv_heads = 1
+        sub.mask_per_head = False
+        out[heads] = block_map(sub, block, sets_for(expr, grid.params))[0]
     return out

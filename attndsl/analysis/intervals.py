@@ -376,9 +376,10 @@ def _random_blocks(an, node):
     g = an.grid
     first = int(g.q_lo.min()) // b
     last = int(g.q_hi.max()) // b
-    table = random_block_table(r, b, seed, first, last, g.sizes["kv_len"]).astype(np.int64)
-    pref = np.zeros((table.shape[0] + 1, table.shape[1] + 1), dtype=np.int64)
-    pref[1:, 1:] = table.cumsum(0).cumsum(1)
+    table = random_block_table(r, b, seed, first, last, g.sizes["kv_len"])
+    pref = np.zeros((table.shape[0] + 1, table.shape[1] + 1), dtype=np.int32)
+    np.cumsum(table, axis=0, dtype=np.int32, out=pref[1:, 1:])
+    np.cumsum(pref[1:, 1:], axis=1, out=pref[1:, 1:])
     i0, i1 = g.q_lo // b - first, g.q_hi // b - first + 1
     j0, j1 = g.k_lo // b, g.k_hi // b + 1
     count = pref[i1, j1] - pref[i0, j1] - pref[i1, j0] + pref[i0, j0]
