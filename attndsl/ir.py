@@ -107,10 +107,18 @@ class Expr:
     span: Span = field(default_factory=Span.unknown, compare=False, repr=False)
 
     def walk(self):
-        """Every node of the tree, parents before children (iterative: trees may be deep)."""
+        """Every node of the tree, parents before children (iterative: trees may be deep).
+
+        A sub-tree shared by several parents (a let used twice) is visited once, so a walk
+        is linear in the number of distinct nodes even when the expanded tree is exponential.
+        """
         stack = [self]
+        seen: set[int] = set()
         while stack:
             node = stack.pop()
+            if id(node) in seen:
+                continue
+            seen.add(id(node))
             yield node
             stack.extend(reversed(node.args))
 

@@ -227,31 +227,18 @@ class Pattern:
         """int8 [heads, ceil(q_len/BQ), ceil(kv_len/BK)]: 0 empty, 1 partial, 2 full.
 
         Sound for every pattern (empty: no allowed pair; full: every in-bounds pair allowed),
-        exact on the band family; see attndsl.analysis.blockmap.
+        exact on the band family; see attndsl.analysis.
         """
-        from .analysis.blockmap import pattern_block_map
-        from .blocks import tile_shape
+        from .analysis import api
 
-        if self.uses_selectors():
-            raise AttnCallError(f"block_map: pattern '{self.name}' selects blocks from the query and "
-                                "key vectors at run time; block maps describe static patterns only")
-        kv_heads = heads if kv_heads is None else kv_heads
-        check_lengths(q_len, kv_len, heads, kv_heads)
-        block = tile_shape(block)
-        tensors = tensor_inputs(self.ir, tensor_inputs_, None)[0]
-        return pattern_block_map(self.grid(q_len, kv_len, heads, kv_heads, tensors), block,
-                                 self.row_sets)
+        return api.block_map(self, q_len, kv_len, heads, block, kv_heads, tensor_inputs_)
 
-    def row_sets(self, expr=None, params=None):
-        """The mask (or a specialisation of it) solved for k; see attndsl.analysis.solve."""
-        from .analysis.solve import solve
+    def describe(self, q_len: int, kv_len: int, heads: int = 1, block=(128, 128),
+                 kv_heads: int | None = None, **tensor_inputs_):
+        """The kernel-facing Description (block map, tile lists, key intervals) of a call."""
+        from .analysis import api
 
-        expr = self.ir.mask if expr is None else expr
-        cache = self.__dict__.setdefault("_row_sets", {})
-        key = (expr, tuple(sorted(self.values.items())))
-        if key not in cache:
-            cache[key] = solve(expr, self._values())
-        return cache[key]
+        return api.describe(self, q_len, kv_len, heads, block, kv_heads, tensor_inputs_)
 
     # ------------------------------------------------------------------ torch
     def __call__(self, q, k, v, return_lse: bool = False, scale: float | None = None,

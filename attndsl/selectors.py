@@ -38,19 +38,29 @@ def random_block_table(r: int, b: int, seed: int, first_block: int, last_block: 
                        kv_len: int) -> np.ndarray:
     """bool [query blocks first..last, nkb]: the r key blocks with the smallest key(I, J)."""
     nkb = -(-kv_len // b)
-    blocks = np.arange(first_block, last_block + 1, dtype=np.int64)
-    base = np.uint64((seed << 40) & _MASK64)
-    rows = (blocks.astype(np.uint64) << np.uint64(20))       # two's complement == mod 2**64
-    cols = np.arange(nkb, dtype=np.uint64)
-    with np.errstate(over="ignore"):
-        keys = rows[:, None] + cols[None, :]
-        keys += base
-    keys = _splitmix64_inplace(keys)
+    n_rows = max(0, last_block - first_block + 1)
     if r >= nkb:
-        return np.ones((len(blocks), nkb), dtype=bool)
+        return np.ones((n_rows, nkb), dtype=bool)
     if r == 0:
-        return np.zeros((len(blocks), nkb), dtype=bool)
-    # the r-th smallest key per row; keys below it are in, ties at it go to the smaller J
+        return np.zeros((n_rows, nkb), dtype=bool)
+    out = np.empty((n_rows, nkb), dtype=bool)
+    step = max(1, (1 << 16) // max(nkb, 1))              # rows per chunk: stays in cache
+    cols = np.arange(nkb, dtype=np.uint64)
+    base = np.uint64((seed << 40) & _MASK64)
+    for start in range(0, n_rows, step):
+        blocks = np.arange(first_block + start, first_block + min(n_rows, start + step),
+                           dtype=np.int64)
+        rows = blocks.astype(np.uint64) << np.uint64(20)      # two's complement == mod 2**64
+        with np.errstate(over="ignore"):
+            keys = rows[:, None] + cols[None, :]
+            keys += base
+        _splitmix64_inplace(keys)
+        out[start:start + len(blocks)] = _smallest(keys, r)
+    return out
+
+
+def _smallest(keys: np.ndarray, r: int) -> np.ndarray:
+    """bool mask of the r smallest keys per row (ties: the smaller column first)."""
     kth = np.partition(keys, r - 1, axis=1)[:, r - 1:r]
     below = keys < kth
     tied = keys == kth

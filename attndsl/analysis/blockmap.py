@@ -8,20 +8,19 @@ Input: a :class:`~attndsl.reference.CallGrid` and a tile shape (BQ, BK). Output:
 Passes, cheapest first:
 1. the row solver (:mod:`.solve`, :mod:`.rows`): exact key intervals per row turned into
    touched/covered tiles — when the solve is exact this is the answer;
-2. otherwise the tile interval analysis (:mod:`.intervals`) narrows what the rows left open;
+2. when the solve is inexact (some atom has no interval form), the tile interval analysis
+   (:mod:`.intervals`) narrows what the rows left open (an exact solve with residue pieces
+   skips it: its only slack is a tile between live keys that holds none, or a tile filled by
+   residues alone, both rare with tiles at least as wide as the modulus);
 3. tiles still undecided (neither proved empty, full, nor partial) are evaluated pair by pair,
    if they hold at most ``REFINE_PAIRS`` pairs in all; beyond that they stay partial (sound).
 """
 
 from __future__ import annotations
 
-import copy
-from dataclasses import replace
-
 import numpy as np
 
 from ..reference import CallGrid
-from .fold import head_classes
 from .intervals import classify_tiles, make_grid
 from .rows import merge, piece_bounds, touch_and_cover, uses_head
 from .solve import RowSets, solve
@@ -82,38 +81,19 @@ def block_map(grid: CallGrid, block, sets: RowSets | None = None) -> np.ndarray:
     sets = sets if sets is not None else solve(grid.ir.mask, grid.params)
     may, must, partial, exact = row_classes(sets, grid, block)
     if not exact:
-        tiles = make_grid(grid.q_len, grid.kv_len, grid.heads, grid.kv_heads, block, grid.params,
-                          grid.tensors, per_head=grid.mask_per_head)
-        ai = classify_tiles(grid.ir.mask, tiles)
-        heads = max(may.shape[0], ai.may.shape[0])
-        may = np.broadcast_to(may, (heads, n_qt, n_kt)) & ai.may
-        must = np.broadcast_to(must, (heads, n_qt, n_kt)) | ai.must
+        if not sets.exact:
+            tiles = make_grid(grid.q_len, grid.kv_len, grid.heads, grid.kv_heads, block,
+                              grid.params, grid.tensors, per_head=grid.mask_per_head)
+            ai = classify_tiles(grid.ir.mask, tiles)
+            heads = max(may.shape[0], ai.may.shape[0])
+            may = np.broadcast_to(may, (heads, n_qt, n_kt)) & ai.may
+            must = np.broadcast_to(must, (heads, n_qt, n_kt)) | ai.must
         undecided = may & ~must & ~partial
-        if 0 < int(undecided.sum()) * (grid.heads // undecided.shape[0]) * bq * bk <= REFINE_PAIRS:
+        per_slice = grid.heads // undecided.shape[0]
+        if 0 < int(undecided.sum()) * per_slice * bq * bk <= REFINE_PAIRS:
             may, must, undecided = (np.broadcast_to(a, shape).copy() for a in (may, must, undecided))
             _refine(grid, block, undecided, may, must)
     out = np.broadcast_to(may, shape).astype(np.int8)     # must implies may: 0, 1 or 2
     out += np.broadcast_to(must, shape)
     return out
 
-
-def pattern_block_map(grid: CallGrid, block, sets_for=solve) -> np.ndarray:
-    """The block map of every head, computed once per class of heads with one mask.
-
-    ``sets_for(expr, params)`` solves a (specialised) mask for k; pass a cached one.
-    """
-    bq, bk = block
-    shape = (grid.heads, -(-grid.q_len // bq), -(-grid.kv_len // bk))
-    sizes = {"q_len": grid.q_len, "kv_len": grid.kv_len, "heads": grid.heads,
-             "kv_heads": grid.kv_heads}
-    classes = head_classes(grid.ir.mask, grid.heads, grid.params, sizes)
-    if len(classes) == 1 and classes[0][0] is grid.ir.mask:
-        return block_map(grid, block, sets_for(grid.ir.mask, grid.params))
-    out = np.empty(shape, dtype=np.int8)
-    for expr, heads in classes:
-        sub = copy.copy(grid)
-        sub.ir = replace(grid.ir, mask=expr)
-        sub.heads = sub.kv_heads = 1
-        sub.mask_per_head = False
-        out[heads] = block_map(sub, block, sets_for(expr, grid.params))[0]
-    return out

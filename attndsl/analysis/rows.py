@@ -35,9 +35,30 @@ def _eval_rows(grid: CallGrid, expr, heads, rows, live=None):
     return np.asarray(value), bad
 
 
+MAX_SHRINK = 16
+
+
+def _shrink_to_live(grid: CallGrid, p: Piece, heads, rows, guard, lo, hi):
+    """The first and last keys of [lo, hi] whose residue is live (lo > hi when there is none)."""
+    shape = guard.shape
+    off, bad = _eval_rows(grid, p.residue.offset, heads, rows, guard[..., None])
+    off = np.broadcast_to(off, shape + (1,))[..., 0]
+    m = p.residue.modulus
+    first = np.full(shape, np.iinfo(np.int64).max)
+    last = np.full(shape, np.iinfo(np.int64).min)
+    for r in p.residue.live:
+        first = np.minimum(first, lo + (off + r - lo) % m)
+        last = np.maximum(last, hi - (hi - off - r) % m)
+    return first, last, bad
+
+
 def piece_bounds(pieces: tuple[Piece, ...], grid: CallGrid, heads: np.ndarray, rows: np.ndarray,
                  keep_residues: bool):
-    """lo, hi [H', R, P] (empty slots have lo > hi) and rows made unknown [H', R] (bool)."""
+    """lo, hi [H', R, P] (empty slots have lo > hi) and rows made unknown [H', R] (bool).
+
+    With ``keep_residues`` a residue piece contributes the span from its first to its last live
+    key (a superset of its keys); without, it contributes nothing (a subset).
+    """
     shape = (len(heads), len(rows))
     los, his = [], []
     unknown = np.zeros(shape, dtype=bool)
@@ -51,7 +72,11 @@ def piece_bounds(pieces: tuple[Piece, ...], grid: CallGrid, heads: np.ndarray, r
         hi, bad_hi = _eval_rows(grid, p.hi, heads, rows, guard[..., None])
         lo = np.maximum(np.broadcast_to(lo, shape + (1,))[..., 0], 0)
         hi = np.minimum(np.broadcast_to(hi, shape + (1,))[..., 0], last)
-        for bad in (bad_g, bad_lo, bad_hi):
+        bads = [bad_g, bad_lo, bad_hi]
+        if p.residue is not None and len(p.residue.live) <= MAX_SHRINK:
+            lo, hi, bad_off = _shrink_to_live(grid, p, heads, rows, guard, lo, hi)
+            bads.append(bad_off)
+        for bad in bads:
             if bad is not None:
                 unknown |= np.broadcast_to(bad, shape + (1,))[..., 0]
         los.append(np.where(guard, lo, 1))

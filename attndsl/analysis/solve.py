@@ -20,6 +20,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from functools import reduce
 
+import numpy as np
+
 from ..interp import evaluate_scalar
 from ..ir import Expr, Op, Type, const
 
@@ -46,6 +48,7 @@ class Piece:
 class RowSets:
     lower: tuple[Piece, ...]
     upper: tuple[Piece, ...]
+    tables: tuple = ()       # (derived tensor name, (r, b, seed, j)) read by random-block pieces
 
     @property
     def exact(self) -> bool:
@@ -204,9 +207,42 @@ def complement(xs: tuple):
 # ----------------------------------------------------------------------------- atoms
 
 
+RUN_START, RUN_END = "#start", "#end"     # suffixes of derived tensors (no user name has '#')
+
+
+def run_tensors(name: str, t) -> dict:
+    """For a 1-D int tensor whose equal values form single runs: each position's run bounds.
+
+    Returns {} when some value occurs in two separate runs (then ``t[k] == t[y]`` is no
+    interval and stays unknown).
+    """
+    t = np.asarray(t)
+    if t.ndim != 1 or t.size == 0:
+        return {}
+    starts = np.flatnonzero(np.r_[True, t[1:] != t[:-1]])
+    if len(np.unique(t[starts])) != len(starts):
+        return {}
+    ends = np.r_[starts[1:], len(t)] - 1
+    run = np.cumsum(np.r_[True, t[1:] != t[:-1]]) - 1
+    return {name + RUN_START: starts[run].astype(np.int64), name + RUN_END: ends[run].astype(np.int64)}
+
+
 class Solver:
-    def __init__(self, params: dict):
+    def __init__(self, params: dict, runs: frozenset = frozenset()):
         self.params = params
+        self.runs = runs            # 1-D tensors known to be run-contiguous at this call
+
+    def runs_atom(self, op: Op, a: Expr, b: Expr):
+        """``t[k] == t[y]`` (y free of k) for a run-contiguous t: k in t's run at y."""
+        for x, y in ((a, b), (b, a)):
+            if (x.op is Op.INDEX and y.op is Op.INDEX and x.value == y.value and x.value in self.runs
+                    and len(x.args) == 1 and x.args[0].op is Op.K and not depends_on_k(y)):
+                pos = y.args[0]
+                lo = Expr(Op.INDEX, Type.INT, (pos,), x.value + RUN_START)
+                hi = Expr(Op.INDEX, Type.INT, (pos,), x.value + RUN_END)
+                eq = (Piece(TRUE, lo, hi),)
+                return eq if op is Op.EQ else complement(eq)
+        return None
 
     def constant(self, e: Expr):
         if e.uses(Op.Q, Op.K, Op.H, Op.Q_LEN, Op.KV_LEN, Op.HEADS, Op.KV_HEADS, Op.INDEX, Op.SCORE,
@@ -273,31 +309,47 @@ class Solver:
         return tuple(pieces)
 
     def modular(self, op: Op, left: Expr, right: Expr):
-        """``(linear in k) % m OP c`` with c constant: a residue piece."""
+        """``(s*V + rest) % m OP c`` with V = k or k // b and s = +-1: a residue piece.
+
+        c is a constant (any comparison) or a k-free expression (== and != only). The piece
+        keeps the keys with ``(k - offset) mod M`` in ``live``, M = m (V = k) or b*m.
+        """
         if left.op is not Op.MOD or depends_on_k(right):
             if right.op is Op.MOD and not depends_on_k(left):
-                flip = {Op.LT: Op.GT, Op.LE: Op.GE, Op.GT: Op.LT, Op.GE: Op.LE}.get(op, op)
-                return self.modular(flip, right, left)
+                return self.modular(_FLIP[op], right, left)
             return None
-        c = self.constant(right)
         lin = self.linear(left.args[0])
-        if c is None or lin is None or lin[0] != "k" or lin[1] not in (1, -1):
+        if lin is None or lin[0] is None or lin[1] not in (1, -1):
             return None
         m = int(self.constant(left.args[1]))
-        if m > 4096:
+        unit = 1 if lin[0] == "k" else lin[0][1]
+        if m * unit > 4096:
             return None
+        s, rest = lin[1], lin[2]
+        c = self.constant(right)
+        if c is None:
+            if op not in (Op.EQ, Op.NE):
+                return None
+            # s*V + rest == c(q) (mod m), c in [0, m)  <=>  V == s*(c - rest) (mod m)
+            units = i_mul(i_sub(right, rest), s)
+            in_range = b_and(Expr(Op.LE, Type.BOOL, (ZERO, right)),
+                             Expr(Op.LT, Type.BOOL, (right, const(m))))
+            eq = (Piece(in_range, ZERO, _KV_LAST,
+                        Residue(m * unit, i_mul(units, unit), frozenset(range(unit)))),)
+            return eq if op is Op.EQ else complement(eq)
         test = {Op.LT: lambda r: r < c, Op.LE: lambda r: r <= c, Op.GT: lambda r: r > c,
                 Op.GE: lambda r: r >= c, Op.EQ: lambda r: r == c, Op.NE: lambda r: r != c}[op]
-        values = [r for r in range(m) if test(r)]       # values of (s*k + rest) mod m
-        # s*k + rest == v (mod m)  <=>  k == s*(v - rest) (mod m): live residues of k - s*(-rest)
-        s, rest = lin[1], lin[2]
-        offset = i_neg(rest) if s == 1 else rest
-        live = frozenset((s * v) % m for v in values)
-        if not live:
+        # s*V + rest == v (mod m)  <=>  (V - o) mod m == s*v mod m, with o = -s*rest
+        live_units = {(s * v) % m for v in range(m) if test(v)}
+        if not live_units:
             return NONE
-        if len(live) == m:
+        if len(live_units) == m:
             return ALL
-        return (Piece(TRUE, ZERO, _KV_LAST, Residue(m, offset, live)),)
+        offset = i_mul(i_neg(rest) if s == 1 else rest, unit)
+        if offset.op is Op.CONST:               # one canonical offset per residue class
+            offset = const(offset.value % (m * unit))
+        live = frozenset(r for r in range(m * unit) if r // unit in live_units)
+        return (Piece(TRUE, ZERO, _KV_LAST, Residue(m * unit, offset, live)),)
 
 
 def guard_only(cond: Expr) -> tuple:
@@ -337,9 +389,13 @@ def _rewrite_compare(op: Op, a: Expr, b: Expr) -> Expr | None:
     return None
 
 
-def solve(mask: Expr, params: dict) -> RowSets:
-    """lower/upper key sets per row for a bool expression."""
-    solver = Solver(params)
+def solve(mask: Expr, params: dict, runs: frozenset = frozenset()) -> RowSets:
+    """lower/upper key sets per row for a bool expression.
+
+    ``runs`` names the 1-D int tensors whose equal values are contiguous at this call (see
+    :func:`run_tensors`); their pieces read derived tensors named ``t#start`` / ``t#end``.
+    """
+    solver = Solver(params, runs)
     memo: dict[int, tuple] = {}
 
     def go(e: Expr) -> tuple:
@@ -375,7 +431,9 @@ def solve(mask: Expr, params: dict) -> RowSets:
                 return go(both if op is Op.EQ else b_not(both))
             if a.type is not Type.INT:
                 return unknown()
-            exact = solver.compare(op, a, b)
+            exact = solver.runs_atom(op, a, b) if op in (Op.EQ, Op.NE) else None
+            if exact is None:
+                exact = solver.compare(op, a, b)
             if exact is None:
                 exact = solver.modular(op, a, b)
             if exact is not None:
@@ -384,7 +442,57 @@ def solve(mask: Expr, params: dict) -> RowSets:
             if rewritten is not None:
                 return go(rewritten)
             return unknown()
+        if op is Op.RANDOM_BLOCKS:
+            pieces = random_pieces(solver, e, tables)
+            return (pieces, pieces) if pieces is not None else unknown()
         return unknown()
 
+    tables: dict = {}
     lower, upper = go(mask)
-    return RowSets(lower, upper)
+    return RowSets(lower, upper, tuple(tables.items()))
+
+
+MAX_RANDOM = 8
+RANDOM_TABLE = "#random"
+
+
+def random_pieces(solver: Solver, e: Expr, tables: dict):
+    """random_blocks(r, b, seed): per row, r key blocks read from derived tables (one per rank)
+    of the selected block indices of each query block, computed at call time."""
+    r, b, seed = (int(solver.constant(a)) for a in e.args)
+    if r > MAX_RANDOM:
+        return None
+    if r == 0:
+        return NONE
+    first = i_floordiv(Expr(Op.SUB, Type.INT, (Expr(Op.KV_LEN, Type.INT), Expr(Op.Q_LEN, Type.INT))), b)
+    qblock = i_sub(i_floordiv(Expr(Op.Q, Type.INT), b), first)
+    pieces = []
+    for j in range(r):
+        name = f"{RANDOM_TABLE}:{r}:{b}:{seed}:{j}"
+        tables[name] = (r, b, seed, j)
+        lo = i_mul(Expr(Op.INDEX, Type.INT, (qblock,), name), b)
+        pieces.append(Piece(TRUE, lo, i_min(i_add(lo, const(b - 1)), _KV_LAST)))
+    return tuple(pieces)
+
+
+def random_tables(tables, q_len: int, kv_len: int) -> dict:
+    """The derived tensors of random-block pieces: for rank j, the j-th selected key block of
+    each query block (repeating the last one when fewer than r blocks exist)."""
+    from ..selectors import random_block_table
+
+    out, chosen = {}, {}
+    for name, (r, b, seed, j) in tables:
+        if (r, b, seed) not in chosen:
+            off = kv_len - q_len
+            first, last = (off // b, (kv_len - 1) // b) if q_len else (0, -1)
+            sel = random_block_table(r, b, seed, first, last, kv_len)
+            rows, cols = np.nonzero(sel)                         # ascending J in each row
+            n = sel.sum(axis=1)
+            starts = np.r_[0, np.cumsum(n)[:-1]]
+            chosen[(r, b, seed)] = (cols, starts, n)
+        cols, starts, n = chosen[(r, b, seed)]
+        if len(cols) == 0:
+            out[name] = np.zeros(max(len(n), 1), dtype=np.int64)
+            continue
+        out[name] = cols[starts + np.minimum(j, np.maximum(n - 1, 0))].astype(np.int64)
+    return out

@@ -1,0 +1,114 @@
+"""The analysis entry points behind ``Pattern.block_map`` and ``Pattern.describe``.
+
+Input: a bound Pattern and a call's sizes, tile shape and tensor inputs. Output: the block map
+or the :class:`~attndsl.analysis.descriptors.Description`. Solved row sets are cached on the
+pattern per (specialised mask, parameter values, run-contiguous tensors); descriptions of
+patterns without tensor inputs are cached per (lengths, heads, block).
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import replace
+
+import numpy as np
+
+from ..blocks import tile_shape
+from ..errors import AttnCallError
+from ..inputs import check_lengths, tensor_inputs
+from ..ir import Type
+from .blockmap import block_map as _block_map
+from .descriptors import Description, key_intervals, tile_lists
+from .fold import head_classes
+from .solve import RowSets, random_tables, run_tensors, solve
+
+_CACHE_LIMIT = 32
+
+
+def row_sets(pattern, expr=None, runs: frozenset = frozenset()) -> RowSets:
+    """The mask (or a specialisation of it) solved for k, cached on the pattern."""
+    expr = pattern.ir.mask if expr is None else expr
+    cache = pattern.__dict__.setdefault("_row_sets", {})
+    key = (expr, tuple(sorted(pattern.values.items())), runs)
+    if key not in cache:
+        cache[key] = solve(expr, pattern._values(), runs)
+    return cache[key]
+
+
+def _with_runs(pattern, tensors: dict):
+    """Tensor inputs plus the run bounds of the 1-D int ones whose values form single runs."""
+    derived: dict = {}
+    for p in pattern.ir.params:
+        if p.is_tensor and p.type.rank == 1 and p.type.elem is Type.INT:
+            derived.update(run_tensors(p.name, tensors[p.name]))
+    runs = frozenset(name.split("#")[0] for name in derived)
+    return {**tensors, **derived}, runs
+
+
+def _static_call(pattern, q_len, kv_len, heads, kv_heads, block, given):
+    if pattern.uses_selectors():
+        raise AttnCallError(f"pattern '{pattern.name}' selects blocks from the query and key "
+                            "vectors at run time; block maps describe static patterns only")
+    kv_heads = heads if kv_heads is None else kv_heads
+    check_lengths(q_len, kv_len, heads, kv_heads)
+    block = tile_shape(block)
+    tensors, runs = _with_runs(pattern, tensor_inputs(pattern.ir, given, None)[0])
+    grid = pattern.grid(q_len, kv_len, heads, kv_heads, tensors)
+    return grid, block, runs
+
+
+def _classes(pattern, grid, runs):
+    """[(specialised mask, heads, row sets, sub-grid with one head)] per class of heads."""
+    sizes = {"q_len": grid.q_len, "kv_len": grid.kv_len, "heads": grid.heads,
+             "kv_heads": grid.kv_heads}
+    out = []
+    for expr, heads in head_classes(grid.ir.mask, grid.heads, grid.params, sizes):
+        sub = copy.copy(grid)
+        if expr is not grid.ir.mask:
+            sub.ir = replace(grid.ir, mask=expr)
+            sub.heads = sub.kv_heads = 1
+            sub.mask_per_head = False
+        sets = row_sets(pattern, expr, runs)
+        if sets.tables:
+            sub.tensors = {**sub.tensors, **random_tables(sets.tables, grid.q_len, grid.kv_len)}
+        out.append((expr, heads, sets, sub))
+    return out
+
+
+def _class_maps(grid, block, classes) -> np.ndarray:
+    bq, bk = block
+    shape = (grid.heads, -(-grid.q_len // bq), -(-grid.kv_len // bk))
+    if len(classes) == 1 and classes[0][3] is not None and classes[0][3].heads == grid.heads:
+        return _block_map(classes[0][3], block, classes[0][2])
+    out = np.empty(shape, dtype=np.int8)
+    done: dict = {}                     # exact row sets -> block map (one head)
+    for _expr, heads, sets, sub in classes:
+        if sets.exact and sets in done:
+            out[heads] = done[sets]
+            continue
+        out[heads] = _block_map(sub, block, sets)[0]
+        if sets.exact:
+            done[sets] = out[heads[0]]
+    return out
+
+
+def block_map(pattern, q_len, kv_len, heads, block, kv_heads, given) -> np.ndarray:
+    grid, block, runs = _static_call(pattern, q_len, kv_len, heads, kv_heads, block, given)
+    return _class_maps(grid, block, _classes(pattern, grid, runs))
+
+
+def describe(pattern, q_len, kv_len, heads, block, kv_heads, given) -> Description:
+    key = (q_len, kv_len, heads, kv_heads, tuple(block))
+    cache = pattern.__dict__.setdefault("_descriptions", {})
+    if not given and key in cache:
+        return cache[key]
+    grid, block, runs = _static_call(pattern, q_len, kv_len, heads, kv_heads, block, given)
+    classes = _classes(pattern, grid, runs)
+    bm = _class_maps(grid, block, classes)
+    keys = tuple(key_intervals(sets, expr, hs) for expr, hs, sets, _sub in classes)
+    desc = Description(q_len, kv_len, heads, block, bm, tile_lists(bm, block), keys)
+    if not given:
+        if len(cache) >= _CACHE_LIMIT:
+            cache.pop(next(iter(cache)))
+        cache[key] = desc
+    return desc
