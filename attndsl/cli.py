@@ -294,12 +294,37 @@ def show_one(pat, args, max_rows: int, max_cols: int):
             title += f", density {dense[hs].mean():.3f}" if dense[hs].size else ""
         panels.append(render.frame(draw(arr), title))
     lines += render.layout(panels, max_cols)
-    if dense is not None:
-        figure = [(render.format_heads(hs), dense[hs[0]], "mask")
-                  for hs, _ in render.group_heads(dense)]
+    return lines, (f"{pat.name}  ({q_len} x {kv_len})",
+                   _figure(pat, args, dense, per_head if view == "blocks" else None,
+                           (q_len, kv_len, heads, kv_heads), tensors))
+
+
+def _figure(pat, args, dense, bmap, sizes, tensors) -> list:
+    """PNG panels per distinct head: the mask (when drawable) and the tile map, with density."""
+    q_len, kv_len, heads, kv_heads = sizes
+    block = args.block
+    if bmap is None:
+        if dense is not None and (pat.uses_selectors() or kv_heads != heads):
+            bmap = render.tiles_from_mask(dense, block, block)
+        else:
+            bmap = pat.block_map(q_len, kv_len, heads, block=(block, block), kv_heads=kv_heads,
+                                 **tensors)
     else:
-        figure = [(render.format_heads(hs), arr, "blocks") for hs, arr in groups]
-    return lines, (f"{pat.name}  ({q_len} x {kv_len})", figure)
+        block = max(1, -(-q_len // max(1, bmap.shape[1])))
+    panels = []
+    source = dense if dense is not None else bmap
+    for hs, _ in render.group_heads(source):
+        label = render.format_heads(hs)
+        if dense is not None:
+            label += f", density {dense[hs[0]].mean():.3f}" if dense[hs[0]].size else ""
+            panels.append((label, dense[hs[0]], "mask"))
+        else:
+            lo, hi = render.density_bounds(bmap[hs[0]][None], q_len, kv_len, block, block)
+            label += f", density {lo:.3f}-{hi:.3f}"
+        counts = np.bincount(bmap[hs[0]].ravel(), minlength=3)
+        panels.append((f"tiles {block}x{block}: {counts[2]} full, {counts[1]} partial, "
+                       f"{counts[0]} empty", bmap[hs[0]], "blocks"))
+    return panels
 
 
 # ----------------------------------------------------------------------------- run

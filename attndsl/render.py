@@ -343,6 +343,9 @@ def demo_inputs(pat, sizes, head_dim: int, rng, query=None, key=None):
 # ----------------------------------------------------------------------------- PNG
 
 
+TILE_COLOURS = ["#f4f4f4", "#f0a030", "#2060b0"]     # empty, partial, full
+
+
 def write_png(path, figures: list[tuple[str, list[tuple[str, np.ndarray, str]]]]) -> None:
     """One row of subplots per figure ``(title, [(label, 2-D array, kind)])``, saved to path.
 
@@ -357,7 +360,7 @@ def write_png(path, figures: list[tuple[str, list[tuple[str, np.ndarray, str]]]]
     nrows = max(1, len(figures))
     ncols = max([len(panels) for _, panels in figures] + [1])
     fig, axes = plt.subplots(nrows, ncols, figsize=(3.2 * ncols, 3.4 * nrows), squeeze=False)
-    tiles_cmap = ListedColormap(["#ffffff", "#9e9e9e", "#1f1f1f"])
+    tiles_cmap = ListedColormap(TILE_COLOURS)
     for r, (title, panels) in enumerate(figures):
         for c in range(ncols):
             ax = axes[r][c]
@@ -375,6 +378,12 @@ def write_png(path, figures: list[tuple[str, list[tuple[str, np.ndarray, str]]]]
             ax.set_xlabel("key tile" if kind == "blocks" else "key j", fontsize=7)
             ax.set_ylabel("query tile" if kind == "blocks" else "query i", fontsize=7)
             ax.tick_params(labelsize=6)
-    fig.tight_layout()
+    from matplotlib.patches import Patch
+
+    if any(kind == "blocks" for _, panels in figures for _, _, kind in panels):
+        fig.legend(handles=[Patch(color=c, label=n) for c, n in
+                            zip(TILE_COLOURS, ("empty tile", "partial tile", "full tile"))],
+                   loc="lower center", ncol=3, fontsize=7, frameon=False)
+    fig.tight_layout(rect=(0, 0.04, 1, 1))
     fig.savefig(path, format="png", dpi=100)
     plt.close(fig)
