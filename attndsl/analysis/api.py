@@ -9,16 +9,17 @@ patterns without tensor inputs are cached per (lengths, heads, block).
 from __future__ import annotations
 
 import copy
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 import numpy as np
 
 from ..blocks import tile_shape
 from ..errors import AttnCallError
 from ..inputs import check_lengths, tensor_inputs
-from ..ir import Type
+from ..ir import Expr, Type
+from ..reference import CallGrid
 from .blockmap import block_map as _block_map
-from .descriptors import Description, key_intervals, tile_lists
+from .descriptors import Description, KeyIntervals, key_intervals
 from .fold import head_classes
 from .solve import RowSets, random_tables, run_tensors, solve
 
@@ -97,16 +98,49 @@ def block_map(pattern, q_len, kv_len, heads, block, kv_heads, given) -> np.ndarr
     return _class_maps(grid, block, _classes(pattern, grid, runs))
 
 
+@dataclass
+class HeadClass:
+    """Heads that share one specialised mask, its row sets and a one-head grid of the call
+    (holding the derived tensors its pieces read)."""
+
+    mask: Expr
+    heads: list
+    sets: RowSets
+    grid: CallGrid
+
+    @property
+    def keys(self) -> KeyIntervals | None:
+        return key_intervals(self.sets, self.mask, self.heads, self.grid)
+
+
+@dataclass
+class CallClasses:
+    """A static call (grid, tile shape) split into classes of heads; see :func:`call_classes`."""
+
+    grid: CallGrid
+    block: tuple[int, int]
+    classes: list
+
+    def block_map(self) -> np.ndarray:
+        return _class_maps(self.grid, self.block,
+                           [(c.mask, c.heads, c.sets, c.grid) for c in self.classes])
+
+
+def call_classes(pattern, q_len, kv_len, heads=1, block=(128, 128), kv_heads=None,
+                 given=None) -> CallClasses:
+    """The head classes of a static call: what block_map and describe are computed from."""
+    grid, block, runs = _static_call(pattern, q_len, kv_len, heads, kv_heads, block, given or {})
+    return CallClasses(grid, block, [HeadClass(*c) for c in _classes(pattern, grid, runs)])
+
+
 def describe(pattern, q_len, kv_len, heads, block, kv_heads, given) -> Description:
     key = (q_len, kv_len, heads, kv_heads, tuple(block))
     cache = pattern.__dict__.setdefault("_descriptions", {})
     if not given and key in cache:
         return cache[key]
-    grid, block, runs = _static_call(pattern, q_len, kv_len, heads, kv_heads, block, given)
-    classes = _classes(pattern, grid, runs)
-    bm = _class_maps(grid, block, classes)
-    keys = tuple(key_intervals(sets, expr, hs) for expr, hs, sets, _sub in classes)
-    desc = Description(q_len, kv_len, heads, block, bm, tile_lists(bm, block), keys)
+    call = call_classes(pattern, q_len, kv_len, heads, block, kv_heads, given)
+    desc = Description(q_len, kv_len, heads, call.block, call.block_map(),
+                       tuple(c.keys for c in call.classes))
     if not given:
         if len(cache) >= _CACHE_LIMIT:
             cache.pop(next(iter(cache)))

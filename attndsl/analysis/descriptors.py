@@ -17,7 +17,8 @@ proportional to the length plus the number of tiles.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import cached_property
 
 import numpy as np
 
@@ -72,6 +73,7 @@ class KeyIntervals:
     heads: tuple[int, ...]
     mask: Expr                  # the mask specialised to these heads
     pieces: tuple[Piece, ...]
+    grid: CallGrid | None = field(default=None, compare=False, repr=False)   # with derived tensors
 
     @property
     def kind(self) -> str:
@@ -81,8 +83,13 @@ class KeyIntervals:
     def moduli(self) -> tuple[int, ...]:
         return tuple(sorted({p.residue.modulus for p in self.pieces if p.residue}))
 
-    def row_mask(self, grid: CallGrid, rows: np.ndarray) -> np.ndarray:
-        """bool [len(rows), kv_len]: the key set of the rows, rebuilt from the pieces alone."""
+    def row_mask(self, grid: CallGrid | None, rows: np.ndarray) -> np.ndarray:
+        """bool [len(rows), kv_len]: the key set of the rows, rebuilt from the pieces alone.
+
+        ``grid`` None: the call these intervals were made for (it holds the derived tensors
+        that document and random-block pieces read).
+        """
+        grid = self.grid if grid is None else grid
         k = np.arange(grid.kv_len)[None, :]
         out = np.zeros((len(rows), grid.kv_len), dtype=bool)
         h = np.array(self.heads[:1])
@@ -108,8 +115,12 @@ class Description:
     heads: int
     block: tuple[int, int]
     block_map: np.ndarray
-    tiles: TileLists
     keys: tuple[KeyIntervals | None, ...]      # one per head class
+
+    @cached_property
+    def tiles(self) -> TileLists:
+        """The tile lists, built on first use (O(tiles))."""
+        return tile_lists(self.block_map, self.block)
 
     def keys_of_head(self, h: int) -> KeyIntervals | None:
         for k in self.keys:
@@ -118,5 +129,6 @@ class Description:
         return None
 
 
-def key_intervals(sets: RowSets, expr: Expr, heads) -> KeyIntervals | None:
-    return KeyIntervals(tuple(heads), expr, sets.lower) if sets.exact else None
+def key_intervals(sets: RowSets, expr: Expr, heads, grid: CallGrid | None = None):
+    """KeyIntervals of a head class, or None when its row sets are not exact."""
+    return KeyIntervals(tuple(heads), expr, sets.lower, grid) if sets.exact else None
