@@ -30,15 +30,19 @@ REFINE_PAIRS = 1 << 24
 
 
 def _sets_bounds(pieces, grid: CallGrid, heads, rows, upper: bool):
+    """Merged per-row intervals, and whether some rows could not be evaluated (a tensor index
+    out of range where the pattern would not read it): those rows get every key in an upper
+    set and no key in a lower one."""
     lo, hi, unknown = piece_bounds(pieces, grid, heads, rows, keep_residues=upper)
-    if unknown.any():
-        if upper:       # every key, for rows the analysis could not evaluate
+    some_unknown = bool(unknown.any())
+    if some_unknown:
+        if upper:
             lo = np.concatenate([lo, np.where(unknown, 0, 1)[..., None]], -1)
             hi = np.concatenate([hi, np.where(unknown, grid.kv_len - 1, 0)[..., None]], -1)
-        else:           # no key
+        else:
             lo = np.where(unknown[..., None], 1, lo)
             hi = np.where(unknown[..., None], 0, hi)
-    return merge(lo, hi)
+    return merge(lo, hi), some_unknown
 
 
 def row_classes(sets: RowSets, grid: CallGrid, block):
@@ -46,11 +50,11 @@ def row_classes(sets: RowSets, grid: CallGrid, block):
     per_head = uses_head(sets.lower) or uses_head(sets.upper)
     heads = np.arange(grid.heads if per_head else 1)
     rows = np.arange(grid.q_len)
-    up = _sets_bounds(sets.upper, grid, heads, rows, upper=True)
+    up, unknown = _sets_bounds(sets.upper, grid, heads, rows, upper=True)
     touched_u, covered_u = touch_and_cover(*up, grid, rows, block)
-    if sets.exact and not any(p.residue for p in sets.upper):
+    if sets.exact and not unknown and not any(p.residue for p in sets.upper):
         return touched_u, covered_u, touched_u & ~covered_u, True
-    low = _sets_bounds(sets.lower, grid, heads, rows, upper=False)
+    low, _ = _sets_bounds(sets.lower, grid, heads, rows, upper=False)
     touched_l, covered_l = touch_and_cover(*low, grid, rows, block)
     return touched_u, covered_l, touched_l & ~covered_u, False
 
