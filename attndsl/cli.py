@@ -1,4 +1,4 @@
-"""The ``attndsl`` command-line tool: ``check``, ``show`` and ``run`` (``attndsl --help``).
+"""The ``attndsl`` command-line tool: ``check``, ``show``, ``run`` and ``analyze`` (``--help``).
 
 Every :class:`~attndsl.errors.AttnError` (a diagnostic in a file, a file that cannot be read,
 a bad size or parameter) is printed as its rendered message on stderr with exit status 1,
@@ -117,6 +117,8 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Compile each file; print its diagnostics, or the names of "
                                    "its patterns. Exit status 1 when any file has an error.")
     p.add_argument("files", nargs="+", metavar="FILE", help=".attn files")
+    p.add_argument("--no-warnings", action="store_true",
+                   help="do not check sample sizes for query rows without any allowed key")
     p.set_defaults(func=cmd_check)
 
     p = sub.add_parser("show", help="draw the mask of a pattern in the terminal or a PNG",
@@ -153,6 +155,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeat", type=_count(1), default=1, metavar="R",
                    help="timed calls after one warm-up call; the median is reported (default 1)")
     p.set_defaults(func=cmd_run, heads=None)
+
+    from .cli_analyze import add_parser as add_analyze
+    add_analyze(sub, _common, _count)
     return parser
 
 
@@ -201,7 +206,21 @@ def cmd_check(args) -> int:
         n = len(prog.patterns)
         names = f": {', '.join(prog.patterns)}" if n else ""
         print(f"{path}: ok ({n} pattern{'' if n == 1 else 's'}{names})")
+        if not args.no_warnings:
+            warn_patterns(prog)
     return status
+
+
+def warn_patterns(prog) -> None:
+    """Compile-time warnings on stderr: rows without any allowed key at sample sizes."""
+    from .analysis.graph import warn_empty_rows
+
+    for pat in prog:
+        span = pat.ir.span
+        for message in warn_empty_rows(pat):
+            sys.stdout.flush()
+            print(f"{span.filename}:{span.line}:{span.column}: warning: {message}",
+                  file=sys.stderr, flush=True)
 
 
 # ----------------------------------------------------------------------------- show

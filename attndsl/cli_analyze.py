@@ -1,0 +1,163 @@
+"""``attndsl analyze``: the block-sparsity analysis of each pattern as a table or JSON.
+
+For each pattern: density and kept pairs, attention FLOPs against dense, the work a
+block-sparse kernel does and the fraction of it that is masked out, the tile classes, the
+kind of key descriptor (band / residue), the closed form and asymptotic class of the kept
+pairs, the receptive-field depth over stacked layers and warnings (rows with no key).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+import numpy as np
+
+from . import render
+from .errors import AttnCallError
+from .inputs import check_lengths
+from .reference import head_dependent
+
+
+def add_parser(sub, common, count) -> None:
+    p = sub.add_parser("analyze", help="block sparsity, cost and graph properties of patterns",
+                       description="Analyse each pattern at the given sizes: density, kept pairs, "
+                                   "FLOPs against dense attention, wasted work in non-empty "
+                                   "tiles, closed form of the kept pairs, receptive-field "
+                                   "depth over stacked layers and warnings.")
+    common(p, 4096, "query heads (default 1, or 8 when the mask depends on the head)")
+    p.add_argument("--block", type=count(1), default=128, metavar="B",
+                   help="tile size BxB of the block map (default 128)")
+    p.add_argument("--head-dim", type=count(1), default=128, metavar="D",
+                   help="head dimension for the FLOP counts (default 128)")
+    p.add_argument("--graph-tokens", type=count(1), default=2048, metavar="N",
+                   help="largest length for the exact token-level receptive-field analysis "
+                        "(default 2048); longer calls use the tile graph, which gives a lower "
+                        "bound on the depth")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.set_defaults(func=cmd_analyze)
+
+
+def analyze_one(pat, args) -> dict:
+    from .analysis.cost import cost_report
+    from .analysis.graph import graph_report
+
+    q_len = args.q_len
+    kv_len = q_len if args.kv_len is None else args.kv_len
+    heads = args.heads or (8 if head_dependent(pat.ir.mask) else 1)
+    kv_heads = args.kv_heads or heads
+    check_lengths(q_len, kv_len, heads, kv_heads)
+    if pat.uses_selectors():
+        raise AttnCallError(f"pattern '{pat.name}' selects blocks from the query and key vectors "
+                            "at run time; analyze describes static patterns")
+    rng = np.random.default_rng(args.seed)
+    tensors, notes = render.demo_inputs(pat, (q_len, kv_len, heads, kv_heads), 16, rng)
+    block = (args.block, args.block)
+    t0 = time.perf_counter()
+    desc = pat.describe(q_len, kv_len, heads, block, kv_heads, **tensors)
+    seconds = time.perf_counter() - t0
+    cost = cost_report(pat, q_len, kv_len, heads, block, args.head_dim, kv_heads, **tensors)
+    graph = graph_report(pat, q_len, kv_len, heads, block=block, max_tokens=args.graph_tokens,
+                         **tensors)
+    counts = np.bincount(desc.block_map.ravel(), minlength=3)
+    kinds = sorted({k.kind if k is not None else "tiles" for k in desc.keys})
+    return {
+        "pattern": pat.name, "params": pat.values, "q_len": q_len, "kv_len": kv_len,
+        "heads": heads, "kv_heads": kv_heads, "block": list(block), "notes": notes,
+        "analysis_ms": round(1e3 * seconds, 3),
+        "tiles": {"full": int(counts[2]), "partial": int(counts[1]), "empty": int(counts[0])},
+        "descriptor": kinds, "head_classes": len(desc.keys),
+        "cost": cost.as_dict(), "graph": graph.as_dict(),
+        "warnings": _warnings(pat, heads, graph),
+    }
+
+
+def _warnings(pat, heads: int, graph) -> list[str]:
+    out = []
+    for r in graph.empty_rows:
+        if r.count or r.unknown:
+            what = f"{r.count} query rows" + (f" (and {r.unknown} undecided)" if r.unknown else "")
+            out.append(f"pattern '{pat.name}': {what} of head {r.head} have no allowed key at "
+                       "the analysed sizes: their output is 0 and lse -inf")
+    return out
+
+
+def _fmt_int(n) -> str:
+    n = int(n)
+    for unit, size in (("G", 10 ** 9), ("M", 10 ** 6), ("K", 10 ** 3)):
+        if abs(n) >= size:
+            return f"{n / size:.3g}{unit}"
+    return str(n)
+
+
+def table_lines(r: dict) -> list[str]:
+    c, g = r["cost"], r["graph"]
+    reach = g.get("reach") or {}
+    if not reach:
+        depth_text = "- (needs q_len == kv_len)"
+    else:
+        depth = reach.get("full_reach_depth")
+        depth_text = "never (some earlier key is unreachable)" if depth is None else \
+            f"{depth} layer{'s' if depth != 1 else ''}"
+        if reach.get("depth_is_lower_bound") and depth is not None:
+            depth_text += " (tile graph: a lower bound)"
+        fr = ", ".join(f"L={n}: {f:.2f}" for n, f in zip(reach["layers"], reach["fractions"]))
+        depth_text += f"; {reach['direction']} pairs reached {fr}"
+    rows = [
+        ("sizes", f"q_len {r['q_len']}, kv_len {r['kv_len']}, heads {r['heads']} "
+                  f"(kv {r['kv_heads']}), tiles {r['block'][0]}x{r['block'][1]}"),
+        ("density", f"{c['density']:.4g}"),
+        ("kept pairs", f"{_fmt_int(c['kept_pairs'])} of {_fmt_int(c['total_pairs'])}"
+                       + ("" if c.get("exact", True) else " (upper bound)")),
+        ("FLOPs vs dense", f"{_fmt_int(c['flops'])} vs {_fmt_int(c['dense_flops'])} "
+                           f"({c['flops'] / max(c['dense_flops'], 1):.3g}x)"),
+        ("tiles", f"{r['tiles']['full']} full, {r['tiles']['partial']} partial, "
+                  f"{r['tiles']['empty']} empty ({r['head_classes']} head class"
+                  f"{'es' if r['head_classes'] > 1 else ''})"),
+        ("wasted work", f"{100 * c['wasted_fraction']:.1f}% of {_fmt_int(c['computed_pairs'])} "
+                        "pairs in non-empty tiles are masked"),
+        ("descriptor", ", ".join(r["descriptor"])),
+        ("closed form", (c.get("closed_form") or "-")
+         + (f"  (for {c['closed_form_condition']})" if c.get("closed_form_condition") else "")),
+        ("asymptotic", c.get("asymptotic") or "-"),
+        ("reach depth", depth_text),
+        ("analysis", f"{r['analysis_ms']:.1f} ms"),
+    ]
+    if g.get("union_covers_causal") is not None:
+        rows.append(("heads' union", "covers the causal triangle" if g["union_covers_causal"]
+                     else "does NOT cover the causal triangle"))
+    width = max(len(k) for k, _ in rows)
+    out = [f"{r['pattern']}({', '.join(f'{k}={v}' for k, v in r['params'].items())})"]
+    out += [f"  {k.ljust(width)}  {v}" for k, v in rows]
+    out += [f"  note: {n}" for n in r["notes"]]
+    out += [f"  warning: {w}" for w in r["warnings"]]
+    return out
+
+
+def cmd_analyze(args) -> int:
+    from .cli import require_bound, select_patterns
+    from .program import load
+
+    prog = load(args.file)
+    results = []
+    for pat in select_patterns(prog, args):
+        require_bound(pat)
+        results.append(analyze_one(pat, args))
+    if args.json:
+        print(json.dumps(results, indent=2, default=_json_default))
+    else:
+        for i, r in enumerate(results):
+            if i:
+                print()
+            print("\n".join(table_lines(r)))
+    return 0
+
+
+def _json_default(x):
+    if isinstance(x, (np.integer,)):
+        return int(x)
+    if isinstance(x, (np.floating,)):
+        return float(x)
+    if isinstance(x, np.ndarray):
+        return x.tolist()
+    return str(x)
