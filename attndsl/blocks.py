@@ -1,9 +1,10 @@
-"""Tile classification (first version): each tile of the mask is evaluated and reduced.
+"""Tile classification by brute force: every pair of every tile evaluated, then reduced.
 
 Input: a :class:`~attndsl.reference.CallGrid` and a tile shape (BQ, BK). Output: int8
 ``[heads, ceil(q_len/BQ), ceil(kv_len/BK)]`` with 0 empty, 1 partial, 2 full (every in-bounds
-pair allowed). Exact, hence sound; cost O(heads x q_len x kv_len). The symbolic analysis
-(interval and congruence reasoning over the IR) supersedes it for large lengths.
+pair allowed). A pair is allowed when the mask holds and the score clause, evaluated at a
+finite score (0), is not -inf. Cost O(heads x q_len x kv_len): the oracle that the symbolic
+analysis (attndsl.analysis) is tested against, not what block_map uses.
 """
 
 from __future__ import annotations
@@ -38,6 +39,9 @@ def block_map_by_tiles(grid: CallGrid, block) -> np.ndarray:
     for i in range(nqb):
         rows = np.arange(i * bq, min(grid.q_len, (i + 1) * bq))
         m = np.asarray(grid.mask(heads, rows, cols))
+        if grid.ir.score is not None:       # allowed: the score clause is not -inf either
+            zero = np.zeros(m.shape)
+            m = m & (grid.score(heads, rows, cols, zero) != -np.inf)
         any_ = np.pad(m, ((0, 0), (0, 0), (0, pad)), constant_values=False)
         all_ = np.pad(m, ((0, 0), (0, 0), (0, pad)), constant_values=True)
         shape = (grid.heads, len(rows), nkb, bk)

@@ -1,6 +1,7 @@
 """The cost model (attndsl.analysis.cost): exact pair counts, FLOPs and waste, closed forms.
 
-Counts are checked against ``dense_mask(...).sum()`` and closed forms against both the dense
+Counts are checked against the allowed pairs (``dense_mask`` and a score clause that is not
+-inf) and closed forms against both the dense
 count and hand-derived formulas; nothing here trusts the module's own verification.
 """
 
@@ -70,6 +71,18 @@ def compile_mask(mask: str, params: str = "") -> attndsl.Pattern:
 # ----------------------------------------------------------------------------- exact counts
 
 
+def allowed_pairs(pat, q_len, kv_len, heads, kv_heads, given) -> np.ndarray:
+    """The allowed pairs of section 1: the mask, and a score clause (at a finite score) != -inf."""
+    dense = pat.dense_mask(q_len, kv_len, heads=heads, kv_heads=kv_heads, **given)
+    if pat.ir.score is None:
+        return dense
+    grid = pat.grid(q_len, kv_len, heads, kv_heads or heads,
+                    attndsl.inputs.tensor_inputs(pat.ir, given, None)[0])
+    rows, cols = np.arange(q_len), np.arange(kv_len)
+    s = grid.score(np.arange(heads), rows, cols, np.zeros((heads, q_len, kv_len)))
+    return dense & (s != -np.inf)
+
+
 SHAPES = [(96, 96, 1, None, (16, 16)), (200, 200, HEADS, None, (32, 16)), (37, 101, 4, 2, (16, 32)),
           (1, 77, 2, 1, (128, 128)), (257, 96, 2, None, (8, 8)), (130, 257, 2, 2, (64, 64))]
 
@@ -81,7 +94,7 @@ def test_kept_pairs_equal_dense_mask(pat):
         if q_len > kv_len and {"doc", "segment"} & set(given):
             continue            # negative positions would index the document tensors
         r = cost_report(pat, q_len, kv_len, heads=heads, kv_heads=kv_heads, block=block, head_dim=64, **given)
-        dense = pat.dense_mask(q_len, kv_len, heads=heads, kv_heads=kv_heads, **given)
+        dense = allowed_pairs(pat, q_len, kv_len, heads, kv_heads, given)
         assert r.exact, (pat.name, q_len, kv_len)
         assert r.kept_pairs == int(dense.sum()), (pat.name, q_len, kv_len, heads)
         assert r.total_pairs == heads * q_len * kv_len

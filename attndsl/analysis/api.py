@@ -1,5 +1,9 @@
 """The analysis entry points behind ``Pattern.block_map`` and ``Pattern.describe``.
 
+A static call is analysed on its *allowed* pairs: the mask, strengthened by the condition under
+which the score clause is finite (:mod:`.allowed`), so that a score of ``-inf`` by position
+never leaves a tile marked full.
+
 Input: a bound Pattern and a call's sizes, tile shape and tensor inputs. Output: the block map
 or the :class:`~attndsl.analysis.descriptors.Description`. Solved row sets are cached on the
 pattern per (specialised mask, parameter values, run-contiguous tensors); descriptions of
@@ -18,9 +22,11 @@ from ..errors import AttnCallError
 from ..inputs import check_lengths, tensor_inputs
 from ..ir import Expr, Type
 from ..reference import CallGrid
+from .allowed import allowed_bounds
+from .blockmap import FULL, PARTIAL
 from .blockmap import block_map as _block_map
 from .descriptors import Description, KeyIntervals, key_intervals
-from .fold import head_classes
+from .fold import fold, head_classes
 from .solve import RowSets, random_tables, run_tensors, solve
 
 _CACHE_LIMIT = 32
@@ -47,6 +53,7 @@ def _with_runs(pattern, tensors: dict):
 
 
 def _static_call(pattern, q_len, kv_len, heads, kv_heads, block, given):
+    """(grid of the upper bound of the allowed pairs, lower-bound mask or None, block, runs)."""
     if pattern.uses_selectors():
         raise AttnCallError(f"pattern '{pattern.name}' selects blocks from the query and key "
                             "vectors at run time; block maps describe static patterns only")
@@ -54,8 +61,13 @@ def _static_call(pattern, q_len, kv_len, heads, kv_heads, block, given):
     check_lengths(q_len, kv_len, heads, kv_heads)
     block = tile_shape(block)
     tensors, runs = _with_runs(pattern, tensor_inputs(pattern.ir, given, None)[0])
-    grid = pattern.grid(q_len, kv_len, heads, kv_heads, tensors)
-    return grid, block, runs
+    lower, upper = allowed_bounds(pattern.ir, pattern._values(), tensors)
+    if pattern.ir.score is not None:            # constant conditions (2.0 != 0.0) drop out
+        sizes = {"q_len": q_len, "kv_len": kv_len, "heads": heads, "kv_heads": kv_heads}
+        lower, upper = (fold(e, sizes, pattern._values()) for e in (lower, upper))
+    ir = replace(pattern.ir, mask=upper) if upper is not pattern.ir.mask else pattern.ir
+    grid = CallGrid(ir, pattern._values(), q_len, kv_len, heads, kv_heads, tensors)
+    return grid, (None if lower == upper else lower), block, runs
 
 
 def _classes(pattern, grid, runs):
@@ -94,8 +106,7 @@ def _class_maps(grid, block, classes) -> np.ndarray:
 
 
 def block_map(pattern, q_len, kv_len, heads, block, kv_heads, given) -> np.ndarray:
-    grid, block, runs = _static_call(pattern, q_len, kv_len, heads, kv_heads, block, given)
-    return _class_maps(grid, block, _classes(pattern, grid, runs))
+    return call_classes(pattern, q_len, kv_len, heads, block, kv_heads, given).block_map()
 
 
 @dataclass
@@ -115,22 +126,43 @@ class HeadClass:
 
 @dataclass
 class CallClasses:
-    """A static call (grid, tile shape) split into classes of heads; see :func:`call_classes`."""
+    """A static call (grid, tile shape) split into classes of heads; see :func:`call_classes`.
+
+    The classes describe an upper bound of the allowed pairs (the mask, cut by the score
+    clause's literal -inf branches). ``lower`` is None when that bound is exact; otherwise it
+    holds the classes of a lower bound, from which full tiles are proved.
+    """
 
     grid: CallGrid
     block: tuple[int, int]
     classes: list
+    lower: CallClasses | None = None
+
+    @property
+    def exact(self) -> bool:
+        """Whether the classes' pairs are exactly the allowed pairs."""
+        return self.lower is None
 
     def block_map(self) -> np.ndarray:
-        return _class_maps(self.grid, self.block,
-                           [(c.mask, c.heads, c.sets, c.grid) for c in self.classes])
+        upper = _class_maps(self.grid, self.block,
+                            [(c.mask, c.heads, c.sets, c.grid) for c in self.classes])
+        if self.lower is None:
+            return upper
+        full = self.lower.block_map() == FULL
+        return np.where(full, FULL, np.minimum(upper, PARTIAL)).astype(np.int8)
 
 
 def call_classes(pattern, q_len, kv_len, heads=1, block=(128, 128), kv_heads=None,
                  given=None) -> CallClasses:
     """The head classes of a static call: what block_map and describe are computed from."""
-    grid, block, runs = _static_call(pattern, q_len, kv_len, heads, kv_heads, block, given or {})
-    return CallClasses(grid, block, [HeadClass(*c) for c in _classes(pattern, grid, runs)])
+    grid, lower, block, runs = _static_call(pattern, q_len, kv_len, heads, kv_heads, block,
+                                            given or {})
+    low = None
+    if lower is not None:
+        low_grid = CallGrid(replace(grid.ir, mask=lower), grid.params, grid.q_len, grid.kv_len,
+                            grid.heads, grid.kv_heads, grid.tensors)
+        low = CallClasses(low_grid, block, [HeadClass(*c) for c in _classes(pattern, low_grid, runs)])
+    return CallClasses(grid, block, [HeadClass(*c) for c in _classes(pattern, grid, runs)], low)
 
 
 def describe(pattern, q_len, kv_len, heads, block, kv_heads, given) -> Description:
@@ -139,8 +171,9 @@ def describe(pattern, q_len, kv_len, heads, block, kv_heads, given) -> Descripti
     if not given and key in cache:
         return cache[key]
     call = call_classes(pattern, q_len, kv_len, heads, block, kv_heads, given)
-    desc = Description(q_len, kv_len, heads, call.block, call.block_map(),
-                       tuple(c.keys for c in call.classes))
+    keys = tuple(c.keys for c in call.classes) if call.exact else (None,) * len(call.classes)
+    desc = Description(q_len, kv_len, heads, call.block, call.block_map(), keys,
+                       tuple(tuple(c.heads) for c in call.classes))
     if not given:
         if len(cache) >= _CACHE_LIMIT:
             cache.pop(next(iter(cache)))

@@ -198,7 +198,9 @@ def _count(pattern, q_len, kv_len, heads, kv_heads, given, desc=None):
             got, ok, used = _tile_count(desc.block_map[hs[0]], sub, hs[0], desc.block, budget)
             exact, budget = exact and ok, budget - used
         total += got * len(hs)
-    return total, exact
+    # when the score clause may reach -inf in ways the analysis cannot place, the pairs counted
+    # are those of an upper bound of the allowed pairs
+    return total, exact and call.exact
 
 
 # ----------------------------------------------------------------------------- closed forms

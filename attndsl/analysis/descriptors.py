@@ -116,6 +116,7 @@ class Description:
     block: tuple[int, int]
     block_map: np.ndarray
     keys: tuple[KeyIntervals | None, ...]      # one per head class
+    head_classes: tuple[tuple[int, ...], ...] = ()     # the heads of each class
 
     @cached_property
     def tiles(self) -> TileLists:
