@@ -24,7 +24,7 @@ pattern divided(d = 0.0):
 
 pattern biased(bias: float[]):
     mask = causal
-    score = score + bias[q - k]
+    score = score + bias[abs(q - k)]
 """
 
 

@@ -242,7 +242,7 @@ def test_closed_forms_agree_with_dense_on_examples():
         with_form.add(pat.name)
         for n in (96, 200, 257):
             assert n >= r.closed_form_min_n and holds(r.closed_form_condition, dict(r.params, N=n))
-            dense = int(pat.dense_mask(n, n, heads=heads, **demo_tensors(pat, n, heads)).sum())
+            dense = int(allowed_pairs(pat, n, n, heads, None, demo_tensors(pat, n, heads)).sum())
             assert r.closed_form_at(n) == dense, (pat.name, n, r.closed_form)
     assert {"causal_lm", "mistral_swa", "streaming_llm", "longformer", "prefix_lm", "duo_attention",
             "duo_attention_interleaved", "gemma2_local", "alibi", "windowed_relative_bias"} <= with_form

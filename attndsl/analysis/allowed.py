@@ -20,6 +20,8 @@ import math
 
 import numpy as np
 
+from ..constants import is_constant
+from ..interp import evaluate_scalar
 from ..ir import Expr, Op, PatternIR, Type, const
 from .fold import fold
 from .solve import FALSE, TRUE, b_and, b_not, b_or
@@ -60,6 +62,8 @@ def finite(e: Expr, values: dict, tensors: dict) -> Expr:
         if guarded.uses(Op.SCORE):
             return FALSE
         keep = _cmp(Op.GT, guarded, _ZERO) if e.op is Op.LOG else _cmp(Op.NE, guarded, _ZERO)
+        if is_constant(keep):           # decided by the parameters alone: 1.0 / cap
+            keep = const(bool(evaluate_scalar(keep, values)))
         out = keep
         for a in args:
             out = b_and(out, a)
@@ -92,6 +96,6 @@ def allowed_bounds(ir: PatternIR, values: dict, tensors: dict) -> tuple[Expr, Ex
     """
     if ir.score is None:
         return ir.mask, ir.mask
-    score = fold(ir.score, {}, values)              # -inf is NEG(inf) until folded
+    score = fold(ir.score, {}, {})                  # -inf is NEG(inf) until folded
     return (b_and(ir.mask, finite(score, values, tensors)),
             b_and(ir.mask, not_minus_inf(score)))

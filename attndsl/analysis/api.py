@@ -64,7 +64,7 @@ def _static_call(pattern, q_len, kv_len, heads, kv_heads, block, given):
     lower, upper = allowed_bounds(pattern.ir, pattern._values(), tensors)
     if pattern.ir.score is not None:            # constant conditions (2.0 != 0.0) drop out
         sizes = {"q_len": q_len, "kv_len": kv_len, "heads": heads, "kv_heads": kv_heads}
-        lower, upper = (fold(e, sizes, pattern._values()) for e in (lower, upper))
+        lower, upper = (fold(e, sizes, {}) for e in (lower, upper))   # parameters stay
     ir = replace(pattern.ir, mask=upper) if upper is not pattern.ir.mask else pattern.ir
     grid = CallGrid(ir, pattern._values(), q_len, kv_len, heads, kv_heads, tensors)
     return grid, (None if lower == upper else lower), block, runs
