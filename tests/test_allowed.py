@@ -64,9 +64,10 @@ def test_float_tensor_finiteness_is_read_from_the_call(prog):
     masked_bias = np.zeros(64)
     masked_bias[5] = -np.inf                       # a bias can mask pairs too
     bm = pat.block_map(64, 64, block=(8, 8), bias=masked_bias)
-    assert (bm != 2).all()
-    assert np.array_equal(bm, block_map_by_tiles(pat.grid(64, 64, 1, 1, {"bias": masked_bias}),
-                                                 (8, 8)))
+    assert (bm != 2).all()                         # which pairs it masks is not analysed
+    brute = block_map_by_tiles(pat.grid(64, 64, 1, 1, {"bias": masked_bias}), (8, 8))
+    assert ((bm == 0) == (brute == 0)).all()       # sound, and empty exactly where it is
+    assert (brute == 2).any()                      # (some tiles are in fact full)
 
 
 def test_finite_condition_shapes(prog):
