@@ -50,7 +50,6 @@ class _TooLarge(Exception):
     """Inlining the defs of one pattern made more than MAX_TREE_SIZE nodes of work."""
 
 
-
 @dataclass
 class _Scope:
     """What names mean inside one expression."""

@@ -399,6 +399,14 @@ def parse(text: str, filename: str = "<string>", sink: ErrorSink | None = None,
     own_sink = sink is None
     sink = ErrorSink(text) if own_sink else sink
     decls: list = []
+    # The indenter sees the indentation after each newline only, so an indented first line
+    # would pass unnoticed: like Python, a file's first statement must not be indented.
+    first = text.split("\n", 1)[0]
+    body = first.lstrip(" \t\f")
+    if body and body != first and not body.startswith("#"):
+        col = len(first) - len(body) + 1
+        sink.add(AttnSyntaxError, "unexpected indentation; a declaration starts at column 1",
+                 Span(filename, 1, col, 1, col + 1))
     for first_line, chunk in _split_declarations(text):
         padded = "\n" * first_line + chunk + "\n"
         try:
@@ -410,7 +418,10 @@ def parse(text: str, filename: str = "<string>", sink: ErrorSink | None = None,
             if named and broken is not None:
                 broken.add(named.group(1))
             continue
-        decls.extend(_ToSurface(filename).transform(tree))
+        try:
+            decls.extend(_ToSurface(filename).transform(tree))
+        except lark.exceptions.VisitError as exc:    # lark wraps errors of the callbacks (a
+            raise exc.orig_exc from None              # RecursionError on deep nesting): unwrap
     for i, d in enumerate(decls):
         if isinstance(d, PatternDecl):
             params = tuple(

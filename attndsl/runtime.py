@@ -14,6 +14,7 @@ import torch
 
 from .errors import AttnCallError
 from .interp import Env, Evaluator
+from .ir import Op
 from .program import _scale
 
 BACKENDS = ("torch", "triton", "triton-interpret")
@@ -134,6 +135,7 @@ def blockwise_attention(grids, q, k, v, scale, block_q: int = BLOCK_Q, block_k: 
     xp = TorchOps(q.device, acc_dtype)
     outs, lses = [], []
     for b, grid in enumerate(grids):
+        score_indexes = grid.ir.score is not None and grid.ir.score.uses(Op.INDEX)
         kb = k[b].index_select(0, kv_index).to(acc_dtype)
         vb = v[b].index_select(0, kv_index).to(acc_dtype)
         qb = q[b].to(acc_dtype)
@@ -147,6 +149,10 @@ def blockwise_attention(grids, q, k, v, scale, block_q: int = BLOCK_Q, block_k: 
                 cols = np.arange(c0, min(kv_len, c0 + block_k))
                 mask_np = grid.mask(all_heads, rows, cols)
                 if not mask_np.any():
+                    if score_indexes:
+                        # an index out of range is an error wherever the reference evaluates it,
+                        # skipped tiles included (the score clause is defined at every pair)
+                        grid.score(all_heads, rows, cols, np.zeros((heads, len(rows), len(cols))))
                     continue
                 mask = torch.as_tensor(np.array(mask_np, dtype=bool), device=q.device)
                 s = scale * (qb[:, r0:r0 + len(rows)] @ kb[:, c0:c0 + len(cols)].transpose(-1, -2))

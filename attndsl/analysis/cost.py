@@ -47,8 +47,10 @@ from functools import reduce
 import numpy as np
 import sympy as sp
 
+from ..inputs import tensor_inputs
 from ..ir import SELECTOR_OPS, Expr, Op, Type, const
 from . import api
+from .allowed import allowed_bounds
 from .fold import fold
 from .rows import _eval_rows, merge, piece_bounds
 from .solve import b_and, i_add, i_max, i_min, i_sub, solve
@@ -425,14 +427,15 @@ def _closed_form(pattern, heads, kv_heads, given):
     """(expr, condition, min N, asymptotic, params) or None; verified against exact counts."""
     values = pattern._values()
     ints = {k: v for k, v in values.items() if type(v) is int}
-    if "N" in ints or pattern.ir.mask.uses(Op.INDEX, *SELECTOR_OPS):
+    kvh = heads if kv_heads is None else kv_heads
+    mask = _allowed_upper(pattern, values, heads, kvh, given)
+    if mask is None or "N" in ints or mask.uses(Op.INDEX, *SELECTOR_OPS):
         return None
     rest = {k: v for k, v in values.items() if k not in ints}
-    kvh = heads if kv_heads is None else kv_heads
     groups: dict = {}
-    for h in range(heads if pattern.ir.mask.uses(Op.H) else 1):
-        e = fold(pattern.ir.mask, {"h": h, "heads": heads, "kv_heads": kvh}, rest)
-        groups[e] = groups.get(e, 0) + (1 if pattern.ir.mask.uses(Op.H) else heads)
+    for h in range(heads if mask.uses(Op.H) else 1):
+        e = fold(mask, {"h": h, "heads": heads, "kv_heads": kvh}, rest)
+        groups[e] = groups.get(e, 0) + (1 if mask.uses(Op.H) else heads)
     if len(groups) > MAX_GROUPS:
         return None
     summer = _Summer(ints)
@@ -461,6 +464,16 @@ def _closed_form(pattern, heads, kv_heads, given):
             return None
     return (_readable(total, summer.N), text, n0, _asymptotic(total, summer.N, summer.syms.values()),
             tuple(sorted(ints.items())))
+
+
+def _allowed_upper(pattern, values, heads, kv_heads, given):
+    """The mask of the allowed pairs (see allowed.py), or None when only bounds are known."""
+    if pattern.ir.score is None:
+        return pattern.ir.mask
+    tensors = tensor_inputs(pattern.ir, given, None)[0]
+    sizes = {"heads": heads, "kv_heads": kv_heads}
+    lower, upper = (fold(e, sizes, {}) for e in allowed_bounds(pattern.ir, values, tensors))
+    return upper if lower == upper else None
 
 
 def _estimate(pattern, n, heads, kv_heads, given):

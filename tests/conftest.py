@@ -1,0 +1,111 @@
+"""Shared helpers for the language tests (parser, checker, diagnostics, interpreter, runtime).
+
+Everything here uses only the public API of LANGUAGE.md section 6 plus ``pattern.ir`` and the
+error classes, so that the tests state the contract, not the implementation.
+"""
+
+from __future__ import annotations
+
+import pathlib
+
+import numpy as np
+import pytest
+
+import attndsl
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+EXAMPLES = ROOT / "examples"
+PRELUDE = ROOT / "grammar" / "prelude.attn"
+
+
+def example_files() -> list[pathlib.Path]:
+    """The examples/*.attn files (written concurrently: may be empty)."""
+    return sorted(EXAMPLES.glob("*.attn")) if EXAMPLES.is_dir() else []
+
+
+def pattern(src: str, name: str | None = None, filename: str = "<test>") -> attndsl.Pattern:
+    """Compile ``src`` and return the pattern ``name`` (the only/first one by default)."""
+    prog = attndsl.compile(src, filename=filename)
+    if name is None:
+        name = prog.patterns[0]
+    return prog[name]
+
+
+def mask_pattern(expr: str, params: str = "", lets: tuple[str, ...] = ()) -> attndsl.Pattern:
+    """A pattern whose mask is ``expr`` (a bool expression)."""
+    head = f"pattern t({params}):" if params else "pattern t:"
+    body = "".join(f"    let {x}\n" for x in lets)
+    return pattern(f"{head}\n{body}    mask = {expr}\n")
+
+
+def eval_bool(expr: str, params: str = "", q_len: int = 1, kv_len: int = 1, **tensors) -> np.ndarray:
+    """The value of a bool expression at every (h=0, i, j): dense_mask of ``mask = expr``."""
+    return mask_pattern(expr, params).dense_mask(q_len, kv_len, **tensors)[0]
+
+
+def constant_true(expr: str, params: str = "") -> bool:
+    """The value of a position-independent bool expression (a 1x1 dense mask)."""
+    return bool(eval_bool(expr, params)[0, 0])
+
+
+def errors_of(src: str, filename: str = "<test>") -> attndsl.AttnError:
+    """The AttnError that compiling ``src`` raises (fails the test when it compiles)."""
+    with pytest.raises(attndsl.AttnError) as info:
+        attndsl.compile(src, filename=filename)
+    return info.value
+
+
+def grid(q_len: int, kv_len: int, heads: int = 1):
+    """h [H,1,1], q [1,Lq,1] (bottom-right aligned absolute positions), k [1,1,Lkv]."""
+    h = np.arange(heads)[:, None, None]
+    q = (np.arange(q_len) + kv_len - q_len)[None, :, None]
+    k = np.arange(kv_len)[None, None, :]
+    return h, q, k
+
+
+def naive_attention(q, k, v, allowed, s):
+    """Hand-written float64 attention of LANGUAGE.md section 1 with explicit loops over rows.
+
+    q [B,H,Lq,D], k/v [B,KVH,Lkv,D]; ``allowed`` bool and ``s`` float, both [B,H,Lq,Lkv]
+    (already the final scores, i.e. after the score clause). Returns (out, lse).
+    """
+    q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
+    batch, heads, q_len, _ = q.shape
+    kv_heads = k.shape[1]
+    group = heads // kv_heads
+    out = np.zeros((batch, heads, q_len, v.shape[-1]))
+    lse = np.full((batch, heads, q_len), -np.inf)
+    for b in range(batch):
+        for h in range(heads):
+            kh = h // group
+            for i in range(q_len):
+                ok = allowed[b, h, i] & (s[b, h, i] != -np.inf)
+                if not ok.any():
+                    continue
+                row = s[b, h, i][ok]
+                m = row.max()
+                w = np.exp(row - m)
+                out[b, h, i] = (w[:, None] * v[b, kh][ok]).sum(0) / w.sum()
+                lse[b, h, i] = m + np.log(w.sum())
+    return out, lse
+
+
+def raw_scores(q, k, scale=None):
+    """score0 [B,H,Lq,Lkv] = scale * Q K^T with key/value head h // (heads // kv_heads)."""
+    q, k = np.asarray(q, np.float64), np.asarray(k, np.float64)
+    heads, kv_heads = q.shape[1], k.shape[1]
+    kvh = np.arange(heads) // (heads // kv_heads)
+    scale = 1.0 / np.sqrt(q.shape[-1]) if scale is None else scale
+    return scale * np.einsum("bhid,bhjd->bhij", q, k[:, kvh])
+
+
+def qkv(rng, batch, heads, kv_heads, q_len, kv_len, d=8, dv=None):
+    dv = d if dv is None else dv
+    return (rng.standard_normal((batch, heads, q_len, d)),
+            rng.standard_normal((batch, kv_heads, kv_len, d)),
+            rng.standard_normal((batch, kv_heads, kv_len, dv)))
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(1234)
