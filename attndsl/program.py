@@ -17,7 +17,7 @@ import numpy as np
 from . import reference as ref
 from .checker import PRELUDE_FILENAME, Checker
 from .constants import check_constants
-from .errors import AttnCallError, AttnError, AttnSyntaxError, ErrorSink, Span
+from .errors import AttnCallError, AttnSyntaxError, ErrorSink, Span
 from .inputs import check_lengths, tensor_inputs, to_numpy
 from .ir import DATA_SELECTOR_OPS, PatternIR, Type
 from .parser import parse
@@ -249,8 +249,11 @@ class Pattern:
                    tensors=tensor_inputs_)
 
     def triton_source(self) -> str:
-        raise AttnError(f"pattern '{self.name}': the Triton backend is not available in this "
-                        "version of attndsl (use backend='torch')")
+        """The generated Triton module of this pattern: its mask and score hooks, which the
+        kernel skeleton (attndsl/codegen/skeleton.py) calls on each tile."""
+        from .codegen.kernel import module_source
+
+        return module_source(self)
 
     # ------------------------------------------------------------------ display
     def __str__(self) -> str:

@@ -115,3 +115,15 @@ def reference_attention(grids: list[CallGrid], q: np.ndarray, k: np.ndarray, v: 
                 lse[b, h, rows] = np.where(row_has, np.log(np.where(row_has, total, 1.0))
                                            + safe_top[..., 0], -np.inf)[0]
     return out, lse
+
+
+def check_indices(grids: list[CallGrid]) -> None:
+    """Raise the interpreter's AttnCallError if a tensor index of the mask or the score clause is
+    out of range anywhere it is evaluated; computes nothing else (O(pairs) on the CPU)."""
+    for grid in grids:
+        heads = np.arange(grid.heads)
+        cols = np.arange(grid.kv_len)
+        for rows in row_chunks(grid.q_len, grid.kv_len, grid.heads):
+            grid.mask(heads, rows, cols)
+            if grid.ir.score is not None:
+                grid.score(heads, rows, cols, np.zeros((grid.heads, len(rows), grid.kv_len)))

@@ -109,19 +109,31 @@ def run(pattern, q, k, v, return_lse=False, scale=None, backend=None, tensors=No
         if isinstance(t, torch.Tensor) and t.device != q.device:
             raise AttnCallError(f"tensor input '{name}' is on {t.device}, but 'q' is on {q.device}")
     if backend is None:
-        backend = "torch"
+        backend = "triton" if q.is_cuda and not pattern.uses_selectors() else "torch"
     if backend not in BACKENDS:
         raise AttnCallError(f"argument 'backend' must be one of {', '.join(map(repr, BACKENDS))}, "
                             f"got {backend!r}")
-    if backend != "torch":
-        raise AttnCallError(f"backend {backend!r} is not available in this version of attndsl; "
-                            "use backend='torch'")
+    if backend == "triton" and not q.is_cuda:
+        raise AttnCallError("backend 'triton' runs on CUDA tensors; on the CPU use "
+                            "backend='triton-interpret' (Triton's interpreter) or 'torch'")
+    if backend == "triton-interpret" and q.is_cuda:
+        raise AttnCallError("backend 'triton-interpret' runs on CPU tensors")
     scale = _scale(scale, q.shape[-1])
     need_qk = pattern.uses_selectors()
     qn = q.detach().float().cpu().numpy().astype(np.float64) if need_qk else None
     kn = k.detach().float().cpu().numpy().astype(np.float64) if need_qk else None
     grids = pattern.grids(shapes, qn, kn, scale, tensors or {})
-    out, lse = blockwise_attention(grids, q, k, v, scale)
+    if backend == "torch":
+        out, lse = blockwise_attention(grids, q, k, v, scale)
+    else:
+        from .codegen.kernel import forward
+        from .reference import check_indices
+
+        if pattern.ir.mask.uses(Op.INDEX) or (pattern.ir.score is not None
+                                               and pattern.ir.score.uses(Op.INDEX)):
+            check_indices(grids)            # before any kernel runs (section 3)
+        out, lse = forward(pattern, q, k, v, scale, tensors or {},
+                           interpret=backend == "triton-interpret")
     return (out, lse) if return_lse else out
 
 

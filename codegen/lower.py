@@ -1,0 +1,217 @@
+"""Lowering: a checked mask or score expression -> the source of a small ``@triton.jit`` hook.
+
+Input: an IR expression (from attndsl.ir), the pattern's parameter values and the slot of each
+tensor input. Output: Python source of one hook function with the fixed signature
+:data:`HOOK_ARGS`, called by the kernel skeleton (codegen/skeleton.py) on a tile:
+``q`` ``[BLOCK_M, 1]`` and ``k`` ``[1, BLOCK_N]`` are absolute positions (int64), ``h`` the
+query head, ``s`` the scaled scores (float32, score hooks only), ``tI`` / ``tI_nD`` / ``tI_sD``
+the pointer, sizes and strides of tensor slot I.
+
+One rule per op in :data:`TRITON_RULES`. The source comes from the IR only: parameter values
+become literals, tensors become slots, and no user identifier is ever written out.
+Sub-expressions shared in the IR are computed once (one local per node).
+"""
+
+from __future__ import annotations
+
+import math
+
+from attndsl.ir import Expr, Op, Type
+
+MAX_TENSORS = 4
+MAX_RANK = 3
+TENSOR_ARGS = tuple(
+    f"t{i}{suffix}" for i in range(MAX_TENSORS)
+    for suffix in ("",) + tuple(f"_n{d}" for d in range(MAX_RANK)) + tuple(f"_s{d}" for d in range(MAX_RANK)))
+HOOK_ARGS = ("s", "q", "k", "h", "q_len", "kv_len", "heads", "kv_heads") + TENSOR_ARGS
+
+
+class LoweringError(Exception):
+    """An expression this backend cannot lower (reported to the user as an AttnError)."""
+
+
+def _literal(value, kind: Type) -> str:
+    if kind is Type.BOOL:
+        return f"tl.full((1, 1), {1 if value else 0}, tl.int1)"
+    if kind is Type.INT:
+        return f"({int(value)})"
+    v = float(value)
+    if math.isnan(v):
+        return 'float("nan")'
+    if math.isinf(v):
+        return 'float("inf")' if v > 0 else '(-float("inf"))'
+    return f"({v!r})"
+
+
+def _binary(sym):
+    return lambda ctx, node, a: f"({a[0]} {sym} {a[1]})"
+
+
+def _call(fn):
+    return lambda ctx, node, a: f"{fn}({', '.join(a)})"
+
+
+def _fold(fn):
+    def rule(ctx, node, a):
+        out = a[0]
+        for x in a[1:]:
+            out = f"{fn}({out}, {x})"
+        return out
+    return rule
+
+
+def _const(ctx, node, a):
+    return _literal(node.value, node.type)
+
+
+def _param(ctx, node, a):
+    return _literal(ctx.values[node.value], node.type)
+
+
+def _leaf(name):
+    return lambda ctx, node, a: name
+
+
+def _not(ctx, node, a):
+    return f"({a[0]} == 0)"
+
+
+def _if(ctx, node, a):
+    return f"tl.where({a[0]}, {a[1]}, {a[2]})"
+
+
+def _float(ctx, node, a):
+    return f"({a[0]}).to(tl.float32)"
+
+
+def _index(ctx, node, a):
+    slot = ctx.slots[node.value]
+    terms = [f"tl.minimum(tl.maximum({x}, 0), t{slot}_n{d} - 1) * t{slot}_s{d}"
+             for d, x in enumerate(a)]
+    return f"tl.load(t{slot} + {' + '.join(terms)})"
+
+
+def _unsupported(ctx, node, a):
+    raise LoweringError(f"{node.op.value} must be replaced by a table before lowering")
+
+
+TRITON_RULES = {
+    Op.CONST: _const,
+    Op.PARAM: _param,
+    Op.Q: _leaf("q"),
+    Op.K: _leaf("k"),
+    Op.H: _leaf("h"),
+    Op.Q_LEN: _leaf("q_len"),
+    Op.KV_LEN: _leaf("kv_len"),
+    Op.HEADS: _leaf("heads"),
+    Op.KV_HEADS: _leaf("kv_heads"),
+    Op.SCORE: _leaf("s"),
+    Op.NEG: lambda ctx, node, a: f"(-{a[0]})",
+    Op.ADD: _binary("+"),
+    Op.SUB: _binary("-"),
+    Op.MUL: _binary("*"),
+    Op.DIV: _binary("/"),
+    Op.FLOORDIV: _call("floordiv"),
+    Op.MOD: _call("floormod"),
+    Op.POW: _call("powf"),
+    Op.LT: _binary("<"),
+    Op.LE: _binary("<="),
+    Op.GT: _binary(">"),
+    Op.GE: _binary(">="),
+    Op.EQ: _binary("=="),
+    Op.NE: _binary("!="),
+    Op.NOT: _not,
+    Op.AND: _binary("&"),
+    Op.OR: _binary("|"),
+    Op.IF: _if,
+    Op.ABS: _call("tl.abs"),
+    Op.MIN: _fold("tl.minimum"),
+    Op.MAX: _fold("tl.maximum"),
+    Op.FLOAT: _float,
+    Op.EXP: _call("tl.exp"),
+    Op.LOG: _call("tl.log"),
+    Op.SQRT: _call("tl.sqrt"),
+    Op.TANH: _call("tanh"),
+    Op.SIGMOID: _call("tl.sigmoid"),
+    Op.INDEX: _index,
+    Op.TOPK_BLOCKS: _unsupported,
+    Op.TOPP_BLOCKS: _unsupported,
+    Op.ROUTE: _unsupported,
+    Op.RANDOM_BLOCKS: _unsupported,
+}
+
+
+class _Context:
+    def __init__(self, values: dict, slots: dict):
+        self.values = values
+        self.slots = slots
+        self.lines: list[str] = []
+        self.names: dict[int, str] = {}
+        self.keep: list[Expr] = []          # keeps nodes alive so their ids stay unique
+
+
+def _emit(ctx: _Context, root: Expr) -> str:
+    """Locals for every inner node (children first, iteratively); the root's local name."""
+    stack = [(root, False)]
+    while stack:
+        node, ready = stack.pop()
+        if id(node) in ctx.names:
+            continue
+        if not ready:
+            stack.append((node, True))
+            stack.extend((c, False) for c in reversed(node.args) if id(c) not in ctx.names)
+            continue
+        text = TRITON_RULES[node.op](ctx, node, [ctx.names[id(c)] for c in node.args])
+        if node.args:
+            name = f"v{len(ctx.lines)}"
+            ctx.lines.append(f"    {name} = {text}")
+            text = name
+        ctx.names[id(node)] = text
+        ctx.keep.append(node)
+    return ctx.names[id(root)]
+
+
+def hook_source(name: str, expr: Expr, values: dict, slots: dict) -> str:
+    """``@triton.jit def NAME(HOOK_ARGS): ...`` computing expr (values: parameters)."""
+    if len(slots) > MAX_TENSORS:
+        raise LoweringError(f"the Triton backend takes at most {MAX_TENSORS} tensor inputs")
+    ctx = _Context(values, slots)
+    result = _emit(ctx, expr)
+    if expr.type is Type.FLOAT and expr.op is Op.CONST:
+        result = f"tl.zeros_like(s) + {result}"
+    elif expr.type is Type.BOOL and not expr.args:
+        result = f"(q == q) & (k == k) & {result}"         # a whole tile of it
+    args = ",\n        ".join(", ".join(HOOK_ARGS[i:i + 8]) for i in range(0, len(HOOK_ARGS), 8))
+    body = "\n".join(ctx.lines + [f"    return {result}"])
+    return f"@triton.jit\ndef {name}(\n        {args}):\n{body}\n"
+
+
+def replace_random_blocks(expr: Expr, name_of) -> tuple[Expr, list]:
+    """expr with each ``random_blocks(r, b, seed)`` read from a derived table tensor:
+    ``T[q // b - (kv_len - q_len) // b, k // b] == 1``. Returns (expr, [(node, name)])."""
+    found: list = []
+    memo: dict[int, Expr] = {}
+
+    def div(a: Expr, b: Expr) -> Expr:
+        return Expr(Op.FLOORDIV, Type.INT, (a, b))
+
+    def go(e: Expr) -> Expr:
+        if id(e) in memo:
+            return memo[id(e)]
+        if e.op is Op.RANDOM_BLOCKS:
+            name = name_of(e)
+            found.append((e, name))
+            b = e.args[1]
+            first = div(Expr(Op.SUB, Type.INT, (Expr(Op.KV_LEN, Type.INT), Expr(Op.Q_LEN, Type.INT))), b)
+            row = Expr(Op.SUB, Type.INT, (div(Expr(Op.Q, Type.INT), b), first))
+            col = div(Expr(Op.K, Type.INT), b)
+            cell = Expr(Op.INDEX, Type.INT, (row, col), name)
+            out = Expr(Op.EQ, Type.BOOL, (cell, Expr(Op.CONST, Type.INT, (), 1)))
+        elif e.args:
+            out = Expr(e.op, e.type, tuple(go(a) for a in e.args), e.value, e.span)
+        else:
+            out = e
+        memo[id(e)] = out
+        return out
+
+    return go(expr), found

@@ -1,0 +1,128 @@
+"""The forward kernel skeleton: online-softmax attention over listed key tiles.
+
+One program per (query tile, batch x head). It walks the *full* key tiles of its query tile
+(no mask hook: only the ragged end of ``kv_len`` is masked) and then the *partial* ones (the
+generated ``MASK_FN`` hook decides each pair), with fp32 accumulators and exp2. The score hook
+``SCORE_FN`` (if ``HAS_SCORE``) rewrites the scaled scores before the softmax; a pair whose
+score is -inf is dropped like a masked one. Rows without any allowed key end with output 0 and
+lse -inf. The tile lists come from the analysis (attndsl.analysis.descriptors.TileLists).
+
+Hooks are passed as ``tl.constexpr`` functions, so one skeleton serves every pattern; the
+generated module only holds the hooks (codegen/lower.py).
+"""
+
+import triton
+import triton.language as tl
+
+LOG2E = tl.constexpr(1.4426950408889634)
+LN2 = tl.constexpr(0.6931471805599453)
+
+
+@triton.jit
+def _tile(acc, m_i, l_i, q, k_base, v_base, offs_m, offs_n, start_n, h, pos_q,
+          stride_kn, stride_kd, stride_vn, stride_vd, offs_d, offs_dv, kv_len, q_len, heads,
+          kv_heads, scale,
+          t0, t0_n0, t0_n1, t0_n2, t0_s0, t0_s1, t0_s2,
+          t1, t1_n0, t1_n1, t1_n2, t1_s0, t1_s1, t1_s2,
+          t2, t2_n0, t2_n1, t2_n2, t2_s0, t2_s1, t2_s2,
+          t3, t3_n0, t3_n1, t3_n2, t3_s0, t3_s1, t3_s2,
+          MASK_FN: tl.constexpr, SCORE_FN: tl.constexpr, USE_MASK: tl.constexpr,
+          HAS_SCORE: tl.constexpr, D: tl.constexpr, DV: tl.constexpr):
+    cols = start_n + offs_n
+    in_kv = cols < kv_len
+    kt = tl.load(k_base + cols[None, :] * stride_kn + offs_d[:, None] * stride_kd,
+                 mask=in_kv[None, :] & (offs_d[:, None] < D), other=0.0)
+    s = tl.dot(q, kt.to(q.dtype), input_precision="ieee") * scale
+    pos_k = cols[None, :].to(tl.int64)
+    allowed = in_kv[None, :] & (pos_q[:, None] == pos_q[:, None])
+    if USE_MASK:
+        allowed = allowed & MASK_FN(s, pos_q[:, None], pos_k, h, q_len, kv_len, heads, kv_heads,
+                                    t0, t0_n0, t0_n1, t0_n2, t0_s0, t0_s1, t0_s2,
+                                    t1, t1_n0, t1_n1, t1_n2, t1_s0, t1_s1, t1_s2,
+                                    t2, t2_n0, t2_n1, t2_n2, t2_s0, t2_s1, t2_s2,
+                                    t3, t3_n0, t3_n1, t3_n2, t3_s0, t3_s1, t3_s2)
+    if HAS_SCORE:
+        s = SCORE_FN(s, pos_q[:, None], pos_k, h, q_len, kv_len, heads, kv_heads,
+                     t0, t0_n0, t0_n1, t0_n2, t0_s0, t0_s1, t0_s2,
+                     t1, t1_n0, t1_n1, t1_n2, t1_s0, t1_s1, t1_s2,
+                     t2, t2_n0, t2_n1, t2_n2, t2_s0, t2_s1, t2_s2,
+                     t3, t3_n0, t3_n1, t3_n2, t3_s0, t3_s1, t3_s2).to(tl.float32)
+    allowed = allowed & (s != -float("inf"))
+    s2 = tl.where(allowed, s * LOG2E, -float("inf"))
+    m_new = tl.maximum(m_i, tl.max(s2, 1))
+    m_safe = tl.where(m_new == -float("inf"), 0.0, m_new)
+    alpha = tl.exp2(m_i - m_safe)
+    p = tl.where(allowed, tl.exp2(s2 - m_safe[:, None]), 0.0)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    vt = tl.load(v_base + cols[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
+                 mask=in_kv[:, None] & (offs_dv[None, :] < DV), other=0.0)
+    acc = acc * alpha[:, None] + tl.dot(p.to(tl.float32), vt.to(tl.float32),
+                                        input_precision="ieee")
+    return acc, m_new, l_i
+
+
+@triton.jit
+def attn_fwd(Q, K, V, O, LSE,  # noqa: E741 - the usual names of attention operands
+             sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sob, soh, som, sod,
+             slb, slh,
+             q_len, kv_len, heads, kv_heads, scale,
+             FULL_NUM, FULL_IDX, PART_NUM, PART_IDX, s_nh, s_nm, s_ih, s_im,
+             t0, t0_n0, t0_n1, t0_n2, t0_s0, t0_s1, t0_s2, t0_sb,
+             t1, t1_n0, t1_n1, t1_n2, t1_s0, t1_s1, t1_s2, t1_sb,
+             t2, t2_n0, t2_n1, t2_n2, t2_s0, t2_s1, t2_s2, t2_sb,
+             t3, t3_n0, t3_n1, t3_n2, t3_s0, t3_s1, t3_s2, t3_sb,
+             MASK_FN: tl.constexpr, SCORE_FN: tl.constexpr, HAS_SCORE: tl.constexpr,
+             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+             D: tl.constexpr, DV: tl.constexpr, D_PAD: tl.constexpr, DV_PAD: tl.constexpr):
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // heads
+    h = bh % heads
+    kvh = h // (heads // kv_heads)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, D_PAD)
+    offs_dv = tl.arange(0, DV_PAD)
+    in_q = offs_m < q_len
+    pos_q = (offs_m + (kv_len - q_len)).to(tl.int64)
+    q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqm + offs_d[None, :] * sqd,
+                mask=in_q[:, None] & (offs_d[None, :] < D), other=0.0).to(tl.float32)
+    k_base = K + b * skb + kvh * skh
+    v_base = V + b * svb + kvh * svh
+    # tensor inputs of this batch element (their batch stride is 0 when they have none)
+    t0 = t0 + b * t0_sb
+    t1 = t1 + b * t1_sb
+    t2 = t2 + b * t2_sb
+    t3 = t3 + b * t3_sb
+    m_i = tl.zeros([BLOCK_M], dtype=tl.float32) - float("inf")
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, DV_PAD], dtype=tl.float32)
+    h64 = h.to(tl.int64)
+    n_full = tl.load(FULL_NUM + h * s_nh + pid_m * s_nm)
+    for i in range(0, n_full):
+        j = tl.load(FULL_IDX + h * s_ih + pid_m * s_im + i)
+        acc, m_i, l_i = _tile(acc, m_i, l_i, q, k_base, v_base, offs_m, offs_n, j * BLOCK_N, h64,
+                              pos_q, skn, skd, svn, svd, offs_d, offs_dv, kv_len, q_len, heads,
+                              kv_heads, scale,
+                              t0, t0_n0, t0_n1, t0_n2, t0_s0, t0_s1, t0_s2,
+                              t1, t1_n0, t1_n1, t1_n2, t1_s0, t1_s1, t1_s2,
+                              t2, t2_n0, t2_n1, t2_n2, t2_s0, t2_s1, t2_s2,
+                              t3, t3_n0, t3_n1, t3_n2, t3_s0, t3_s1, t3_s2,
+                              MASK_FN, SCORE_FN, False, HAS_SCORE, D, DV)
+    n_part = tl.load(PART_NUM + h * s_nh + pid_m * s_nm)
+    for i in range(0, n_part):
+        j = tl.load(PART_IDX + h * s_ih + pid_m * s_im + i)
+        acc, m_i, l_i = _tile(acc, m_i, l_i, q, k_base, v_base, offs_m, offs_n, j * BLOCK_N, h64,
+                              pos_q, skn, skd, svn, svd, offs_d, offs_dv, kv_len, q_len, heads,
+                              kv_heads, scale,
+                              t0, t0_n0, t0_n1, t0_n2, t0_s0, t0_s1, t0_s2,
+                              t1, t1_n0, t1_n1, t1_n2, t1_s0, t1_s1, t1_s2,
+                              t2, t2_n0, t2_n1, t2_n2, t2_s0, t2_s1, t2_s2,
+                              t3, t3_n0, t3_n1, t3_n2, t3_s0, t3_s1, t3_s2,
+                              MASK_FN, SCORE_FN, True, HAS_SCORE, D, DV)
+    has = l_i > 0.0
+    out = tl.where(has[:, None], acc / tl.where(has, l_i, 1.0)[:, None], 0.0)
+    tl.store(O + b * sob + h * soh + offs_m[:, None] * som + offs_dv[None, :] * sod,
+             out.to(O.dtype.element_ty), mask=in_q[:, None] & (offs_dv[None, :] < DV))
+    lse = tl.where(has, (m_i + tl.log2(tl.where(has, l_i, 1.0))) * LN2, -float("inf"))
+    tl.store(LSE + b * slb + h * slh + offs_m, lse, mask=in_q)
