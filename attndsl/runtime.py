@@ -109,7 +109,7 @@ def run(pattern, q, k, v, return_lse=False, scale=None, backend=None, tensors=No
         if isinstance(t, torch.Tensor) and t.device != q.device:
             raise AttnCallError(f"tensor input '{name}' is on {t.device}, but 'q' is on {q.device}")
     if backend is None:
-        backend = "triton" if q.is_cuda and not pattern.uses_selectors() else "torch"
+        backend = "triton" if q.is_cuda else "torch"
     if backend not in BACKENDS:
         raise AttnCallError(f"argument 'backend' must be one of {', '.join(map(repr, BACKENDS))}, "
                             f"got {backend!r}")
@@ -133,7 +133,7 @@ def run(pattern, q, k, v, return_lse=False, scale=None, backend=None, tensors=No
                                                and pattern.ir.score.uses(Op.INDEX)):
             check_indices(grids)            # before any kernel runs (section 3)
         out, lse = forward(pattern, q, k, v, scale, tensors or {},
-                           interpret=backend == "triton-interpret")
+                           interpret=backend == "triton-interpret", grids=grids)
     return (out, lse) if return_lse else out
 
 

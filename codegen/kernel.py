@@ -4,52 +4,36 @@ Input: a bound Pattern and a call (torch q, k, v, tensor inputs, scale). Output:
 section 6 defines them. The tile lists come from the analysis (``Pattern.describe``) for the
 call's sizes; the hooks from :mod:`codegen.lower`; the module from the cache
 (:mod:`codegen.cache`). ``interpret=True`` runs the same source under Triton's CPU
-interpreter. This first version uses table-driven tiles for every static pattern; patterns
-with data-dependent selectors are not lowered yet.
+interpreter. This first version uses table-driven tiles for every pattern; the selectors are
+read from per-call tables (codegen/tables.py).
 """
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from attndsl.analysis.descriptors import tile_lists
 from attndsl.errors import AttnCallError
-from attndsl.interp import evaluate_scalar
-from attndsl.ir import Type
+from attndsl.ir import Op, Type
+from attndsl.program import Pattern
 
 from . import cache
-from .lower import MAX_RANK, MAX_TENSORS, LoweringError, hook_source, replace_random_blocks
+from .lower import MAX_RANK, MAX_TENSORS, LoweringError, hook_source
+from .tables import relaxed_mask, table_values, with_tables
 
 BLOCK_M = 32
 BLOCK_N = 32
 _HELPERS = (Path(__file__).parent / "tlhelpers.py").read_text(encoding="utf-8")
 
 
-def lowered(pattern):
-    """(mask, score, tensor slots, random tables): the IR with random_blocks read from tables."""
-    ir = pattern.ir
-    slots = {p.name: i for i, p in enumerate(p for p in ir.params if p.is_tensor)}
-    tables: dict = {}
-
-    def name_of(node):
-        args = tuple(int(evaluate_scalar(a, pattern._values())) for a in node.args)
-        name = f"#random{args}"
-        if name not in slots:
-            slots[name] = len(slots)
-            tables[name] = args
-        return name
-
-    mask, _ = replace_random_blocks(ir.mask, name_of)
-    score = replace_random_blocks(ir.score, name_of)[0] if ir.score is not None else None
-    return mask, score, slots, tables
-
-
 def module_source(pattern) -> str:
     """The generated module of a bound pattern: the language helpers and its two hooks."""
     values = pattern._values()
-    mask_ir, score_ir, slots, _tables = lowered(pattern)
+    mask_ir, score_ir, slots, _derived = with_tables(pattern)
     try:
         mask = hook_source("mask_hook", mask_ir, values, slots)
         score = hook_source("score_hook", score_ir, values, slots) if score_ir is not None else ""
@@ -63,30 +47,20 @@ def _pad(d: int) -> int:
     return max(16, 1 << max(0, (d - 1).bit_length()))
 
 
-def _tensor_args(pattern, given: dict, device, q_len: int, kv_len: int) -> list:
+def _tensor_args(pattern, given: dict, derived_values: dict, device) -> list:
     """Pointer, sizes, strides and batch stride of every tensor slot (user inputs, then the
-    random-block tables of this call's sizes)."""
-    from attndsl.selectors import random_block_table
-
-    _mask, _score, slots, tables = lowered(pattern)
+    derived selector tables)."""
+    _mask, _score, slots, derived = with_tables(pattern)
     if len(slots) > MAX_TENSORS:
         raise AttnCallError(f"the Triton backend takes at most {MAX_TENSORS} tensor inputs "
-                            "(random_blocks tables included)")
+                            "(selector tables included)")
     declared = {p.name: p for p in pattern.ir.params if p.is_tensor}
-    values = dict(given)
-    for name, (r, b, seed) in tables.items():
-        first, last = (kv_len - q_len) // b, (kv_len - 1) // b
-        values[name] = random_block_table(r, b, seed, first, last, kv_len).astype(np.int64)
-    by_slot = sorted(slots, key=slots.get)
+    values = {**given, **derived_values}
     args = []
     dummy = torch.zeros(1, dtype=torch.int64, device=device)
-    for i in range(MAX_TENSORS):
-        if i >= len(by_slot):
-            args += [dummy] + [1] * MAX_RANK + [0] * MAX_RANK + [0]
-            continue
-        name = by_slot[i]
+    for name in sorted(slots, key=slots.get):
         p = declared.get(name)
-        rank = p.type.rank if p is not None else 2
+        rank = p.type.rank if p is not None else derived[name].rank
         is_int = p is None or p.type.elem is Type.INT
         t = torch.as_tensor(values[name], device=device)
         t = t.to(torch.int64 if is_int else torch.float32)
@@ -95,27 +69,46 @@ def _tensor_args(pattern, given: dict, device, q_len: int, kv_len: int) -> list:
         strides = list(t.stride()[1:] if batched else t.stride()) + [0] * (MAX_RANK - rank)
         batch_stride = t.stride(0) if batched and t.shape[0] > 1 else 0
         args += [t] + sizes + strides + [batch_stride]
+    for _ in range(len(slots), MAX_TENSORS):
+        args += [dummy] + [1] * MAX_RANK + [0] * MAX_RANK + [0]
     return args
 
 
-def forward(pattern, q, k, v, scale: float, given: dict, interpret: bool):
-    """(out [B, H, Lq, Dv] in q's dtype, lse [B, H, Lq] float32)."""
-    if pattern.uses_selectors():
-        raise AttnCallError(f"pattern '{pattern.name}': patterns with topk_blocks, topp_blocks or "
-                            "route are not lowered to Triton yet; use backend='torch'")
-    batch, heads, q_len, d = q.shape
-    kv_heads, kv_len, dv = k.shape[1], k.shape[2], v.shape[-1]
+def _tile_lists(pattern, q_len, kv_len, heads, kv_heads, given):
+    """TileLists for the call; for data-dependent selectors, every tile the selectors could
+    open is listed as partial (the hooks then read the selection)."""
     numpy_tensors = {n: (t.detach().cpu().numpy() if isinstance(t, torch.Tensor) else np.asarray(t))
                      for n, t in given.items()}
-    if batch > 1 and any(np.ndim(t) == p.type.rank + 1 and np.shape(t)[0] > 1
-                         for p in pattern.ir.params if p.is_tensor
-                         for t in [numpy_tensors[p.name]]):
-        raise AttnCallError("per-batch tensor inputs are not supported by the Triton backend yet")
-    desc = pattern.describe(q_len, kv_len, heads, (BLOCK_M, BLOCK_N), kv_heads,
-                            **{n: (t[0] if np.ndim(t) == p.type.rank + 1 else t)
-                               for p in pattern.ir.params if p.is_tensor
-                               for n, t in [(p.name, numpy_tensors[p.name])]})
-    tiles = desc.tiles
+    shared = {p.name: (numpy_tensors[p.name][0] if np.ndim(numpy_tensors[p.name]) == p.type.rank + 1
+                       else numpy_tensors[p.name])
+              for p in pattern.ir.params if p.is_tensor}
+    if not pattern.uses_selectors():
+        return pattern.describe(q_len, kv_len, heads, (BLOCK_M, BLOCK_N), kv_heads, **shared).tiles
+    relaxed = relaxed_mask(pattern.ir.mask)
+    n_qt, n_kt = -(-q_len // BLOCK_M), -(-kv_len // BLOCK_N)
+    if relaxed is None or relaxed.uses(Op.ROUTE, Op.TOPK_BLOCKS, Op.TOPP_BLOCKS):
+        bm = np.ones((heads, n_qt, n_kt), dtype=np.int8)
+    else:
+        static = Pattern(replace(pattern.ir, mask=relaxed), pattern.source, pattern.values)
+        static_tensors = {n: t for n, t in shared.items()
+                          if any(x.op is Op.INDEX and x.value == n for x in relaxed.walk())}
+        bm = np.minimum(static.block_map(q_len, kv_len, heads, (BLOCK_M, BLOCK_N), kv_heads,
+                                         **_all_inputs(static, static_tensors)), 1)
+    return tile_lists(bm.astype(np.int8), (BLOCK_M, BLOCK_N))
+
+
+def _all_inputs(pattern, tensors: dict) -> dict:
+    """Tensor inputs for every declared tensor of a pattern (unused ones get a placeholder)."""
+    return {p.name: tensors.get(p.name, np.zeros((1,) * p.type.rank)) for p in pattern.ir.params
+            if p.is_tensor}
+
+
+def forward(pattern, q, k, v, scale: float, given: dict, interpret: bool, grids=None):
+    """(out [B, H, Lq, Dv] in q's dtype, lse [B, H, Lq] float32); ``grids``: the call's
+    CallGrids (their selector tables are read when the pattern has selectors)."""
+    batch, heads, q_len, d = q.shape
+    kv_heads, kv_len, dv = k.shape[1], k.shape[2], v.shape[-1]
+    tiles = _tile_lists(pattern, q_len, kv_len, heads, kv_heads, given)
     dev = q.device
     width = max(tiles.full_idx.shape[-1], tiles.partial_idx.shape[-1])
     pad = [(0, 0), (0, 0)]
@@ -127,6 +120,8 @@ def forward(pattern, q, k, v, scale: float, given: dict, interpret: bool):
         torch.as_tensor(np.ascontiguousarray(a), device=dev)
         for a in (tiles.full_num, padded(tiles.full_idx), tiles.partial_num,
                   padded(tiles.partial_idx)))
+    derived = with_tables(pattern)[3]
+    derived_values = table_values(derived, grids or [], q_len, kv_len) if derived else {}
     module = cache.load_module(module_source(pattern), interpret)
     skeleton = cache.skeleton(interpret)
     out = torch.empty((batch, heads, q_len, dv), dtype=q.dtype, device=dev)
@@ -141,7 +136,7 @@ def forward(pattern, q, k, v, scale: float, given: dict, interpret: bool):
         q_len, kv_len, heads, kv_heads, float(scale),
         full_num, full_idx, part_num, part_idx,
         full_num.stride(0), full_num.stride(1), full_idx.stride(0), full_idx.stride(1),
-        *_tensor_args(pattern, given, dev, q_len, kv_len),
+        *_tensor_args(pattern, given, derived_values, dev),
         MASK_FN=module.mask_hook, SCORE_FN=module.score_hook if has_score else module.mask_hook,
         HAS_SCORE=has_score, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
         D=d, DV=dv, D_PAD=_pad(d), DV_PAD=_pad(dv))

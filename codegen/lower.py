@@ -185,33 +185,3 @@ def hook_source(name: str, expr: Expr, values: dict, slots: dict) -> str:
     body = "\n".join(ctx.lines + [f"    return {result}"])
     return f"@triton.jit\ndef {name}(\n        {args}):\n{body}\n"
 
-
-def replace_random_blocks(expr: Expr, name_of) -> tuple[Expr, list]:
-    """expr with each ``random_blocks(r, b, seed)`` read from a derived table tensor:
-    ``T[q // b - (kv_len - q_len) // b, k // b] == 1``. Returns (expr, [(node, name)])."""
-    found: list = []
-    memo: dict[int, Expr] = {}
-
-    def div(a: Expr, b: Expr) -> Expr:
-        return Expr(Op.FLOORDIV, Type.INT, (a, b))
-
-    def go(e: Expr) -> Expr:
-        if id(e) in memo:
-            return memo[id(e)]
-        if e.op is Op.RANDOM_BLOCKS:
-            name = name_of(e)
-            found.append((e, name))
-            b = e.args[1]
-            first = div(Expr(Op.SUB, Type.INT, (Expr(Op.KV_LEN, Type.INT), Expr(Op.Q_LEN, Type.INT))), b)
-            row = Expr(Op.SUB, Type.INT, (div(Expr(Op.Q, Type.INT), b), first))
-            col = div(Expr(Op.K, Type.INT), b)
-            cell = Expr(Op.INDEX, Type.INT, (row, col), name)
-            out = Expr(Op.EQ, Type.BOOL, (cell, Expr(Op.CONST, Type.INT, (), 1)))
-        elif e.args:
-            out = Expr(e.op, e.type, tuple(go(a) for a in e.args), e.value, e.span)
-        else:
-            out = e
-        memo[id(e)] = out
-        return out
-
-    return go(expr), found

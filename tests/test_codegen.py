@@ -1,4 +1,4 @@
-"""Generated Triton kernels against the reference: every static example, run by Triton's
+"""Generated Triton kernels against the reference: every example, run by Triton's
 interpreter on the CPU (natively where a GPU is present), plus lowering and cache properties."""
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ def _docs(n: int, seed: int) -> np.ndarray:
     return np.sort(rng.integers(0, 4, n))
 
 
-def _tensors(pat, kv_len: int, heads: int) -> dict:
+def _tensors(pat, kv_len: int, heads: int, d: int = 16) -> dict:
     out = {}
     for p in pat.ir.params:
         if not p.is_tensor:
@@ -41,16 +41,17 @@ def _tensors(pat, kv_len: int, heads: int) -> dict:
                 out[p.name] = _docs(kv_len, 1)
         elif p.type.rank == 1:
             out[p.name] = np.random.default_rng(2).standard_normal(2 * kv_len + 1)
+        elif p.type.rank == 3:                               # route centroids [heads, C, D]
+            out[p.name] = np.random.default_rng(3).standard_normal((heads, 4, d))
         else:
             out[p.name] = np.random.default_rng(2).standard_normal((heads, 2 * kv_len + 1))
     return out
 
 
-def _static_examples():
+def _examples():
     for path in sorted(EXAMPLES.glob("*.attn")):
         for pat in attndsl.load(path):
-            if not pat.uses_selectors():
-                yield pytest.param(pat, id=f"{path.stem}:{pat.name}")
+            yield pytest.param(pat, id=f"{path.stem}:{pat.name}")
 
 
 def _small(pat):
@@ -65,7 +66,7 @@ def _check(pat, batch, heads, kv_heads, q_len, kv_len, d, dtype=torch.float32, t
     q = torch.randn(batch, heads, q_len, d, generator=g)
     k = torch.randn(batch, kv_heads, kv_len, d, generator=g)
     v = torch.randn(batch, kv_heads, kv_len, d, generator=g)
-    tensors = _tensors(pat, kv_len, heads)
+    tensors = _tensors(pat, kv_len, heads, d)
     out, lse = pat(q.to(DEVICE, dtype), k.to(DEVICE, dtype), v.to(DEVICE, dtype),
                    return_lse=True, backend=BACKEND, **tensors)
     ref_out, ref_lse = pat.reference(q.to(dtype).double().numpy(), k.to(dtype).double().numpy(),
@@ -79,8 +80,8 @@ def _check(pat, batch, heads, kv_heads, q_len, kv_len, d, dtype=torch.float32, t
     assert np.abs(lse[fin] - ref_lse[fin]).max(initial=0) <= tol * (np.abs(ref_lse[fin]).max(initial=0) + 1)
 
 
-@pytest.mark.parametrize("pat", list(_static_examples()))
-def test_every_static_example_matches_the_reference(pat):
+@pytest.mark.parametrize("pat", list(_examples()))
+def test_every_example_matches_the_reference(pat):
     pat = _small(pat)
     heads = 4 if pat.ir.mask.uses(Op.H) else 2
     _check(pat, 1, heads, heads // 2, 37, 45, 16)          # GQA 2, q_len < kv_len, ragged tiles
@@ -136,11 +137,10 @@ def test_cache_writes_real_files_and_regenerates_corrupt_entries(tmp_path, monke
     assert not any(p.name.startswith(".tmp-") for p in tmp_path.iterdir())
 
 
-def test_selector_patterns_are_refused_with_a_clear_error():
-    pat = attndsl.load(EXAMPLES / "moba.attn")["moba"]
-    q = torch.randn(1, 1, 16, 16, device=DEVICE)
-    with pytest.raises(attndsl.AttnError, match="not lowered to Triton yet"):
-        pat(q, q, q, backend=BACKEND)
+def test_selectors_read_the_reference_selection_per_batch_element():
+    # the selection depends on each batch element's q and k: two different ones in one call
+    src = "pattern m(n = 2, b = 8):\n    mask = causal and (topk_blocks(n, b) or q // b == k // b)\n"
+    _check(attndsl.compile(src)["m"], 2, 2, 1, 40, 40, 16)
 
 
 @pytest.mark.skipif(CUDA, reason="checks the CPU-only error")
