@@ -150,3 +150,28 @@ def test_triton_backend_needs_cuda_tensors():
     with pytest.raises(attndsl.AttnCallError, match="triton-interpret"):
         pat(q, q, q, backend="triton")
     assert os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@pytest.mark.parametrize("d,dv", [(80, 80), (96, 64), (192, 32)])
+def test_head_dims_that_are_not_powers_of_two(d, dv):
+    pat = attndsl.compile("pattern p:\n    mask = causal and sliding(9)\n")["p"]
+    g = torch.Generator().manual_seed(d)
+    q = torch.randn(1, 2, 20, d, generator=g)
+    k = torch.randn(1, 2, 20, d, generator=g)
+    v = torch.randn(1, 2, 20, dv, generator=g)
+    out, lse = pat(q.to(DEVICE), k.to(DEVICE), v.to(DEVICE), return_lse=True, backend=BACKEND)
+    ref, ref_lse = pat.reference(q.double().numpy(), k.double().numpy(), v.double().numpy())
+    assert out.shape == (1, 2, 20, dv)
+    assert np.abs(out.double().cpu().numpy() - ref).max() <= 2e-5 * (np.abs(ref).max() + 1)
+    assert np.abs(lse.double().cpu().numpy() - ref_lse).max() <= 2e-5 * (np.abs(ref_lse).max() + 1)
+
+
+def test_non_contiguous_inputs_are_read_through_their_strides():
+    pat = attndsl.compile("pattern p:\n    mask = causal\n    score = score * 0.5\n")["p"]
+    g = torch.Generator().manual_seed(5)
+    base = torch.randn(1, 30, 3, 2, 32, generator=g)         # [B, L, (q|k|v), H, D]
+    q, k, v = (base[:, :, i].transpose(1, 2) for i in range(3))
+    assert not q.is_contiguous()
+    out, lse = pat(q.to(DEVICE), k.to(DEVICE), v.to(DEVICE), return_lse=True, backend=BACKEND)
+    ref, _ = pat.reference(q.double().numpy(), k.double().numpy(), v.double().numpy())
+    assert np.abs(out.double().cpu().numpy() - ref).max() <= 2e-5 * (np.abs(ref).max() + 1)
