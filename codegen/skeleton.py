@@ -98,6 +98,9 @@ def attn_fwd(Q, K, V, O, LSE,  # noqa: E741 - the usual names of attention opera
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, DV_PAD], dtype=tl.float32)
     h64 = h.to(tl.int64)
+    # Two loops, not one: USE_MASK must be a compile-time constant so that full tiles carry no
+    # trace of the mask hook; the argument lists repeat because the slots are plain arguments
+    # (tuple arguments are not relied on across the Triton versions we support).
     n_full = tl.load(FULL_NUM + h * s_nh + pid_m * s_nm)
     for i in range(0, n_full):
         j = tl.load(FULL_IDX + h * s_ih + pid_m * s_im + i)

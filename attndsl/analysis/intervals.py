@@ -17,6 +17,7 @@ Integer overflow (the interpreter wraps at 64 bits) widens the interval to every
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import reduce
 
 import numpy as np
 
@@ -234,8 +235,8 @@ def _abs(an, node):
 def _minmax(fn):
     def rule(an, node):
         vals = [an.value(x) for x in node.args]
-        lo = fn.reduce([v.lo for v in vals]) if len(vals) > 2 else fn(vals[0].lo, vals[1].lo)
-        hi = fn.reduce([v.hi for v in vals]) if len(vals) > 2 else fn(vals[0].hi, vals[1].hi)
+        lo = reduce(fn, [v.lo for v in vals])       # pairwise: the bounds broadcast
+        hi = reduce(fn, [v.hi for v in vals])
         return Num(lo, hi, _nan(*vals))
     return rule
 
@@ -311,11 +312,18 @@ def _index(an, node):
         a = an.value(node.args[0])
         lo = np.clip(a.lo, 0, len(t) - 1)
         hi = np.clip(a.hi, 0, len(t) - 1)
-        mn, mx = _range_extremes(t, lo, hi)
-        nan = bool(np.isnan(t).any()) if is_float else False
-        return Num(mn, mx, nan)
+        if not (is_float and np.isnan(t).any()):
+            return Num(*_range_extremes(t, lo, hi), False)
+        # NaN entries would make the bounds NaN (and every comparison false): bound the other
+        # values, flag the NaN; a range of NaN only is (-inf, inf)
+        mn = _range_extremes(np.where(np.isnan(t), np.inf, t), lo, hi)[0]
+        mx = _range_extremes(np.where(np.isnan(t), -np.inf, t), lo, hi)[1]
+        none = mn > mx
+        return Num(np.where(none, -np.inf, mn), np.where(none, np.inf, mx), True)
     for arg in node.args:
         an.value(arg)
+    if is_float and np.isnan(t).all():
+        return Num(np.float64(-np.inf), np.float64(np.inf), True)
     if is_float:
         return Num(np.float64(np.nanmin(t)), np.float64(np.nanmax(t)), bool(np.isnan(t).any()))
     return Num(t.min(), t.max())

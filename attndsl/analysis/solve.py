@@ -26,6 +26,7 @@ from ..interp import evaluate_scalar
 from ..ir import Expr, Op, Type, const
 
 MAX_PIECES = 24
+SMALL = 1 << 31          # larger constants may wrap int64 arithmetic: see Solver.small
 _K_OPS = (Op.K, Op.TOPK_BLOCKS, Op.TOPP_BLOCKS, Op.ROUTE, Op.RANDOM_BLOCKS)
 
 
@@ -66,12 +67,28 @@ def _is_const(e: Expr, v) -> bool:
     return e.op is Op.CONST and e.value == v and type(e.value) is type(v)
 
 
+def conjuncts(e: Expr) -> tuple:
+    return conjuncts(e.args[0]) + conjuncts(e.args[1]) if e.op is Op.AND else (e,)
+
+
 def b_and(a: Expr, b: Expr) -> Expr:
+    """a and b; conjuncts already in a are dropped, ``x and not x`` is false."""
     if _is_const(a, True) or _is_const(b, False):
         return b
     if _is_const(b, True) or _is_const(a, False):
         return a
-    return a if a == b else Expr(Op.AND, Type.BOOL, (a, b))
+    if a == b:
+        return a
+    have = list(conjuncts(a))
+    out = a
+    for x in conjuncts(b):
+        if x in have:
+            continue
+        if b_not(x) in have:
+            return FALSE
+        have.append(x)
+        out = Expr(Op.AND, Type.BOOL, (out, x))
+    return out
 
 
 def b_or(a: Expr, b: Expr) -> Expr:
@@ -88,6 +105,11 @@ def b_not(a: Expr) -> Expr:
     return a.args[0] if a.op is Op.NOT else Expr(Op.NOT, Type.BOOL, (a,))
 
 
+# Integer builders keep ``x + c`` (c a constant) in one form, so that bounds that differ by a
+# constant show it (see _split and _empty): constants are folded into one trailing term,
+# ``0 - x`` is ``-x`` and ``-(x - y)`` is ``y - x``.
+
+
 def i_add(a: Expr, b: Expr) -> Expr:
     if a.op is Op.CONST and b.op is Op.CONST:
         return const(a.value + b.value)
@@ -95,19 +117,33 @@ def i_add(a: Expr, b: Expr) -> Expr:
         return a
     if _is_const(a, 0):
         return b
+    if a.op is Op.CONST:
+        a, b = b, a
+    if b.op is Op.CONST:
+        base, c = _split(a)
+        if c:
+            return i_add(base, const(c + b.value))
     return Expr(Op.ADD, Type.INT, (a, b))
 
 
 def i_neg(a: Expr) -> Expr:
     if a.op is Op.CONST:
         return const(-a.value)
+    if a.op is Op.SUB:
+        return i_sub(a.args[1], a.args[0])
+    if a.op is Op.ADD and a.args[1].op is Op.CONST:
+        return i_sub(const(-a.args[1].value), a.args[0])
     return a.args[0] if a.op is Op.NEG else Expr(Op.NEG, Type.INT, (a,))
 
 
 def i_sub(a: Expr, b: Expr) -> Expr:
     if a.op is Op.CONST and b.op is Op.CONST:
         return const(a.value - b.value)
-    return a if _is_const(b, 0) else Expr(Op.SUB, Type.INT, (a, b))
+    if b.op is Op.CONST:
+        return i_add(a, const(-b.value))
+    if _is_const(a, 0):
+        return i_neg(b)
+    return Expr(Op.SUB, Type.INT, (a, b))
 
 
 def i_mul(a: Expr, c: int) -> Expr:
@@ -130,20 +166,29 @@ def i_ceildiv(a: Expr, c: int) -> Expr:
     return i_neg(i_floordiv(i_neg(a), c))
 
 
+def args_of(e: Expr, op: Op) -> tuple:
+    return e.args if e.op is op else (e,)
+
+
+def _extreme(op: Op, pick, a: Expr, b: Expr) -> Expr:
+    """min/max as one flat n-ary node: nested ones merged, and of the arguments ``x + c`` with
+    one base x (constants: base 0) only the extreme one kept (so that equal bounds compare
+    equal and subsumption shows)."""
+    best: dict = {}                   # base -> the argument base + c with the extreme c
+    for x in args_of(a, op) + args_of(b, op):
+        base, c = (ZERO, x.value) if x.op is Op.CONST else _split(x)
+        if base not in best or pick(c, best[base][1]) != best[base][1]:
+            best[base] = (x, c)
+    args = [x for x, _c in best.values()]
+    return args[0] if len(args) == 1 else Expr(op, Type.INT, tuple(args))
+
+
 def i_max(a: Expr, b: Expr) -> Expr:
-    if a == b:
-        return a
-    if a.op is Op.CONST and b.op is Op.CONST:
-        return const(max(a.value, b.value))
-    return Expr(Op.MAX, Type.INT, (a, b))
+    return _extreme(Op.MAX, max, a, b)
 
 
 def i_min(a: Expr, b: Expr) -> Expr:
-    if a == b:
-        return a
-    if a.op is Op.CONST and b.op is Op.CONST:
-        return const(min(a.value, b.value))
-    return Expr(Op.MIN, Type.INT, (a, b))
+    return _extreme(Op.MIN, min, a, b)
 
 
 ALL = (Piece(TRUE, ZERO, _KV_LAST),)
@@ -166,6 +211,86 @@ def _residue_meet(a: Residue | None, b: Residue | None):
     return False
 
 
+# Syntactic bound reasoning. A piece holds the keys max(lo, 0) <= k <= min(hi, kv_len - 1), so
+# lo may be taken as max(0, lo) and hi as min(hi, kv_len - 1). These tests only say "yes"
+# when the relation holds for every row; "no" means "not shown".
+
+
+def _lo_ge(lo: Expr, e: Expr) -> bool:
+    """max(0, lo) >= e for every row."""
+    args = args_of(lo, Op.MAX)
+    if e in args or _is_const(e, 0):
+        return True
+    if e.op is Op.MAX:
+        return all(_lo_ge(lo, a) for a in e.args)
+    if e.op is Op.CONST:
+        return e.value <= 0 or any(a.op is Op.CONST and a.value >= e.value for a in args)
+    return False
+
+
+def _hi_le(hi: Expr, e: Expr) -> bool:
+    """min(hi, kv_len - 1) <= e for every row."""
+    args = args_of(hi, Op.MIN)
+    if e in args or e == _KV_LAST:
+        return True
+    if e.op is Op.MIN:
+        return all(_hi_le(hi, a) for a in e.args)
+    if e.op is Op.CONST:
+        return any(a.op is Op.CONST and a.value <= e.value for a in args)
+    return False
+
+
+def _split(e: Expr) -> tuple:
+    """(base, c) with e == base + c (c a constant, possibly 0)."""
+    if e.op in (Op.ADD, Op.SUB) and e.args[1].op is Op.CONST:
+        c = e.args[1].value
+        return e.args[0], (c if e.op is Op.ADD else -c)
+    return e, 0
+
+
+def _empty(p: Piece) -> bool:
+    """A piece that holds no key whatever the row."""
+    if _is_const(p.guard, False):
+        return True
+    los, his = args_of(p.lo, Op.MAX), args_of(p.hi, Op.MIN)
+    if any(x.op is Op.CONST and x.value < 0 for x in his):
+        return True
+    for y in los:
+        by, cy = _split(y)
+        if cy > 0 and _hi_le(p.hi, by):                # lo >= by + cy > by >= hi
+            return True
+        for x in his:
+            bx, cx = _split(x)
+            if cy > cx and by == bx:                   # lo >= b + cy > b + cx >= hi
+                return True
+            if x.op is Op.CONST and y.op is Op.CONST and y.value > x.value:
+                return True
+            if cx < 0 and y == bx:                     # lo >= bx > bx + cx >= hi
+                return True
+    return any(_split(x)[1] < 0 and _lo_ge(p.lo, _split(x)[0]) for x in his)
+
+
+def _within(a: Piece, b: Piece) -> bool:
+    """Every key of piece a is in piece b, whatever the row."""
+    if b.residue is not None and (a.residue is None or a.residue.modulus != b.residue.modulus
+                                  or a.residue.offset != b.residue.offset
+                                  or not a.residue.live <= b.residue.live):
+        return False
+    if not (_is_const(b.guard, True) or set(conjuncts(b.guard)) <= set(conjuncts(a.guard))):
+        return False
+    return _lo_ge(a.lo, b.lo) and _hi_le(a.hi, b.hi)
+
+
+def _prune(pieces) -> tuple:
+    """The pieces without empty ones and those inside another one (same union)."""
+    out: list = []
+    for p in pieces:
+        if _empty(p) or any(_within(p, o) for o in out):
+            continue
+        out = [o for o in out if not _within(o, p)] + [p]
+    return tuple(out)
+
+
 def intersect(xs: tuple, ys: tuple):
     out = []
     for x in xs:
@@ -175,15 +300,13 @@ def intersect(xs: tuple, ys: tuple):
                 return None
             if res is not None and not res.live:
                 continue
-            guard = b_and(x.guard, y.guard)
-            if _is_const(guard, False):
-                continue
-            out.append(Piece(guard, i_max(x.lo, y.lo), i_min(x.hi, y.hi), res))
-    return tuple(out) if len(out) <= MAX_PIECES else None
+            out.append(Piece(b_and(x.guard, y.guard), i_max(x.lo, y.lo), i_min(x.hi, y.hi), res))
+    out = _prune(out)
+    return out if len(out) <= MAX_PIECES else None
 
 
 def union(xs: tuple, ys: tuple):
-    out = tuple(dict.fromkeys(xs + ys))
+    out = _prune(xs + ys)
     return out if len(out) <= MAX_PIECES else None
 
 
@@ -191,8 +314,9 @@ def complement(xs: tuple):
     """Keys not in the union: the intersection of each piece's complement."""
     result = ALL
     for p in xs:
-        outside = (Piece(p.guard, ZERO, i_sub(p.lo, ONE)), Piece(p.guard, i_add(p.hi, ONE), _KV_LAST),
-                   Piece(b_not(p.guard), ZERO, _KV_LAST))
+        outside = (Piece(p.guard, ZERO, i_sub(p.lo, ONE)), Piece(b_not(p.guard), ZERO, _KV_LAST))
+        if p.hi != _KV_LAST:             # else nothing lies above the piece
+            outside += (Piece(p.guard, i_add(p.hi, ONE), _KV_LAST),)
         if p.residue is not None:
             m = p.residue.modulus
             other = frozenset(range(m)) - p.residue.live
@@ -253,7 +377,10 @@ class Solver:
     def linear(self, e: Expr):
         """e == coef * var + rest with var 'k' or ('kdiv', c) or None; rest is k-free."""
         if not depends_on_k(e):
-            return None, 0, e
+            # -(1) is the constant -1; parameters stay symbolic (closed forms are in them)
+            foldable = e.op is not Op.CONST and e.type is Type.INT and not e.uses(Op.PARAM)
+            c = self.constant(e) if foldable else None
+            return None, 0, (e if c is None else const(int(c)))
         if e.op is Op.K:
             return "k", 1, ZERO
         if e.op is Op.FLOORDIV and e.args[0].op is Op.K:
@@ -277,10 +404,28 @@ class Solver:
                     return None if a is None else (a[0], a[1] * c, i_mul(a[2], c))
         return None
 
+    def small(self, lin) -> bool:
+        """Whether a linear form's coefficient and constants are at most SMALL in magnitude.
+
+        The interpreter wraps int64 arithmetic, the solver's algebra does not: with positions
+        below 2**31 the two agree when no constant exceeds SMALL. Forms with larger ones are
+        left unknown (the tile interval analysis widens on overflow).
+        """
+        _var, coef, rest = lin
+        if abs(coef) > SMALL:
+            return False
+        for n in rest.walk():
+            v = n.value if n.op is Op.CONST else self.params.get(n.value) if n.op is Op.PARAM else None
+            if n.type is Type.INT and isinstance(v, int) and abs(v) > SMALL:
+                return False
+        return True
+
     def compare(self, op: Op, left: Expr, right: Expr):
         """The exact key set of ``left OP right`` for int operands, or None."""
         a, b = self.linear(left), self.linear(right)
         if a is None or b is None or (a[0] and b[0] and a[0] != b[0]):
+            return None
+        if not (self.small(a) and self.small(b)):
             return None
         var, coef, rest = a[0] or b[0], a[1] - b[1], i_sub(b[2], a[2])   # coef*var OP rest
         if coef == 0:
@@ -319,7 +464,7 @@ class Solver:
                 return self.modular(_FLIP[op], right, left)
             return None
         lin = self.linear(left.args[0])
-        if lin is None or lin[0] is None or lin[1] not in (1, -1):
+        if lin is None or lin[0] is None or lin[1] not in (1, -1) or not self.small(lin):
             return None
         m = int(self.constant(left.args[1]))
         unit = 1 if lin[0] == "k" else lin[0][1]
@@ -369,6 +514,9 @@ def _rewrite_compare(op: Op, a: Expr, b: Expr) -> Expr | None:
         if x.op is Op.IF:
             c, t, f = x.args
             return b_or(b_and(c, cmp(t, y)), b_and(b_not(c), cmp(f, y)))
+        if x.op in (Op.MIN, Op.MAX) and o in (Op.EQ, Op.NE):
+            both = b_and(cmp(x, y, Op.LE), cmp(x, y, Op.GE))
+            return both if o is Op.EQ else b_not(both)
         if x.op in (Op.MIN, Op.MAX) and o in (Op.LT, Op.LE, Op.GT, Op.GE):
             parts = [cmp(arg, y) for arg in x.args]
             below = o in (Op.LT, Op.LE)
@@ -396,20 +544,24 @@ def solve(mask: Expr, params: dict, runs: frozenset = frozenset()) -> RowSets:
     :func:`run_tensors`); their pieces read derived tensors named ``t#start`` / ``t#end``.
     """
     solver = Solver(params, runs)
+    # id -> (node, result): keeping the node alive keeps its id unique while the memo lives
+    # (go() is also called on temporary trees built by the rewrites below).
     memo: dict[int, tuple] = {}
 
     def go(e: Expr) -> tuple:
         key = id(e)
         if key not in memo:
-            memo[key] = _go(e)
-        return memo[key]
+            memo[key] = (e, _go(e))
+        return memo[key][1]
 
     def unknown():
         return NONE, ALL
 
     def _go(e: Expr):
         if not depends_on_k(e):
-            s = guard_only(e)
+            # 10 <= 5 is false; parameters stay symbolic (closed forms are in them)
+            c = solver.constant(e) if e.op is not Op.CONST and not e.uses(Op.PARAM) else None
+            s = guard_only(e if c is None else const(bool(c)))
             return s, s
         op = e.op
         if op is Op.AND or op is Op.OR:
