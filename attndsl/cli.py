@@ -1,4 +1,4 @@
-"""The ``attndsl`` command-line tool: ``check``, ``show``, ``run`` and ``analyze`` (``--help``).
+"""The ``attndsl`` command-line tool: ``check``, ``show``, ``run``, ``analyze``, ``emit``, ``testgen``.
 
 Every :class:`~attndsl.errors.AttnError` (a diagnostic in a file, a file that cannot be read,
 a bad size or parameter) is printed as its rendered message on stderr with exit status 1,
@@ -158,6 +158,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     from .cli_analyze import add_parser as add_analyze
     add_analyze(sub, _common, _count)
+    from .cli_codegen import add_parsers as add_codegen
+    add_codegen(sub)
     return parser
 
 
