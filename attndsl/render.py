@@ -233,9 +233,14 @@ def _probe_shapes(pat, names, known, sizes, query, key) -> dict:
     probes = {n: _Probe(pat.ir.param(n).type) for n in names}
     grid = pat.grid(q_len, kv_len, heads, kv_heads, {**known, **probes}, query, key)
     hs, cols = np.arange(heads), np.arange(kv_len)
-    for rows in row_chunks(q_len, kv_len, heads):
-        grid.mask(hs, rows, cols)
-        grid.score(hs, rows, cols, np.zeros((heads, len(rows), kv_len)))
+    try:
+        for rows in row_chunks(q_len, kv_len, heads):
+            grid.mask(hs, rows, cols)
+            grid.score(hs, rows, cols, np.zeros((heads, len(rows), kv_len)))
+    except AttnCallError as err:            # only a negative index fails against the probe
+        raise AttnCallError(f"no demo value of the tensor inputs fits these sizes: the pattern "
+                            f"reads a negative index ({err.message.split(' of size')[0]}; positions "
+                            "are negative when q_len > kv_len)", err.span, err.source) from None
     return {n: tuple(max(1, t + 1) for t in p.top) for n, p in probes.items()}
 
 
