@@ -108,8 +108,12 @@ def run(pattern, q, k, v, return_lse=False, scale=None, backend=None, tensors=No
     for name, t in (tensors or {}).items():
         if isinstance(t, torch.Tensor) and t.device != q.device:
             raise AttnCallError(f"tensor input '{name}' is on {t.device}, but 'q' is on {q.device}")
-    if backend is None:
-        backend = "triton" if q.is_cuda else "torch"
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+    if backend is None:         # the generated kernels are forward-only for now
+        backend = "triton" if q.is_cuda and not needs_grad else "torch"
+    if backend in ("triton", "triton-interpret") and needs_grad:
+        raise AttnCallError(f"backend {backend!r} has no backward pass yet; q, k or v requires "
+                            "grad: use backend='torch' (or torch.no_grad())")
     if backend not in BACKENDS:
         raise AttnCallError(f"argument 'backend' must be one of {', '.join(map(repr, BACKENDS))}, "
                             f"got {backend!r}")

@@ -175,3 +175,15 @@ def test_non_contiguous_inputs_are_read_through_their_strides():
     out, lse = pat(q.to(DEVICE), k.to(DEVICE), v.to(DEVICE), return_lse=True, backend=BACKEND)
     ref, _ = pat.reference(q.double().numpy(), k.double().numpy(), v.double().numpy())
     assert np.abs(out.double().cpu().numpy() - ref).max() <= 2e-5 * (np.abs(ref).max() + 1)
+
+
+def test_kernels_are_forward_only_and_say_so():
+    pat = attndsl.compile("pattern p:\n    mask = causal\n")["p"]
+    q = torch.randn(1, 1, 8, 16, device=DEVICE, requires_grad=True)
+    with pytest.raises(attndsl.AttnCallError, match="no backward pass"):
+        pat(q, q, q, backend=BACKEND)
+    with torch.no_grad():
+        pat(q, q, q, backend=BACKEND)
+    out = pat(q, q, q)                          # the default picks the differentiable backend
+    out.sum().backward()
+    assert q.grad is not None
