@@ -97,6 +97,24 @@ def _tile_lists(pattern, q_len, kv_len, heads, kv_heads, given):
     return tile_lists(bm.astype(np.int8), (BLOCK_M, BLOCK_N))
 
 
+def _device_tables(tiles, device) -> tuple:
+    """(full num, full idx, partial num, partial idx) on the device, the two index lists padded
+    to one width (the kernel reads them with one stride); kept on the TileLists, which static
+    patterns cache per call size, so repeated calls upload nothing."""
+    cache = tiles.__dict__.setdefault("_device", {})
+    key = str(device)
+    if key not in cache:
+        width = max(tiles.full_idx.shape[-1], tiles.partial_idx.shape[-1])
+
+        def padded(idx):
+            return np.pad(idx, [(0, 0), (0, 0), (0, width - idx.shape[-1])])
+
+        cache[key] = tuple(torch.as_tensor(np.ascontiguousarray(a), device=device)
+                           for a in (tiles.full_num, padded(tiles.full_idx), tiles.partial_num,
+                                     padded(tiles.partial_idx)))
+    return cache[key]
+
+
 def _all_inputs(pattern, tensors: dict) -> dict:
     """Tensor inputs for every declared tensor of a pattern (unused ones get a placeholder)."""
     return {p.name: tensors.get(p.name, np.zeros((1,) * p.type.rank)) for p in pattern.ir.params
@@ -110,16 +128,7 @@ def forward(pattern, q, k, v, scale: float, given: dict, interpret: bool, grids=
     kv_heads, kv_len, dv = k.shape[1], k.shape[2], v.shape[-1]
     tiles = _tile_lists(pattern, q_len, kv_len, heads, kv_heads, given)
     dev = q.device
-    width = max(tiles.full_idx.shape[-1], tiles.partial_idx.shape[-1])
-    pad = [(0, 0), (0, 0)]
-
-    def padded(idx):        # one width for both lists: the kernel reads them with one stride
-        return np.pad(idx, pad + [(0, width - idx.shape[-1])])
-
-    full_num, full_idx, part_num, part_idx = (
-        torch.as_tensor(np.ascontiguousarray(a), device=dev)
-        for a in (tiles.full_num, padded(tiles.full_idx), tiles.partial_num,
-                  padded(tiles.partial_idx)))
+    full_num, full_idx, part_num, part_idx = _device_tables(tiles, dev)
     derived = with_tables(pattern)[3]
     derived_values = table_values(derived, grids or [], q_len, kv_len) if derived else {}
     module = cache.load_module(module_source(pattern), interpret)
@@ -139,5 +148,5 @@ def forward(pattern, q, k, v, scale: float, given: dict, interpret: bool, grids=
         *_tensor_args(pattern, given, derived_values, dev),
         MASK_FN=module.mask_hook, SCORE_FN=module.score_hook if has_score else module.mask_hook,
         HAS_SCORE=has_score, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
-        D=d, DV=dv, D_PAD=_pad(d), DV_PAD=_pad(dv))
+        D=d, DV=dv, D_PAD=_pad(d), DV_PAD=_pad(dv), NATIVE_DOT=not interpret)
     return out, lse

@@ -177,7 +177,8 @@ def hook_source(name: str, expr: Expr, values: dict, slots: dict) -> str:
         raise LoweringError(f"the Triton backend takes at most {MAX_TENSORS} tensor inputs")
     ctx = _Context(values, slots)
     result = _emit(ctx, expr)
-    if expr.type is Type.FLOAT and expr.op is Op.CONST:
+    if expr.type is Type.FLOAT and not expr.uses(Op.SCORE):
+        # a constant, parameter or per-head value is no tile (a Python float or a scalar)
         result = f"tl.zeros_like(s) + {result}"
     elif expr.type is Type.BOOL and not expr.args:
         result = f"(q == q) & (k == k) & {result}"         # a whole tile of it

@@ -2,7 +2,10 @@
 
 One program per (query tile, batch x head). It walks the *full* key tiles of its query tile
 (no mask hook: only the ragged end of ``kv_len`` is masked) and then the *partial* ones (the
-generated ``MASK_FN`` hook decides each pair), with fp32 accumulators and exp2. The score hook
+generated ``MASK_FN`` hook decides each pair), with fp32 accumulators and exp2. With
+``NATIVE_DOT`` (compiled mode) fp16/bf16 inputs multiply in their own type (tensor cores) with
+fp32 accumulation; otherwise (fp32 inputs, and Triton's interpreter, whose bf16 products are
+not reliable) the products are exact fp32. The score hook
 ``SCORE_FN`` (if ``HAS_SCORE``) rewrites the scaled scores before the softmax; a pair whose
 score is -inf is dropped like a masked one. Rows without any allowed key end with output 0 and
 lse -inf. The tile lists come from the analysis (attndsl.analysis.descriptors.TileLists).
@@ -27,12 +30,16 @@ def _tile(acc, m_i, l_i, q, k_base, v_base, offs_m, offs_n, start_n, h, pos_q,
           t2, t2_n0, t2_n1, t2_n2, t2_s0, t2_s1, t2_s2,
           t3, t3_n0, t3_n1, t3_n2, t3_s0, t3_s1, t3_s2,
           MASK_FN: tl.constexpr, SCORE_FN: tl.constexpr, USE_MASK: tl.constexpr,
-          HAS_SCORE: tl.constexpr, D: tl.constexpr, DV: tl.constexpr):
+          HAS_SCORE: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
+          NATIVE_DOT: tl.constexpr):
     cols = start_n + offs_n
     in_kv = cols < kv_len
     kt = tl.load(k_base + cols[None, :] * stride_kn + offs_d[:, None] * stride_kd,
                  mask=in_kv[None, :] & (offs_d[:, None] < D), other=0.0)
-    s = tl.dot(q, kt.to(q.dtype), input_precision="ieee") * scale
+    if (q.dtype == tl.float32) or (not NATIVE_DOT):     # exact fp32 products
+        s = tl.dot(q.to(tl.float32), kt.to(tl.float32), input_precision="ieee") * scale
+    else:                               # fp16/bf16: tensor cores, fp32 accumulation
+        s = tl.dot(q, kt.to(q.dtype)).to(tl.float32) * scale
     pos_k = cols[None, :].to(tl.int64)
     allowed = in_kv[None, :] & (pos_q[:, None] == pos_q[:, None])
     if USE_MASK:
@@ -56,8 +63,11 @@ def _tile(acc, m_i, l_i, q, k_base, v_base, offs_m, offs_n, start_n, h, pos_q,
     l_i = l_i * alpha + tl.sum(p, 1)
     vt = tl.load(v_base + cols[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
                  mask=in_kv[:, None] & (offs_dv[None, :] < DV), other=0.0)
-    acc = acc * alpha[:, None] + tl.dot(p.to(tl.float32), vt.to(tl.float32),
-                                        input_precision="ieee")
+    if (q.dtype == tl.float32) or (not NATIVE_DOT):
+        pv = tl.dot(p, vt.to(tl.float32), input_precision="ieee")
+    else:
+        pv = tl.dot(p.to(q.dtype), vt.to(q.dtype)).to(tl.float32)
+    acc = acc * alpha[:, None] + pv
     return acc, m_new, l_i
 
 
@@ -73,7 +83,8 @@ def attn_fwd(Q, K, V, O, LSE,  # noqa: E741 - the usual names of attention opera
              t3, t3_n0, t3_n1, t3_n2, t3_s0, t3_s1, t3_s2, t3_sb,
              MASK_FN: tl.constexpr, SCORE_FN: tl.constexpr, HAS_SCORE: tl.constexpr,
              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-             D: tl.constexpr, DV: tl.constexpr, D_PAD: tl.constexpr, DV_PAD: tl.constexpr):
+             D: tl.constexpr, DV: tl.constexpr, D_PAD: tl.constexpr, DV_PAD: tl.constexpr,
+             NATIVE_DOT: tl.constexpr):
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // heads
@@ -86,7 +97,9 @@ def attn_fwd(Q, K, V, O, LSE,  # noqa: E741 - the usual names of attention opera
     in_q = offs_m < q_len
     pos_q = (offs_m + (kv_len - q_len)).to(tl.int64)
     q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqm + offs_d[None, :] * sqd,
-                mask=in_q[:, None] & (offs_d[None, :] < D), other=0.0).to(tl.float32)
+                mask=in_q[:, None] & (offs_d[None, :] < D), other=0.0)
+    if Q.dtype.element_ty == tl.float64:       # no float64 dot: compute in float32
+        q = q.to(tl.float32)
     k_base = K + b * skb + kvh * skh
     v_base = V + b * svb + kvh * svh
     # tensor inputs of this batch element (their batch stride is 0 when they have none)
@@ -111,7 +124,7 @@ def attn_fwd(Q, K, V, O, LSE,  # noqa: E741 - the usual names of attention opera
                               t1, t1_n0, t1_n1, t1_n2, t1_s0, t1_s1, t1_s2,
                               t2, t2_n0, t2_n1, t2_n2, t2_s0, t2_s1, t2_s2,
                               t3, t3_n0, t3_n1, t3_n2, t3_s0, t3_s1, t3_s2,
-                              MASK_FN, SCORE_FN, False, HAS_SCORE, D, DV)
+                              MASK_FN, SCORE_FN, False, HAS_SCORE, D, DV, NATIVE_DOT)
     n_part = tl.load(PART_NUM + h * s_nh + pid_m * s_nm)
     for i in range(0, n_part):
         j = tl.load(PART_IDX + h * s_ih + pid_m * s_im + i)
@@ -122,7 +135,7 @@ def attn_fwd(Q, K, V, O, LSE,  # noqa: E741 - the usual names of attention opera
                               t1, t1_n0, t1_n1, t1_n2, t1_s0, t1_s1, t1_s2,
                               t2, t2_n0, t2_n1, t2_n2, t2_s0, t2_s1, t2_s2,
                               t3, t3_n0, t3_n1, t3_n2, t3_s0, t3_s1, t3_s2,
-                              MASK_FN, SCORE_FN, True, HAS_SCORE, D, DV)
+                              MASK_FN, SCORE_FN, True, HAS_SCORE, D, DV, NATIVE_DOT)
     has = l_i > 0.0
     out = tl.where(has[:, None], acc / tl.where(has, l_i, 1.0)[:, None], 0.0)
     tl.store(O + b * sob + h * soh + offs_m[:, None] * som + offs_dv[None, :] * sod,
