@@ -19,7 +19,7 @@ import numpy as np
 from ..interp import Evaluator
 from ..ir import Op
 from ..reference import CallGrid
-from .solve import Piece
+from .solve import SMALL, Piece
 
 
 def _eval_rows(grid: CallGrid, expr, heads, rows, live=None):
@@ -36,6 +36,21 @@ def _eval_rows(grid: CallGrid, expr, heads, rows, live=None):
 
 
 MAX_SHRINK = 16
+
+
+def _reads_large_values(grid: CallGrid, p: Piece) -> bool:
+    """Whether the piece's bounds read a tensor holding values beyond +-SMALL.
+
+    The bounds add to and multiply what they read (k > t[q] is k >= t[q] + 1), in int64 that
+    wraps, unlike the mask itself; with values up to SMALL (positions) nothing wraps.
+    """
+    exprs = (p.lo, p.hi) + ((p.residue.offset,) if p.residue is not None else ())
+    names = {n.value for e in exprs for n in e.walk() if n.op is Op.INDEX}
+    for name in names:
+        t = np.asarray(grid.tensors[name])
+        if t.size and t.dtype.kind in "iu" and (t.max() > SMALL or t.min() < -SMALL):
+            return True
+    return False
 
 
 def _shrink_to_live(grid: CallGrid, p: Piece, heads, rows, guard, lo, hi):
@@ -73,6 +88,8 @@ def piece_bounds(pieces: tuple[Piece, ...], grid: CallGrid, heads: np.ndarray, r
         lo = np.maximum(np.broadcast_to(lo, shape + (1,))[..., 0], 0)
         hi = np.minimum(np.broadcast_to(hi, shape + (1,))[..., 0], last)
         bads = [bad_g, bad_lo, bad_hi]
+        if _reads_large_values(grid, p):
+            bads.append(guard[..., None])
         if p.residue is not None and len(p.residue.live) <= MAX_SHRINK:
             lo, hi, bad_off = _shrink_to_live(grid, p, heads, rows, guard, lo, hi)
             bads.append(bad_off)
