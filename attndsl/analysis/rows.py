@@ -98,9 +98,12 @@ def piece_bounds(pieces: tuple[Piece, ...], grid: CallGrid, heads: np.ndarray, r
                 unknown |= np.broadcast_to(bad, shape + (1,))[..., 0]
         los.append(np.where(guard, lo, 1))
         his.append(np.where(guard, hi, 0))
+    # bounds are clipped to [0, kv_len - 1] (empty slots hold 1 > 0): int32 holds them all and
+    # halves the memory traffic of the passes below
+    kind = np.int32 if grid.kv_len < 2 ** 31 - 1 else np.int64
     if not los:
-        return np.ones(shape + (0,), np.int64), np.zeros(shape + (0,), np.int64), unknown
-    return np.stack(los, -1).astype(np.int64), np.stack(his, -1).astype(np.int64), unknown
+        return np.ones(shape + (0,), kind), np.zeros(shape + (0,), kind), unknown
+    return np.stack(los, -1).astype(kind), np.stack(his, -1).astype(kind), unknown
 
 
 def merge(lo: np.ndarray, hi: np.ndarray):
@@ -108,7 +111,7 @@ def merge(lo: np.ndarray, hi: np.ndarray):
     n = lo.shape[-1]
     if n <= 1:
         return lo, hi
-    big = np.iinfo(np.int64).max
+    big = np.iinfo(lo.dtype).max
     empty = lo > hi
     lo = np.where(empty, big, lo)
     hi = np.where(empty, -1, hi)
