@@ -19,7 +19,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import attndsl
-from attndsl.analysis import api, blockmap, solve
+from attndsl.analysis import api, blockmap, pieces
 from attndsl.analysis.descriptors import KeyIntervals
 from attndsl.analysis.fold import fold, head_classes
 from attndsl.analysis.intervals import (
@@ -30,7 +30,8 @@ from attndsl.analysis.intervals import (
     classify_tiles,
     make_grid,
 )
-from attndsl.analysis.solve import ALL, MAX_PIECES, Piece, run_tensors
+from attndsl.analysis.pieces import ALL, MAX_PIECES, Piece
+from attndsl.analysis.solve import run_tensors
 from attndsl.blocks import block_map_by_tiles
 from attndsl.interp import Evaluator
 from attndsl.ir import Op
@@ -209,7 +210,7 @@ def test_overflowing_max_pieces_falls_back_soundly(no_refine):
 
 
 def test_small_budget_falls_back_soundly(monkeypatch, no_refine):
-    monkeypatch.setattr(solve, "MAX_PIECES", 1)
+    monkeypatch.setattr(pieces, "MAX_PIECES", 1)
     for mask in ["sliding(4) or sinks(2)", "not (band(3) or globals(2))", "chunked(4) and not causal",
                  "(causal if q < 9 else band(2)) or k == 17"]:
         pat = compile_mask(mask)

@@ -29,7 +29,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import attndsl
-from attndsl.analysis import api, blockmap, solve
+from attndsl.analysis import api, blockmap, pieces
 from attndsl.analysis.descriptors import KeyIntervals
 from attndsl.analysis.intervals import Analyzer, classify_tiles, make_grid
 from attndsl.blocks import block_map_by_tiles
@@ -48,7 +48,7 @@ def patched(refine: int | None = None, max_pieces: int | None = None):
         if refine is not None:
             mp.setattr(blockmap, "REFINE_PAIRS", refine)
         if max_pieces is not None:
-            mp.setattr(solve, "MAX_PIECES", max_pieces)
+            mp.setattr(pieces, "MAX_PIECES", max_pieces)
         yield
 
 

@@ -24,7 +24,7 @@ from ..constants import is_constant
 from ..interp import evaluate_scalar
 from ..ir import Expr, Op, PatternIR, Type, const
 from .fold import fold
-from .solve import FALSE, TRUE, b_and, b_not, b_or
+from .pieces import FALSE, TRUE, b_and, b_not, b_or
 
 _PASS = {Op.NEG, Op.ADD, Op.SUB, Op.MUL, Op.ABS, Op.MIN, Op.MAX, Op.FLOAT, Op.EXP, Op.SQRT,
          Op.TANH, Op.SIGMOID}

@@ -27,7 +27,8 @@ from .blockmap import FULL, PARTIAL
 from .blockmap import block_map as _block_map
 from .descriptors import Description, KeyIntervals, key_intervals
 from .fold import fold, head_classes
-from .solve import RowSets, random_tables, run_tensors, solve
+from .pieces import RowSets
+from .solve import random_tables, run_tensors, solve
 
 _CACHE_LIMIT = 32
 

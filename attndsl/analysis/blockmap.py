@@ -22,8 +22,9 @@ import numpy as np
 
 from ..reference import CallGrid
 from .intervals import classify_tiles, make_grid
+from .pieces import RowSets
 from .rows import merge, piece_bounds, touch_and_cover, uses_head
-from .solve import RowSets, solve
+from .solve import solve
 
 EMPTY, PARTIAL, FULL = 0, 1, 2
 REFINE_PAIRS = 1 << 24

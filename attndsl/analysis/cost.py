@@ -52,8 +52,9 @@ from ..ir import SELECTOR_OPS, Expr, Op, Type, const
 from . import api
 from .allowed import allowed_bounds
 from .fold import fold
+from .pieces import b_and, i_add, i_max, i_min, i_sub
 from .rows import _eval_rows, merge, piece_bounds
-from .solve import b_and, i_add, i_max, i_min, i_sub, solve
+from .solve import solve
 
 PAIR_BUDGET = 1 << 25        # partial-tile pairs evaluated one by one, over all head classes
 ROW_CHUNK = 1 << 18

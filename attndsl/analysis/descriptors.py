@@ -24,8 +24,8 @@ import numpy as np
 
 from ..ir import Expr
 from ..reference import CallGrid
+from .pieces import Piece, RowSets
 from .rows import _eval_rows
-from .solve import Piece, RowSets
 
 
 @dataclass(frozen=True)

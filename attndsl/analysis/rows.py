@@ -19,7 +19,7 @@ import numpy as np
 from ..interp import Evaluator
 from ..ir import Op
 from ..reference import CallGrid
-from .solve import SMALL, Piece
+from .pieces import SMALL, Piece
 
 
 def _eval_rows(grid: CallGrid, expr, heads, rows, live=None):
