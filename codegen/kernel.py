@@ -31,7 +31,15 @@ _HELPERS = (Path(__file__).parent / "tlhelpers.py").read_text(encoding="utf-8")
 
 
 def module_source(pattern) -> str:
-    """The generated module of a bound pattern: the language helpers and its two hooks."""
+    """The generated module of a bound pattern: the language helpers and its two hooks
+    (built once per pattern)."""
+    cached = pattern.__dict__.get("_triton_source")
+    if cached is None:
+        cached = pattern.__dict__["_triton_source"] = _module_source(pattern)
+    return cached
+
+
+def _module_source(pattern) -> str:
     values = pattern._values()
     mask_ir, score_ir, slots, _derived = with_tables(pattern)
     try:
@@ -74,26 +82,58 @@ def _tensor_args(pattern, given: dict, derived_values: dict, device) -> list:
     return args
 
 
-def _tile_lists(pattern, q_len, kv_len, heads, kv_heads, given):
-    """TileLists for the call; for data-dependent selectors, every tile the selectors could
-    open is listed as partial (the hooks then read the selection)."""
+def _per_batch(pattern, given: dict) -> list[dict]:
+    """The NumPy tensor inputs of every distinct batch element (batch dimension removed); one
+    dict when no tensor input has a batch dimension with more than one row."""
     numpy_tensors = {n: (t.detach().cpu().numpy() if isinstance(t, torch.Tensor) else np.asarray(t))
                      for n, t in given.items()}
-    shared = {p.name: (numpy_tensors[p.name][0] if np.ndim(numpy_tensors[p.name]) == p.type.rank + 1
-                       else numpy_tensors[p.name])
-              for p in pattern.ir.params if p.is_tensor}
+    params = [p for p in pattern.ir.params if p.is_tensor]
+    batched = {p.name for p in params if np.ndim(numpy_tensors[p.name]) == p.type.rank + 1}
+    rows = max([len(numpy_tensors[n]) for n in batched], default=1)
+    out, seen = [], set()
+    for b in range(rows):
+        element = {p.name: (numpy_tensors[p.name][min(b, len(numpy_tensors[p.name]) - 1)]
+                            if p.name in batched else numpy_tensors[p.name]) for p in params}
+        key = tuple((n, t.shape, t.tobytes()) for n, t in element.items())
+        if key not in seen:
+            seen.add(key)
+            out.append(element)
+    return out
+
+
+def _combined(maps: list) -> np.ndarray:
+    """One block map for every batch element of a call (the tile lists are shared by the batch):
+    full where all are full, empty where all are empty, partial elsewhere, where the mask hook
+    reads each element's own tensors."""
+    if len(maps) == 1:
+        return maps[0]
+    stack = np.stack(maps)
+    return np.where((stack == 2).all(0), 2, np.where((stack == 0).all(0), 0, 1)).astype(np.int8)
+
+
+def _tile_lists(pattern, q_len, kv_len, heads, kv_heads, given):
+    """TileLists for the call; for data-dependent selectors, every tile the selectors could
+    open is listed as partial (the hooks then read the selection). Tensor inputs with a batch
+    dimension are described per batch element and the block maps combined."""
+    elements = _per_batch(pattern, given)
     if not pattern.uses_selectors():
-        return pattern.describe(q_len, kv_len, heads, (BLOCK_M, BLOCK_N), kv_heads, **shared).tiles
+        if len(elements) == 1:
+            return pattern.describe(q_len, kv_len, heads, (BLOCK_M, BLOCK_N), kv_heads,
+                                    **elements[0]).tiles
+        bm = _combined([pattern.describe(q_len, kv_len, heads, (BLOCK_M, BLOCK_N), kv_heads,
+                                         **t).block_map for t in elements])
+        return tile_lists(bm, (BLOCK_M, BLOCK_N))
     relaxed = relaxed_mask(pattern.ir.mask)
     n_qt, n_kt = -(-q_len // BLOCK_M), -(-kv_len // BLOCK_N)
     if relaxed is None or relaxed.uses(Op.ROUTE, Op.TOPK_BLOCKS, Op.TOPP_BLOCKS):
         bm = np.ones((heads, n_qt, n_kt), dtype=np.int8)
     else:
         static = Pattern(replace(pattern.ir, mask=relaxed), pattern.source, pattern.values)
-        static_tensors = {n: t for n, t in shared.items()
-                          if any(x.op is Op.INDEX and x.value == n for x in relaxed.walk())}
-        bm = np.minimum(static.block_map(q_len, kv_len, heads, (BLOCK_M, BLOCK_N), kv_heads,
-                                         **_all_inputs(static, static_tensors)), 1)
+        read = {x.value for x in relaxed.walk() if x.op is Op.INDEX}
+        bm = _combined([np.minimum(static.block_map(
+            q_len, kv_len, heads, (BLOCK_M, BLOCK_N), kv_heads,
+            **_all_inputs(static, {n: t for n, t in shared.items() if n in read})), 1)
+            for shared in elements])
     return tile_lists(bm.astype(np.int8), (BLOCK_M, BLOCK_N))
 
 

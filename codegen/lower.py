@@ -81,7 +81,8 @@ def _if(ctx, node, a):
 
 
 def _float(ctx, node, a):
-    return f"({a[0]}).to(tl.float32)"
+    # tl.cast, not .to(): the operand may be a Python int (a constant or parameter expression)
+    return f"tl.cast({a[0]}, tl.float32)"
 
 
 def _index(ctx, node, a):

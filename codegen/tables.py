@@ -44,7 +44,15 @@ def _const(v: int) -> Expr:
 
 
 def with_tables(pattern):
-    """(mask, score, slots, {name: Derived}) with the selectors read from derived tensors."""
+    """(mask, score, slots, {name: Derived}) with the selectors read from derived tensors;
+    computed once per pattern (a Pattern's IR and values never change)."""
+    cached = pattern.__dict__.get("_with_tables")
+    if cached is None:
+        cached = pattern.__dict__["_with_tables"] = _with_tables(pattern)
+    return cached
+
+
+def _with_tables(pattern):
     ir = pattern.ir
     values = pattern._values()
     slots = {p.name: i for i, p in enumerate(p for p in ir.params if p.is_tensor)}
