@@ -84,9 +84,11 @@ class Ctx:
     negative: bool          # some query positions are negative (q_len > kv_len)
 
     def index(self):
-        """An index of ``doc`` or ``bias`` (both of length max(q_len, kv_len)) in range for
+        """An index of ``doc``, ``tab`` or ``bias`` (length max(q_len, kv_len)) in range for
         every call made: ``q`` only where no position is negative."""
-        return st.sampled_from(["k", "max(q, 0)", "abs(q)"] + ([] if self.negative else ["q", "q"]))
+        return st.sampled_from(["k", "max(q, 0)", "abs(q)", "k // 2", "max(q - 5, 0)",
+                                "min(k + 2, kv_len - 1)", "clamp(q + h, 0, kv_len - 1)"]
+                               + ([] if self.negative else ["q", "q", "q"]))
 
 
 @st.composite
@@ -106,13 +108,17 @@ def linear(draw) -> E:
     return E(f"({' '.join(parts)})", bound + abs(const))
 
 
-def int_leaf():
-    return st.one_of(
+def int_leaf(ctx: Ctx):
+    options = [
         linear(),
         st.sampled_from([E("(q - k)", 87), E("(k - q)", 87)]),
         st.sampled_from(sorted(INT_ATOMS)).map(lambda a: E(a, INT_ATOMS[a])),
         st.integers(-7, 12).map(lambda v: E(f"({v})", abs(v))),
-    )
+    ]
+    if ctx.doc:             # document ids (0..3) of doc [L] and tab [heads, L]
+        options.append(ctx.index().map(lambda i: E(f"doc[{i}]", 3)))
+        options.append(ctx.index().map(lambda i: E(f"tab[h, {i}]", 3)))
+    return st.one_of(*options)
 
 
 def divisor():
@@ -124,7 +130,7 @@ def divisor():
 @st.composite
 def int_expr(draw, ctx: Ctx, depth: int) -> E:
     if depth <= 0 or draw(st.integers(0, 3)) == 0:
-        return draw(int_leaf())
+        return draw(int_leaf(ctx))
     sub = lambda: draw(int_expr(ctx, depth - 1))  # noqa: E731
     kind = draw(st.sampled_from(["//", "%", "//", "%", "abs", "min", "max", "clamp", "if", "+", "-",
                                  "*", "neg"]))
@@ -388,7 +394,8 @@ def cases(draw, with_score: bool):
     score = draw(score_clause(ctx)).text if with_score else None
     body = mask + (score or "")
     params = [f"w = {draw(st.integers(-3, 9))}", "c: int", "flag: bool", "f = 0.5"]
-    params += [p for p, used in (("doc: int[]", "doc["), ("bias: float[]", "bias[")) if used in body]
+    params += [p for p, used in (("doc: int[]", "doc["), ("tab: int[][]", "tab["),
+                                 ("bias: float[]", "bias[")) if used in body]
     lines = [f"pattern p({', '.join(params)}):", f"    mask = {mask}"]
     if score is not None:
         lines.append(f"    score = {score}")
@@ -417,6 +424,8 @@ def _inputs(case: Case, quantised: bool):
         docs = [np.sort(rng.integers(0, 4, length)) if rng.integers(0, 2) else
                 rng.integers(0, 3, length) for _ in range(n)]
         tensors["doc"] = np.stack(docs) if case.doc_batched else docs[0]
+    if "tab[" in case.source:
+        tensors["tab"] = rng.integers(0, 4, (case.heads, length))
     if "bias[" in case.source:
         tensors["bias"] = rng.uniform(-4.0, 4.0, length)
     return (np.asarray(x, np.float32) for x in (q, k, v)), tensors
