@@ -8,7 +8,9 @@ query head, ``s`` the scaled scores (float32, score hooks only), ``tI`` / ``tI_n
 the pointer, sizes and strides of tensor slot I.
 
 One rule per op in :data:`TRITON_RULES`. The source comes from the IR only: parameter values
-become literals, tensors become slots, and no user identifier is ever written out.
+become literals, tensors become slots, and no user identifier is ever written out. Constant
+subexpressions are folded by the interpreter (its int64 / float64 semantics), never left to
+Triton's typing of Python numbers.
 Sub-expressions shared in the IR are computed once (one local per node).
 """
 
@@ -16,6 +18,8 @@ from __future__ import annotations
 
 import math
 
+from attndsl.constants import CONSTANT_OPS
+from attndsl.interp import evaluate_scalar
 from attndsl.ir import Expr, Op, Type
 
 MAX_TENSORS = 4
@@ -102,10 +106,11 @@ TRITON_RULES = {
     Op.Q: _leaf("q"),
     Op.K: _leaf("k"),
     Op.H: _leaf("h"),
-    Op.Q_LEN: _leaf("q_len"),
-    Op.KV_LEN: _leaf("kv_len"),
-    Op.HEADS: _leaf("heads"),
-    Op.KV_HEADS: _leaf("kv_heads"),
+    # the sizes arrive as int32 kernel arguments (or constexpr 1); the language's int is 64-bit
+    Op.Q_LEN: _leaf("tl.cast(q_len, tl.int64)"),
+    Op.KV_LEN: _leaf("tl.cast(kv_len, tl.int64)"),
+    Op.HEADS: _leaf("tl.cast(heads, tl.int64)"),
+    Op.KV_HEADS: _leaf("tl.cast(kv_heads, tl.int64)"),
     Op.SCORE: _leaf("s"),
     Op.NEG: lambda ctx, node, a: f"(-{a[0]})",
     Op.ADD: _binary("+"),
@@ -149,6 +154,7 @@ class _Context:
         self.lines: list[str] = []
         self.names: dict[int, str] = {}
         self.keep: list[Expr] = []          # keeps nodes alive so their ids stay unique
+        self.constant: dict[int, bool] = {}
 
 
 def _emit(ctx: _Context, root: Expr) -> str:
@@ -162,8 +168,15 @@ def _emit(ctx: _Context, root: Expr) -> str:
             stack.append((node, True))
             stack.extend((c, False) for c in reversed(node.args) if id(c) not in ctx.names)
             continue
-        text = TRITON_RULES[node.op](ctx, node, [ctx.names[id(c)] for c in node.args])
-        if node.args:
+        constant = node.op in CONSTANT_OPS and all(ctx.constant[id(c)] for c in node.args)
+        ctx.constant[id(node)] = constant
+        if constant and node.args:
+            # folded with the interpreter's semantics: Python numbers inside the jit code would
+            # be typed by Triton (int32 overflow, no .to(), ...), not by the language
+            text = _literal(evaluate_scalar(node, ctx.values), node.type)
+        else:
+            text = TRITON_RULES[node.op](ctx, node, [ctx.names[id(c)] for c in node.args])
+        if node.args and not constant:
             name = f"v{len(ctx.lines)}"
             ctx.lines.append(f"    {name} = {text}")
             text = name
@@ -181,7 +194,7 @@ def hook_source(name: str, expr: Expr, values: dict, slots: dict) -> str:
     if expr.type is Type.FLOAT and not expr.uses(Op.SCORE):
         # a constant, parameter or per-head value is no tile (a Python float or a scalar)
         result = f"tl.zeros_like(s) + {result}"
-    elif expr.type is Type.BOOL and not expr.args:
+    elif expr.type is Type.BOOL and ctx.constant[id(expr)]:
         result = f"(q == q) & (k == k) & {result}"         # a whole tile of it
     args = ",\n        ".join(", ".join(HOOK_ARGS[i:i + 8]) for i in range(0, len(HOOK_ARGS), 8))
     body = "\n".join(ctx.lines + [f"    return {result}"])
