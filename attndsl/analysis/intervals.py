@@ -186,11 +186,17 @@ def _corners(a: Num, b: Num, fn):
     return vals
 
 
+def _zero_times_inf(a: Num, b: Num):
+    """Where ``a`` may be 0 strictly inside its interval while ``b`` may be infinite: 0 * inf is NaN
+    though no corner product is."""
+    return (a.lo <= 0) & (a.hi >= 0) & (np.isinf(b.lo) | np.isinf(b.hi))
+
+
 def _mul(an, node):
     a, b = (an.value(x) for x in node.args)
     if _is_float(node):
         vals = _corners(a, b, lambda x, y: x * y)
-        bad = np.any([np.isnan(v) for v in vals], axis=0)
+        bad = np.any([np.isnan(v) for v in vals], axis=0) | _zero_times_inf(a, b) | _zero_times_inf(b, a)
         lo, hi = np.minimum.reduce(vals), np.maximum.reduce(vals)
         return Num(np.where(bad, -np.inf, lo), np.where(bad, np.inf, hi), _nan(a, b) | bad)
     vals = _corners(a, b, lambda x, y: x * y)
