@@ -3,7 +3,7 @@
 For each pattern and length N (q_len = kv_len = N, B = 1, 16 heads, head_dim 128, bf16, CUDA):
 
 * attndsl: ``pat(q, k, v, backend="triton", **tensors)``; its analysis time is the first
-  ``pat.describe(N, N, 16, (BLOCK_M, BLOCK_N), **tensors)`` on a freshly bound pattern plus its
+  ``pat.describe(N, N, 16, DEFAULT_CONFIG.block, **tensors)`` on a freshly bound pattern plus its
   tile lists (what later kernel calls reuse);
 * FlexAttention: ``torch.compile(flex_attention)`` with a BlockMask from
   ``torch.compile(create_block_mask)(mask_mod, 1, 1, N, N, BLOCK_SIZE=128)`` (the mask_mods of
@@ -147,7 +147,7 @@ def host_check_s(case, n: int, heads: int) -> float:
 def run_case(fwd, n: int, args, timer, log) -> dict:
     import forward_cases as fc
     import torch
-    from attndsl.codegen.kernel import BLOCK_M, BLOCK_N
+    from attndsl.codegen.kernel import DEFAULT_CONFIG
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
     dev, cuda = args.device, args.device == "cuda"
@@ -169,7 +169,7 @@ def run_case(fwd, n: int, args, timer, log) -> dict:
     pat = case.load()
     tensors = case.inputs(n)
     t0 = time.perf_counter()
-    desc = pat.describe(n, n, H, (BLOCK_M, BLOCK_N), **tensors)
+    desc = pat.describe(n, n, H, DEFAULT_CONFIG.block, **tensors)
     _ = desc.tiles
     row["attndsl_analysis_ms"] = (time.perf_counter() - t0) * 1e3
     row["tile_list_mib"] = fc.tile_list_bytes(desc) / 2 ** 20
@@ -282,7 +282,7 @@ def run_sdpa(row, key, n, qkv, out_f, mask_mod, args, timer, step):
 def meta_info(args, argv) -> dict:
     import torch
     import triton
-    from attndsl.codegen.kernel import BLOCK_M, BLOCK_N
+    from attndsl.codegen.kernel import DEFAULT_CONFIG
 
     if args.device == "cuda":
         props = torch.cuda.get_device_properties(0)
@@ -298,7 +298,7 @@ def meta_info(args, argv) -> dict:
     return {"date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
             "device": device, "torch": torch.__version__, "triton": triton.__version__,
             "cuda": torch.version.cuda, "python": platform.python_version(),
-            "block": f"{BLOCK_M}x{BLOCK_N}", "commit": commit, "heads": args.heads,
+            "block": "{}x{}".format(*DEFAULT_CONFIG.block), "commit": commit, "heads": args.heads,
             "head_dim": args.head_dim, "dtype": "bf16" if args.device == "cuda" else "fp32",
             "command": " ".join(["python", "bench/bench_forward.py"] + argv), "tol": args.tol,
             "sdpa_max_n": args.sdpa_max_n, "not_run": []}

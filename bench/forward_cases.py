@@ -200,14 +200,14 @@ def check_build(key: str, n: int) -> tuple[list[str], str]:
     BlockMask, and the mask_mod against attndsl's dense mask on every pair."""
     import numpy as np
     import torch
-    from attndsl.codegen.kernel import BLOCK_M, BLOCK_N
+    from attndsl.codegen.kernel import DEFAULT_CONFIG
     from torch.nn.attention.flex_attention import create_block_mask
 
     problems = []
     case = case_of(key)
     pat = case.load()
     tensors = case.inputs(n)
-    desc = pat.describe(n, n, HEADS, (BLOCK_M, BLOCK_N), **tensors)
+    desc = pat.describe(n, n, HEADS, DEFAULT_CONFIG.block, **tensors)
     if "def mask_hook" not in pat.triton_source():
         problems.append(f"{key}: generated source has no mask_hook")
     q, k, v = make_qkv(n, HEADS, HEAD_DIM, torch.bfloat16, "cpu", 0)
@@ -418,7 +418,7 @@ Times are medians of CUDA-event timings after warm-up (the L2 flushed before eac
 4 x head_dim x kept pairs / time. `check`: attndsl's output against FlexAttention's, max |diff| <= {tol}.
 
 - attndsl: `pat(q, k, v, backend="triton", **tensors)`, the whole call, host work included.
-  Analysis: the first `pat.describe(N, N, heads, (BLOCK_M, BLOCK_N), **tensors)` on a freshly bound
+  Analysis: the first `pat.describe(N, N, heads, DEFAULT_CONFIG.block, **tensors)` on a freshly bound
   pattern, with its tile lists; kernel calls reuse it for patterns without tensor inputs.
   `host work cached` (a diagnostic, document mask only): the same call with `describe` memoised
   and the per-call index check skipped.

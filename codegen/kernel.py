@@ -10,13 +10,13 @@ read from per-call tables (codegen/tables.py).
 
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from attndsl.analysis.descriptors import tile_lists
+from attndsl.analysis.descriptors import TileLists, tile_lists
 from attndsl.errors import AttnCallError
 from attndsl.ir import Op, Type
 from attndsl.program import Pattern
@@ -25,8 +25,6 @@ from . import cache
 from .lower import MAX_RANK, MAX_TENSORS, LoweringError, hook_source
 from .tables import relaxed_mask, table_values, with_tables
 
-BLOCK_M = 32
-BLOCK_N = 32
 _HELPERS = (Path(__file__).parent / "tlhelpers.py").read_text(encoding="utf-8")
 
 
@@ -82,77 +80,107 @@ def _tensor_args(pattern, given: dict, derived_values: dict, device) -> list:
     return args
 
 
-def _per_batch(pattern, given: dict) -> list[dict]:
-    """The NumPy tensor inputs of every distinct batch element (batch dimension removed); one
-    dict when no tensor input has a batch dimension with more than one row."""
+def _per_batch(pattern, given: dict) -> tuple[list[dict], list[int]]:
+    """The NumPy tensor inputs of every distinct batch element (batch dimension removed), and
+    for each batch row the index of its element; one element when no tensor input has a batch
+    dimension with more than one row."""
     numpy_tensors = {n: (t.detach().cpu().numpy() if isinstance(t, torch.Tensor) else np.asarray(t))
                      for n, t in given.items()}
     params = [p for p in pattern.ir.params if p.is_tensor]
     batched = {p.name for p in params if np.ndim(numpy_tensors[p.name]) == p.type.rank + 1}
     rows = max([len(numpy_tensors[n]) for n in batched], default=1)
-    out, seen = [], set()
+    out, seen, index = [], {}, []
     for b in range(rows):
         element = {p.name: (numpy_tensors[p.name][min(b, len(numpy_tensors[p.name]) - 1)]
                             if p.name in batched else numpy_tensors[p.name]) for p in params}
         key = tuple((n, t.shape, t.tobytes()) for n, t in element.items())
         if key not in seen:
-            seen.add(key)
+            seen[key] = len(out)
             out.append(element)
-    return out
+        index.append(seen[key])
+    return out, index
 
 
-def _combined(maps: list) -> np.ndarray:
-    """One block map for every batch element of a call (the tile lists are shared by the batch):
-    full where all are full, empty where all are empty, partial elsewhere, where the mask hook
-    reads each element's own tensors."""
-    if len(maps) == 1:
-        return maps[0]
-    stack = np.stack(maps)
-    return np.where((stack == 2).all(0), 2, np.where((stack == 0).all(0), 0, 1)).astype(np.int8)
-
-
-def _tile_lists(pattern, q_len, kv_len, heads, kv_heads, given):
-    """TileLists for the call; for data-dependent selectors, every tile the selectors could
-    open is listed as partial (the hooks then read the selection). Tensor inputs with a batch
-    dimension are described per batch element and the block maps combined."""
-    elements = _per_batch(pattern, given)
+def _tile_lists(pattern, q_len, kv_len, heads, kv_heads, given, block):
+    """TileLists for the call, one per batch element when tensor inputs differ per element;
+    for data-dependent selectors, every tile the selectors could open is listed as partial
+    (the hooks then read the selection)."""
+    elements, index = _per_batch(pattern, given)
     if not pattern.uses_selectors():
-        if len(elements) == 1:
-            return pattern.describe(q_len, kv_len, heads, (BLOCK_M, BLOCK_N), kv_heads,
-                                    **elements[0]).tiles
-        bm = _combined([pattern.describe(q_len, kv_len, heads, (BLOCK_M, BLOCK_N), kv_heads,
-                                         **t).block_map for t in elements])
-        return tile_lists(bm, (BLOCK_M, BLOCK_N))
+        lists = [pattern.describe(q_len, kv_len, heads, block, kv_heads, **t).tiles
+                 for t in elements]
+        return [lists[i] for i in index]
     relaxed = relaxed_mask(pattern.ir.mask)
-    n_qt, n_kt = -(-q_len // BLOCK_M), -(-kv_len // BLOCK_N)
+    n_qt, n_kt = -(-q_len // block[0]), -(-kv_len // block[1])
     if relaxed is None or relaxed.uses(Op.ROUTE, Op.TOPK_BLOCKS, Op.TOPP_BLOCKS):
-        bm = np.ones((heads, n_qt, n_kt), dtype=np.int8)
-    else:
-        static = Pattern(replace(pattern.ir, mask=relaxed), pattern.source, pattern.values)
-        read = {x.value for x in relaxed.walk() if x.op is Op.INDEX}
-        bm = _combined([np.minimum(static.block_map(
-            q_len, kv_len, heads, (BLOCK_M, BLOCK_N), kv_heads,
-            **_all_inputs(static, {n: t for n, t in shared.items() if n in read})), 1)
-            for shared in elements])
-    return tile_lists(bm.astype(np.int8), (BLOCK_M, BLOCK_N))
+        return [tile_lists(np.ones((heads, n_qt, n_kt), dtype=np.int8), block)]
+    static = Pattern(replace(pattern.ir, mask=relaxed), pattern.source, pattern.values)
+    read = {x.value for x in relaxed.walk() if x.op is Op.INDEX}
+    lists = [tile_lists(np.minimum(static.block_map(
+        q_len, kv_len, heads, block, kv_heads,
+        **_all_inputs(static, {n: t for n, t in shared.items() if n in read})), 1).astype(np.int8),
+        block) for shared in elements]
+    return [lists[i] for i in index]
 
 
-def _device_tables(tiles, device) -> tuple:
-    """(full num, full idx, partial num, partial idx) on the device, the two index lists padded
-    to one width (the kernel reads them with one stride); kept on the TileLists, which static
-    patterns cache per call size, so repeated calls upload nothing."""
-    cache = tiles.__dict__.setdefault("_device", {})
-    key = str(device)
-    if key not in cache:
-        width = max(tiles.full_idx.shape[-1], tiles.partial_idx.shape[-1])
+@dataclass(frozen=True)
+class DeviceTiles:
+    """The tile tables of one launch on the device: ``groups`` [G, 4] int64 rows (first query
+    row, query count, first key row, key count) walked with steps ``step_q``/``step_k``; counts
+    [Bt, G, H, nQT] and padded key-tile indices [Bt, G, H, nQT, W] (int32) of full and partial
+    tiles, ``Bt`` 1 when the batch shares them."""
 
-        def padded(idx):
-            return np.pad(idx, [(0, 0), (0, 0), (0, width - idx.shape[-1])])
+    groups: torch.Tensor
+    full_num: torch.Tensor
+    full_idx: torch.Tensor
+    part_num: torch.Tensor
+    part_idx: torch.Tensor
+    step_q: int = 1
+    step_k: int = 1
 
-        cache[key] = tuple(torch.as_tensor(np.ascontiguousarray(a), device=device)
-                           for a in (tiles.full_num, padded(tiles.full_idx), tiles.partial_num,
-                                     padded(tiles.partial_idx)))
-    return cache[key]
+    @property
+    def n_query_tiles(self) -> int:
+        return self.full_num.shape[-1]
+
+    @property
+    def n_groups(self) -> int:
+        return self.groups.shape[0]
+
+
+def stack_tables(per_batch: list[list[TileLists]], groups: list[tuple[int, int, int, int]],
+                 device, step_q: int = 1, step_k: int = 1) -> DeviceTiles:
+    """DeviceTiles from host TileLists indexed [batch element][group] (one batch element when
+    the batch shares them); lists of different sizes are padded with empty rows."""
+    flat = [t for row in per_batch for t in row]
+    n_qt = max(t.full_num.shape[1] for t in flat)
+    width = max(max(t.full_idx.shape[-1], t.partial_idx.shape[-1]) for t in flat)
+
+    def num(a):
+        return np.pad(a, [(0, 0), (0, n_qt - a.shape[1])])
+
+    def idx(a):
+        return np.pad(a, [(0, 0), (0, n_qt - a.shape[1]), (0, width - a.shape[-1])])
+
+    def table(get, pad):
+        arr = np.stack([np.stack([pad(get(t)) for t in row]) for row in per_batch])
+        return torch.as_tensor(np.ascontiguousarray(arr, dtype=np.int32), device=device)
+
+    return DeviceTiles(torch.as_tensor(np.array(groups, dtype=np.int64).reshape(-1, 4), device=device),
+                       table(lambda t: t.full_num, num), table(lambda t: t.full_idx, idx),
+                       table(lambda t: t.partial_num, num), table(lambda t: t.partial_idx, idx),
+                       step_q, step_k)
+
+
+def _device_tables(lists: list[TileLists], q_len: int, kv_len: int, device) -> DeviceTiles:
+    """The plain (one group) tables of a call; kept on the TileLists, which static patterns
+    cache per call size, so repeated calls upload nothing."""
+    if len(lists) > 1 and all(t is lists[0] for t in lists):
+        lists = lists[:1]
+    holder = lists[0].__dict__.setdefault("_device", {})
+    key = (str(device), len(lists), tuple(id(t) for t in lists))
+    if key not in holder:
+        holder[key] = stack_tables([[t] for t in lists], [(0, q_len, 0, kv_len)], device)
+    return holder[key]
 
 
 def _all_inputs(pattern, tensors: dict) -> dict:
@@ -161,32 +189,82 @@ def _all_inputs(pattern, tensors: dict) -> dict:
             if p.is_tensor}
 
 
-def forward(pattern, q, k, v, scale: float, given: dict, interpret: bool, grids=None):
-    """(out [B, H, Lq, Dv] in q's dtype, lse [B, H, Lq] float32); ``grids``: the call's
-    CallGrids (their selector tables are read when the pattern has selectors)."""
+@dataclass(frozen=True)
+class Config:
+    """A tile configuration: tile shape and the launch's warps and pipeline stages."""
+
+    block_m: int = 32
+    block_n: int = 32
+    num_warps: int = 4
+    num_stages: int = 1
+
+    @property
+    def block(self) -> tuple[int, int]:
+        return (self.block_m, self.block_n)
+
+
+DEFAULT_CONFIG = Config()
+
+
+@dataclass
+class Launch:
+    """Everything one kernel launch needs: the grid, positional arguments, the compile-time
+    constants and launch options (also read by the ahead-of-time compile check, codegen/aot.py)."""
+
+    grid: tuple[int, int, int]
+    args: list
+    constants: dict
+    options: dict
+
+
+def plan(pattern, q, k, v, scale: float, given: dict, interpret: bool, grids=None,
+         config: Config = DEFAULT_CONFIG, tiles: DeviceTiles | None = None) -> Launch:
+    """The launch of one call (``tiles``: precomputed tables, else the plain table-driven
+    strategy from the analysis); the output tensors are ``args[3]`` and ``args[4]``."""
     batch, heads, q_len, d = q.shape
     kv_heads, kv_len, dv = k.shape[1], k.shape[2], v.shape[-1]
-    tiles = _tile_lists(pattern, q_len, kv_len, heads, kv_heads, given)
     dev = q.device
-    full_num, full_idx, part_num, part_idx = _device_tables(tiles, dev)
+    if tiles is None:
+        lists = _tile_lists(pattern, q_len, kv_len, heads, kv_heads, given, config.block)
+        tiles = _device_tables(lists, q_len, kv_len, dev)
     derived = with_tables(pattern)[3]
     derived_values = table_values(derived, grids or [], q_len, kv_len) if derived else {}
     module = cache.load_module(module_source(pattern), interpret)
-    skeleton = cache.skeleton(interpret)
     out = torch.empty((batch, heads, q_len, dv), dtype=q.dtype, device=dev)
     lse = torch.empty((batch, heads, q_len), dtype=torch.float32, device=dev)
-    if q_len == 0:
-        return out, lse
-    grid = (-(-q_len // BLOCK_M), batch * heads)
     has_score = pattern.ir.score is not None
-    skeleton.attn_fwd[grid](
-        q, k, v, out, lse,
-        *q.stride(), *k.stride(), *v.stride(), *out.stride(), lse.stride(0), lse.stride(1),
-        q_len, kv_len, heads, kv_heads, float(scale),
-        full_num, full_idx, part_num, part_idx,
-        full_num.stride(0), full_num.stride(1), full_idx.stride(0), full_idx.stride(1),
-        *_tensor_args(pattern, given, derived_values, dev),
-        MASK_FN=module.mask_hook, SCORE_FN=module.score_hook if has_score else module.mask_hook,
-        HAS_SCORE=has_score, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
-        D=d, DV=dv, D_PAD=_pad(d), DV_PAD=_pad(dv), NATIVE_DOT=not interpret)
+
+    def strides(t):
+        s = list(t.stride())
+        return ([0] if t.shape[0] == 1 else s[:1]) + s[1:4]
+
+    args = [q, k, v, out, lse,
+            *q.stride(), *k.stride(), *v.stride(), *out.stride(), lse.stride(0), lse.stride(1),
+            q_len, kv_len, heads, kv_heads, float(scale),
+            tiles.groups, tiles.full_num, tiles.full_idx, tiles.part_num, tiles.part_idx,
+            *strides(tiles.full_num), *strides(tiles.full_idx),
+            *_tensor_args(pattern, given, derived_values, dev)]
+    constants = dict(MASK_FN=module.mask_hook,
+                     SCORE_FN=module.score_hook if has_score else module.mask_hook,
+                     HAS_SCORE=has_score, BLOCK_M=config.block_m, BLOCK_N=config.block_n,
+                     D=d, DV=dv, D_PAD=_pad(d), DV_PAD=_pad(dv), NATIVE_DOT=not interpret,
+                     STEP_Q=tiles.step_q, STEP_K=tiles.step_k)
+    grid = (tiles.n_query_tiles, batch * heads, tiles.n_groups)
+    return Launch(grid, args, constants, dict(num_warps=config.num_warps, num_stages=config.num_stages))
+
+
+def run(launch: Launch, interpret: bool):
+    """Launch the skeleton; returns (out, lse)."""
+    out, lse = launch.args[3], launch.args[4]
+    if out.shape[2] and launch.grid[0]:
+        cache.skeleton(interpret).attn_fwd[launch.grid](*launch.args, **launch.constants,
+                                                        **launch.options)
     return out, lse
+
+
+def forward(pattern, q, k, v, scale: float, given: dict, interpret: bool, grids=None,
+            config: Config | None = None):
+    """(out [B, H, Lq, Dv] in q's dtype, lse [B, H, Lq] float32); ``grids``: the call's
+    CallGrids (their selector tables are read when the pattern has selectors)."""
+    return run(plan(pattern, q, k, v, scale, given, interpret, grids, config or DEFAULT_CONFIG),
+               interpret)

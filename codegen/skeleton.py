@@ -10,6 +10,11 @@ not reliable) the products are exact fp32. The score hook
 score is -inf is dropped like a masked one. Rows without any allowed key end with output 0 and
 lse -inf. The tile lists come from the analysis (attndsl.analysis.descriptors.TileLists).
 
+A third program axis runs *groups*: a group is a set of query rows ``q_row0 + STEP_Q * i``
+against key rows ``k_row0 + STEP_K * j``, with its own tile lists over those compressed
+indices. One group of every row (steps 1) is the plain kernel; a residue-class gather has one
+group per residue class, so a dilated pattern's keys form dense tiles.
+
 Hooks are passed as ``tl.constexpr`` functions, so one skeleton serves every pattern; the
 generated module only holds the hooks (codegen/lower.py).
 """
@@ -22,7 +27,7 @@ LN2 = tl.constexpr(0.6931471805599453)
 
 
 @triton.jit
-def _tile(acc, m_i, l_i, q, k_base, v_base, offs_m, offs_n, start_n, h, pos_q,
+def _tile(acc, m_i, l_i, q, k_base, v_base, offs_m, offs_n, start_n, h, pos_q, k_row0, nk,
           stride_kn, stride_kd, stride_vn, stride_vd, offs_d, offs_dv, kv_len, q_len, heads,
           kv_heads, scale,
           t0, t0_n0, t0_n1, t0_n2, t0_s0, t0_s1, t0_s2,
@@ -31,9 +36,10 @@ def _tile(acc, m_i, l_i, q, k_base, v_base, offs_m, offs_n, start_n, h, pos_q,
           t3, t3_n0, t3_n1, t3_n2, t3_s0, t3_s1, t3_s2,
           MASK_FN: tl.constexpr, SCORE_FN: tl.constexpr, USE_MASK: tl.constexpr,
           HAS_SCORE: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
-          NATIVE_DOT: tl.constexpr):
-    cols = start_n + offs_n
-    in_kv = cols < kv_len
+          NATIVE_DOT: tl.constexpr, STEP_K: tl.constexpr):
+    idx = start_n + offs_n
+    in_kv = idx < nk
+    cols = k_row0 + idx * STEP_K        # key rows (STEP_K > 1: one residue class, gathered)
     kt = tl.load(k_base + cols[None, :] * stride_kn + offs_d[:, None] * stride_kd,
                  mask=in_kv[None, :] & (offs_d[:, None] < D), other=0.0)
     if (q.dtype == tl.float32) or (not NATIVE_DOT):     # exact fp32 products
@@ -76,7 +82,8 @@ def attn_fwd(Q, K, V, O, LSE,  # noqa: E741 - the usual names of attention opera
              sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sob, soh, som, sod,
              slb, slh,
              q_len, kv_len, heads, kv_heads, scale,
-             FULL_NUM, FULL_IDX, PART_NUM, PART_IDX, s_nh, s_nm, s_ih, s_im,
+             GROUPS, FULL_NUM, FULL_IDX, PART_NUM, PART_IDX,
+             s_nb, s_ng, s_nh, s_nm, s_ib, s_ig, s_ih, s_im,
              t0, t0_n0, t0_n1, t0_n2, t0_s0, t0_s1, t0_s2, t0_sb,
              t1, t1_n0, t1_n1, t1_n2, t1_s0, t1_s1, t1_s2, t1_sb,
              t2, t2_n0, t2_n1, t2_n2, t2_s0, t2_s1, t2_s2, t2_sb,
@@ -84,19 +91,27 @@ def attn_fwd(Q, K, V, O, LSE,  # noqa: E741 - the usual names of attention opera
              MASK_FN: tl.constexpr, SCORE_FN: tl.constexpr, HAS_SCORE: tl.constexpr,
              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
              D: tl.constexpr, DV: tl.constexpr, D_PAD: tl.constexpr, DV_PAD: tl.constexpr,
-             NATIVE_DOT: tl.constexpr):
+             NATIVE_DOT: tl.constexpr, STEP_Q: tl.constexpr, STEP_K: tl.constexpr):
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
+    g = tl.program_id(2)
     b = bh // heads
     h = bh % heads
     kvh = h // (heads // kv_heads)
+    # group g: query rows q_row0 + STEP_Q * i (i < nq) against key rows k_row0 + STEP_K * j
+    # (j < nk); one group of all rows unless the keys are gathered by residue class
+    q_row0 = tl.load(GROUPS + g * 4)
+    nq = tl.load(GROUPS + g * 4 + 1)
+    k_row0 = tl.load(GROUPS + g * 4 + 2)
+    nk = tl.load(GROUPS + g * 4 + 3)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, D_PAD)
     offs_dv = tl.arange(0, DV_PAD)
-    in_q = offs_m < q_len
-    pos_q = (offs_m + (kv_len - q_len)).to(tl.int64)
-    q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqm + offs_d[None, :] * sqd,
+    in_q = offs_m < nq
+    rows = q_row0 + offs_m * STEP_Q
+    pos_q = (rows + (kv_len - q_len)).to(tl.int64)
+    q = tl.load(Q + b * sqb + h * sqh + rows[:, None] * sqm + offs_d[None, :] * sqd,
                 mask=in_q[:, None] & (offs_d[None, :] < D), other=0.0)
     if Q.dtype.element_ty == tl.float64:       # no float64 dot: compute in float32
         q = q.to(tl.float32)
@@ -114,31 +129,35 @@ def attn_fwd(Q, K, V, O, LSE,  # noqa: E741 - the usual names of attention opera
     # Two loops, not one: USE_MASK must be a compile-time constant so that full tiles carry no
     # trace of the mask hook; the argument lists repeat because the slots are plain arguments
     # (tuple arguments are not relied on across the Triton versions we support).
-    n_full = tl.load(FULL_NUM + h * s_nh + pid_m * s_nm)
+    # The tile tables are [batch or 1, group, head, query tile(, slot)]: batch stride 0 when
+    # every batch element shares them.
+    num_off = b * s_nb + g * s_ng + h * s_nh + pid_m * s_nm
+    idx_off = b * s_ib + g * s_ig + h * s_ih + pid_m * s_im
+    n_full = tl.load(FULL_NUM + num_off)
     for i in range(0, n_full):
-        j = tl.load(FULL_IDX + h * s_ih + pid_m * s_im + i)
+        j = tl.load(FULL_IDX + idx_off + i)
         acc, m_i, l_i = _tile(acc, m_i, l_i, q, k_base, v_base, offs_m, offs_n, j * BLOCK_N, h64,
-                              pos_q, skn, skd, svn, svd, offs_d, offs_dv, kv_len, q_len, heads,
-                              kv_heads, scale,
+                              pos_q, k_row0, nk, skn, skd, svn, svd, offs_d, offs_dv, kv_len,
+                              q_len, heads, kv_heads, scale,
                               t0, t0_n0, t0_n1, t0_n2, t0_s0, t0_s1, t0_s2,
                               t1, t1_n0, t1_n1, t1_n2, t1_s0, t1_s1, t1_s2,
                               t2, t2_n0, t2_n1, t2_n2, t2_s0, t2_s1, t2_s2,
                               t3, t3_n0, t3_n1, t3_n2, t3_s0, t3_s1, t3_s2,
-                              MASK_FN, SCORE_FN, False, HAS_SCORE, D, DV, NATIVE_DOT)
-    n_part = tl.load(PART_NUM + h * s_nh + pid_m * s_nm)
+                              MASK_FN, SCORE_FN, False, HAS_SCORE, D, DV, NATIVE_DOT, STEP_K)
+    n_part = tl.load(PART_NUM + num_off)
     for i in range(0, n_part):
-        j = tl.load(PART_IDX + h * s_ih + pid_m * s_im + i)
+        j = tl.load(PART_IDX + idx_off + i)
         acc, m_i, l_i = _tile(acc, m_i, l_i, q, k_base, v_base, offs_m, offs_n, j * BLOCK_N, h64,
-                              pos_q, skn, skd, svn, svd, offs_d, offs_dv, kv_len, q_len, heads,
-                              kv_heads, scale,
+                              pos_q, k_row0, nk, skn, skd, svn, svd, offs_d, offs_dv, kv_len,
+                              q_len, heads, kv_heads, scale,
                               t0, t0_n0, t0_n1, t0_n2, t0_s0, t0_s1, t0_s2,
                               t1, t1_n0, t1_n1, t1_n2, t1_s0, t1_s1, t1_s2,
                               t2, t2_n0, t2_n1, t2_n2, t2_s0, t2_s1, t2_s2,
                               t3, t3_n0, t3_n1, t3_n2, t3_s0, t3_s1, t3_s2,
-                              MASK_FN, SCORE_FN, True, HAS_SCORE, D, DV, NATIVE_DOT)
+                              MASK_FN, SCORE_FN, True, HAS_SCORE, D, DV, NATIVE_DOT, STEP_K)
     has = l_i > 0.0
     out = tl.where(has[:, None], acc / tl.where(has, l_i, 1.0)[:, None], 0.0)
-    tl.store(O + b * sob + h * soh + offs_m[:, None] * som + offs_dv[None, :] * sod,
+    tl.store(O + b * sob + h * soh + rows[:, None] * som + offs_dv[None, :] * sod,
              out.to(O.dtype.element_ty), mask=in_q[:, None] & (offs_dv[None, :] < DV))
     lse = tl.where(has, (m_i + tl.log2(tl.where(has, l_i, 1.0))) * LN2, -float("inf"))
-    tl.store(LSE + b * slb + h * slh + offs_m, lse, mask=in_q)
+    tl.store(LSE + b * slb + h * slh + rows, lse, mask=in_q)
