@@ -21,7 +21,7 @@ from attndsl.errors import AttnCallError
 from attndsl.ir import Op, Type
 from attndsl.program import Pattern
 
-from . import cache
+from . import cache, gather
 from .lower import MAX_RANK, MAX_TENSORS, LoweringError, hook_source
 from .tables import relaxed_mask, table_values, with_tables
 
@@ -218,9 +218,11 @@ class Launch:
 
 
 def plan(pattern, q, k, v, scale: float, given: dict, interpret: bool, grids=None,
-         config: Config = DEFAULT_CONFIG, tiles: DeviceTiles | None = None) -> Launch:
+         config: Config = DEFAULT_CONFIG, tiles: DeviceTiles | None = None,
+         out_dtype: torch.dtype | None = None) -> Launch:
     """The launch of one call (``tiles``: precomputed tables, else the plain table-driven
-    strategy from the analysis); the output tensors are ``args[3]`` and ``args[4]``."""
+    strategy from the analysis); the output tensors are ``args[3]`` (in ``out_dtype``, by
+    default q's) and ``args[4]``."""
     batch, heads, q_len, d = q.shape
     kv_heads, kv_len, dv = k.shape[1], k.shape[2], v.shape[-1]
     dev = q.device
@@ -230,13 +232,12 @@ def plan(pattern, q, k, v, scale: float, given: dict, interpret: bool, grids=Non
     derived = with_tables(pattern)[3]
     derived_values = table_values(derived, grids or [], q_len, kv_len) if derived else {}
     module = cache.load_module(module_source(pattern), interpret)
-    out = torch.empty((batch, heads, q_len, dv), dtype=q.dtype, device=dev)
+    out = torch.empty((batch, heads, q_len, dv), dtype=out_dtype or q.dtype, device=dev)
     lse = torch.empty((batch, heads, q_len), dtype=torch.float32, device=dev)
     has_score = pattern.ir.score is not None
 
-    def strides(t):
-        s = list(t.stride())
-        return ([0] if t.shape[0] == 1 else s[:1]) + s[1:4]
+    def strides(t):         # (batch, group, head, query tile); 0 where a table broadcasts
+        return [0 if n == 1 else st for n, st in zip(t.shape[:4], t.stride()[:4])]
 
     args = [q, k, v, out, lse,
             *q.stride(), *k.stride(), *v.stride(), *out.stride(), lse.stride(0), lse.stride(1),
@@ -262,9 +263,55 @@ def run(launch: Launch, interpret: bool):
     return out, lse
 
 
+def group_tables(lists: TileLists, groups, device, step_q: int, step_k: int) -> DeviceTiles:
+    """DeviceTiles of a gathered component: ``lists`` [G, nQT, W] (the head axis of the derived
+    pattern is the group) shared by every head and batch element."""
+    width = max(lists.full_idx.shape[-1], lists.partial_idx.shape[-1])
+
+    def table(a, idx: bool):
+        if idx:
+            a = np.pad(a, [(0, 0), (0, 0), (0, width - a.shape[-1])])
+        return torch.as_tensor(np.ascontiguousarray(a[None, :, None], dtype=np.int32), device=device)
+
+    return DeviceTiles(torch.as_tensor(np.array(groups, dtype=np.int64).reshape(-1, 4), device=device),
+                       table(lists.full_num, False), table(lists.full_idx, True),
+                       table(lists.partial_num, False), table(lists.partial_idx, True), step_q, step_k)
+
+
+def _component_tiles(component, config: Config, device) -> DeviceTiles:
+    lists = gather.group_lists(component, config.block)
+    holder = lists.__dict__.setdefault("_device", {})
+    key = ("groups", str(device))
+    if key not in holder:
+        holder[key] = group_tables(lists, component.groups, device, component.step_q, component.step_k)
+    return holder[key]
+
+
+def merge(parts: list, dtype: torch.dtype):
+    """One attention result from results over disjoint key sets: the softmax of the union is
+    the lse-weighted sum of the parts (fp32), and its lse their log-sum-exp."""
+    lses = torch.stack([lse for _, lse in parts])
+    lse = torch.logsumexp(lses, dim=0)
+    finite = torch.isfinite(lse)
+    weights = torch.where(finite, torch.exp(lses - torch.where(finite, lse, 0.0)), 0.0)
+    out = sum(w[..., None] * o.float() for w, (o, _) in zip(weights, parts))
+    return out.to(dtype), lse
+
+
 def forward(pattern, q, k, v, scale: float, given: dict, interpret: bool, grids=None,
             config: Config | None = None):
     """(out [B, H, Lq, Dv] in q's dtype, lse [B, H, Lq] float32); ``grids``: the call's
-    CallGrids (their selector tables are read when the pattern has selectors)."""
-    return run(plan(pattern, q, k, v, scale, given, interpret, grids, config or DEFAULT_CONFIG),
-               interpret)
+    CallGrids (their selector tables are read when the pattern has selectors). Patterns whose
+    keys fall into residue classes run as gathered components (codegen/gather.py)."""
+    config = config or DEFAULT_CONFIG
+    batch, heads, q_len, _ = q.shape
+    parts = gather.components(pattern, q_len, k.shape[2], heads, k.shape[1], config.block)
+    if parts is None:
+        return run(plan(pattern, q, k, v, scale, given, interpret, grids, config), interpret)
+    wide = torch.float32 if len(parts) > 1 else None
+    results = []
+    for part in parts:
+        tiles = _component_tiles(part, config, q.device) if part.gathered else None
+        results.append(run(plan(part.pattern, q, k, v, scale, given, interpret, grids, config,
+                                tiles=tiles, out_dtype=wide), interpret))
+    return results[0] if len(results) == 1 else merge(results, q.dtype)

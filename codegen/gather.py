@@ -1,0 +1,241 @@
+"""Residue-class gathers: a dilated or strided pattern run over dense tiles of live keys.
+
+Input: a bound Pattern (no tensor inputs, no selectors) and a call's sizes. Output: a list of
+:class:`Component` — disjoint pieces of the allowed pairs, each run as one launch of the
+skeleton — or ``None`` when the plain table-driven kernel is the strategy.
+
+The analysis gives every row's exact key set as a union of pieces (attndsl.analysis
+descriptors). A piece ``k in [lo, hi], (k - offset) mod m == l`` whose offset follows the query
+(``offset = q + c``, a dilated window) keeps, for the queries of one residue class
+``q = g (mod m)``, only the keys of one residue class ``k = g + c + l (mod m)``: taking every
+m-th query row and every m-th key row makes those pairs dense. Such a piece becomes a
+*gathered* component with one program group per residue class ``g`` (codegen/skeleton.py:
+rows ``q_row0 + m * i`` against keys ``k_row0 + m * j``). A piece whose offset is constant
+(``k = s (mod m)`` for every query) gathers only the keys (one group, query step 1). The other
+pieces form one *plain* component. Components are made disjoint — each one's mask is the
+pattern's mask, its own pieces, and none of the earlier components' pieces — so their results
+merge exactly by log-sum-exp (codegen/kernel.py).
+
+A gathered component's tile lists come from the analysis of a *derived* pattern over the
+compressed indices: its ``h`` is the group, and ``q``/``k`` are replaced by the positions the
+group's rows stand for.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, replace
+
+import numpy as np
+
+from attndsl.analysis.pieces import b_and, b_not, b_or
+from attndsl.interp import Evaluator
+from attndsl.ir import Expr, Op, Type, const
+from attndsl.program import Pattern
+
+MIN_MODULUS = 2
+
+
+@dataclass(frozen=True)
+class Component:
+    """One launch: ``pattern`` is the original with its mask restricted to this component's
+    pairs; ``groups`` rows (first query row, query count, first key row, key count) walked with
+    steps ``step_q``/``step_k``; ``derived``: the pattern over the compressed indices whose
+    tile lists are the launch's (None for a plain component: the pattern's own)."""
+
+    pattern: Pattern
+    step_q: int = 1
+    step_k: int = 1
+    groups: tuple[tuple[int, int, int, int], ...] = ()
+    derived: Pattern | None = None
+    derived_sizes: tuple[int, int] = (0, 0)
+
+    @property
+    def gathered(self) -> bool:
+        return self.derived is not None
+
+
+def enabled() -> bool:
+    """``ATTNDSL_GATHER=0`` turns residue-class gathers off (every pattern runs on tile lists)."""
+    return os.environ.get("ATTNDSL_GATHER", "1") != "0"
+
+
+# ----------------------------------------------------------------------------- IR helpers
+
+def _cmp(op: Op, a: Expr, b: Expr) -> Expr:
+    return Expr(op, Type.BOOL, (a, b))
+
+
+def _int(op: Op, *args: Expr) -> Expr:
+    return Expr(op, Type.INT, tuple(args))
+
+
+def _leaf(op: Op) -> Expr:
+    return Expr(op, Type.INT)
+
+
+def in_piece(p) -> Expr:
+    """The IR of ``k`` lying in a piece: guard, bounds and residue class."""
+    k = _leaf(Op.K)
+    cond = b_and(p.guard, b_and(_cmp(Op.GE, k, p.lo), _cmp(Op.LE, k, p.hi)))
+    if p.residue is not None:
+        res = _int(Op.MOD, _int(Op.SUB, k, p.residue.offset), const(p.residue.modulus))
+        live = const(False)
+        for r in sorted(p.residue.live):
+            live = b_or(live, _cmp(Op.EQ, res, const(int(r))))
+        cond = b_and(cond, live)
+    return cond
+
+
+def substitute(expr: Expr, leaves: dict) -> Expr:
+    """``expr`` with every leaf whose op is a key of ``leaves`` replaced by its value (shared
+    sub-trees stay shared)."""
+    memo: dict[int, Expr] = {}
+
+    def go(e: Expr) -> Expr:
+        if id(e) not in memo:
+            if e.op in leaves and not e.args:
+                memo[id(e)] = leaves[e.op]
+            elif e.args:
+                memo[id(e)] = replace(e, args=tuple(go(a) for a in e.args))
+            else:
+                memo[id(e)] = e
+        return memo[id(e)]
+
+    return go(expr)
+
+
+# ----------------------------------------------------------------------------- planning
+
+def _offset_kind(pattern, piece, q_len: int, kv_len: int, heads: int, kv_heads: int, head: int):
+    """('q', c) when the piece's residue offset is ``q + c`` (mod m) on every row, ('const', s)
+    when it is ``s`` (mod m) on every row, else None."""
+    res = piece.residue
+    if res is None or len(res.live) != 1 or res.modulus < MIN_MODULUS or q_len == 0:
+        return None
+    grid = pattern.grid(q_len, kv_len, heads, kv_heads, {})
+    rows = np.arange(q_len, dtype=np.int64)
+    env = grid.env(np.array([head]), rows, np.zeros(1, dtype=np.int64))
+    with np.errstate(all="ignore"):
+        off = np.broadcast_to(np.asarray(Evaluator(env).sub(res.offset), dtype=np.int64),
+                              (1, q_len, 1)).ravel()
+    m, (live,) = res.modulus, tuple(res.live)
+    pos = rows + (kv_len - q_len)
+    shift = np.unique((off - pos + live) % m)
+    if len(shift) == 1:
+        return ("q", int(shift[0]))
+    fixed = np.unique((off + live) % m)
+    return ("const", int(fixed[0])) if len(fixed) == 1 else None
+
+
+def _count(first: int, total: int, step: int) -> int:
+    return max(0, -(-(total - first) // step))
+
+
+def _groups(kind, value: int, m: int, q_len: int, kv_len: int):
+    """The group rows and steps of a gathered component."""
+    off = kv_len - q_len
+    if kind == "const":
+        return 1, m, ((0, q_len, value, _count(value, kv_len, m)),)
+    groups = []
+    for g in range(m):
+        q_row0 = (g - off) % m
+        k_row0 = (g + value) % m
+        groups.append((q_row0, _count(q_row0, q_len, m), k_row0, _count(k_row0, kv_len, m)))
+    return m, m, tuple(groups)
+
+
+def _derived(pattern: Pattern, mask: Expr, kind, value: int, m: int, q_len: int, kv_len: int,
+             head: int, groups) -> tuple[Pattern, tuple[int, int]]:
+    """The component over compressed indices: ``h`` is the group ``g``; query ``i`` and key
+    ``j`` stand for positions ``pos_q(g, i)`` and ``pos_k(g, j)``."""
+    off = kv_len - q_len
+    d_q = max(g[1] for g in groups)
+    d_kv = max(g[3] for g in groups)
+    q_index = _int(Op.SUB, _leaf(Op.Q), _int(Op.SUB, _leaf(Op.KV_LEN), _leaf(Op.Q_LEN)))
+    g = _leaf(Op.H)
+    if kind == "const":
+        q_pos = _int(Op.ADD, const(off), q_index)
+        k_pos = _int(Op.ADD, const(value), _int(Op.MUL, const(m), _leaf(Op.K)))
+    else:
+        q_first = _int(Op.MOD, _int(Op.SUB, g, const(off)), const(m))
+        q_pos = _int(Op.ADD, const(off), _int(Op.ADD, q_first, _int(Op.MUL, const(m), q_index)))
+        k_first = _int(Op.MOD, _int(Op.ADD, g, const(value)), const(m))
+        k_pos = _int(Op.ADD, k_first, _int(Op.MUL, const(m), _leaf(Op.K)))
+    # original sizes and head first (constants), then the positions (which read derived sizes)
+    fixed = {Op.Q_LEN: const(q_len), Op.KV_LEN: const(kv_len), Op.H: const(head)}
+    moved = {Op.Q: q_pos, Op.K: k_pos}
+
+    def over_groups(e: Expr | None) -> Expr | None:
+        return None if e is None else substitute(substitute(e, fixed), moved)
+
+    ir = replace(pattern.ir, mask=over_groups(mask), score=over_groups(pattern.ir.score))
+    return Pattern(ir, pattern.source, pattern.values), (d_q, d_kv)
+
+
+def _applicable(pattern: Pattern) -> bool:
+    ir = pattern.ir
+    if any(p.is_tensor for p in ir.params) or pattern.uses_selectors():
+        return False
+    return ir.score is None or not ir.score.uses(Op.H)
+
+
+def components(pattern: Pattern, q_len: int, kv_len: int, heads: int, kv_heads: int,
+               block: tuple[int, int]) -> list[Component] | None:
+    """The components of a call, or None for the plain kernel (cached per call size)."""
+    if not enabled() or not _applicable(pattern) or q_len == 0 or kv_len == 0:
+        return None
+    key = (q_len, kv_len, heads, kv_heads, tuple(block))
+    cache = pattern.__dict__.setdefault("_gather_plans", {})
+    if key not in cache:
+        cache[key] = _components(pattern, q_len, kv_len, heads, kv_heads, block)
+    return cache[key]
+
+
+def _components(pattern, q_len, kv_len, heads, kv_heads, block):
+    desc = pattern.describe(q_len, kv_len, heads, block, kv_heads)
+    if len(desc.keys) != 1 or desc.keys[0] is None:
+        return None
+    keys = desc.keys[0]
+    head = keys.heads[0]
+    classes: dict[tuple, list] = {}
+    plain = []
+    for p in keys.pieces:
+        kind = _offset_kind(pattern, p, q_len, kv_len, heads, kv_heads, head)
+        if kind is None:
+            plain.append(p)
+        else:
+            classes.setdefault((p.residue.modulus,) + kind, []).append(p)
+    if not classes:
+        return None
+    mask = pattern.ir.mask
+    out, earlier = [], const(False)
+    if plain:
+        own = _union(plain)
+        out.append(Component(_restricted(pattern, b_and(mask, own))))
+        earlier = own
+    for (m, kind, value), ps in classes.items():
+        own = _union(ps)
+        restricted = b_and(mask, b_and(own, b_not(earlier)))
+        step_q, step_k, groups = _groups(kind, value, m, q_len, kv_len)
+        derived, sizes = _derived(pattern, restricted, kind, value, m, q_len, kv_len, head, groups)
+        out.append(Component(_restricted(pattern, restricted), step_q, step_k, groups, derived, sizes))
+        earlier = b_or(earlier, own)
+    return out
+
+
+def _union(pieces) -> Expr:
+    out = const(False)
+    for p in pieces:
+        out = b_or(out, in_piece(p))
+    return out
+
+
+def _restricted(pattern: Pattern, mask: Expr) -> Pattern:
+    return Pattern(replace(pattern.ir, mask=mask), pattern.source, pattern.values)
+
+
+def group_lists(component: Component, block: tuple[int, int]):
+    """TileLists [G, nQT, W] of a gathered component (head axis = group)."""
+    d_q, d_kv = component.derived_sizes
+    return component.derived.describe(d_q, d_kv, len(component.groups), block, 1).tiles
