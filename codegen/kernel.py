@@ -24,6 +24,7 @@ from attndsl.program import Pattern
 from . import cache, gather
 from .lower import MAX_RANK, MAX_TENSORS, LoweringError, hook_source
 from .tables import relaxed_mask, table_values, with_tables
+from .tile_tables import DeviceTiles, group_tables, stack_tables
 
 _HELPERS = (Path(__file__).parent / "tlhelpers.py").read_text(encoding="utf-8")
 
@@ -123,54 +124,6 @@ def _tile_lists(pattern, q_len, kv_len, heads, kv_heads, given, block):
     return [lists[i] for i in index]
 
 
-@dataclass(frozen=True)
-class DeviceTiles:
-    """The tile tables of one launch on the device: ``groups`` [G, 4] int64 rows (first query
-    row, query count, first key row, key count) walked with steps ``step_q``/``step_k``; counts
-    [Bt, G, H, nQT] and padded key-tile indices [Bt, G, H, nQT, W] (int32) of full and partial
-    tiles, ``Bt`` 1 when the batch shares them."""
-
-    groups: torch.Tensor
-    full_num: torch.Tensor
-    full_idx: torch.Tensor
-    part_num: torch.Tensor
-    part_idx: torch.Tensor
-    step_q: int = 1
-    step_k: int = 1
-
-    @property
-    def n_query_tiles(self) -> int:
-        return self.full_num.shape[-1]
-
-    @property
-    def n_groups(self) -> int:
-        return self.groups.shape[0]
-
-
-def stack_tables(per_batch: list[list[TileLists]], groups: list[tuple[int, int, int, int]],
-                 device, step_q: int = 1, step_k: int = 1) -> DeviceTiles:
-    """DeviceTiles from host TileLists indexed [batch element][group] (one batch element when
-    the batch shares them); lists of different sizes are padded with empty rows."""
-    flat = [t for row in per_batch for t in row]
-    n_qt = max(t.full_num.shape[1] for t in flat)
-    width = max(max(t.full_idx.shape[-1], t.partial_idx.shape[-1]) for t in flat)
-
-    def num(a):
-        return np.pad(a, [(0, 0), (0, n_qt - a.shape[1])])
-
-    def idx(a):
-        return np.pad(a, [(0, 0), (0, n_qt - a.shape[1]), (0, width - a.shape[-1])])
-
-    def table(get, pad):
-        arr = np.stack([np.stack([pad(get(t)) for t in row]) for row in per_batch])
-        return torch.as_tensor(np.ascontiguousarray(arr, dtype=np.int32), device=device)
-
-    return DeviceTiles(torch.as_tensor(np.array(groups, dtype=np.int64).reshape(-1, 4), device=device),
-                       table(lambda t: t.full_num, num), table(lambda t: t.full_idx, idx),
-                       table(lambda t: t.partial_num, num), table(lambda t: t.partial_idx, idx),
-                       step_q, step_k)
-
-
 def _device_tables(lists: list[TileLists], q_len: int, kv_len: int, device) -> DeviceTiles:
     """The plain (one group) tables of a call; kept on the TileLists, which static patterns
     cache per call size, so repeated calls upload nothing."""
@@ -249,7 +202,7 @@ def plan(pattern, q, k, v, scale: float, given: dict, interpret: bool, grids=Non
                      SCORE_FN=module.score_hook if has_score else module.mask_hook,
                      HAS_SCORE=has_score, BLOCK_M=config.block_m, BLOCK_N=config.block_n,
                      D=d, DV=dv, D_PAD=_pad(d), DV_PAD=_pad(dv), NATIVE_DOT=not interpret,
-                     STEP_Q=tiles.step_q, STEP_K=tiles.step_k)
+                     STEP_Q=tiles.step_q, STEP_K=tiles.step_k, BAND=tiles.band)
     grid = (tiles.n_query_tiles, batch * heads, tiles.n_groups)
     return Launch(grid, args, constants, dict(num_warps=config.num_warps, num_stages=config.num_stages))
 
@@ -261,21 +214,6 @@ def run(launch: Launch, interpret: bool):
         cache.skeleton(interpret).attn_fwd[launch.grid](*launch.args, **launch.constants,
                                                         **launch.options)
     return out, lse
-
-
-def group_tables(lists: TileLists, groups, device, step_q: int, step_k: int) -> DeviceTiles:
-    """DeviceTiles of a gathered component: ``lists`` [G, nQT, W] (the head axis of the derived
-    pattern is the group) shared by every head and batch element."""
-    width = max(lists.full_idx.shape[-1], lists.partial_idx.shape[-1])
-
-    def table(a, idx: bool):
-        if idx:
-            a = np.pad(a, [(0, 0), (0, 0), (0, width - a.shape[-1])])
-        return torch.as_tensor(np.ascontiguousarray(a[None, :, None], dtype=np.int32), device=device)
-
-    return DeviceTiles(torch.as_tensor(np.array(groups, dtype=np.int64).reshape(-1, 4), device=device),
-                       table(lists.full_num, False), table(lists.full_idx, True),
-                       table(lists.partial_num, False), table(lists.partial_idx, True), step_q, step_k)
 
 
 def _component_tiles(component, config: Config, device) -> DeviceTiles:

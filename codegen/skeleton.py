@@ -91,7 +91,8 @@ def attn_fwd(Q, K, V, O, LSE,  # noqa: E741 - the usual names of attention opera
              MASK_FN: tl.constexpr, SCORE_FN: tl.constexpr, HAS_SCORE: tl.constexpr,
              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
              D: tl.constexpr, DV: tl.constexpr, D_PAD: tl.constexpr, DV_PAD: tl.constexpr,
-             NATIVE_DOT: tl.constexpr, STEP_Q: tl.constexpr, STEP_K: tl.constexpr):
+             NATIVE_DOT: tl.constexpr, STEP_Q: tl.constexpr, STEP_K: tl.constexpr,
+             BAND: tl.constexpr):
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
     g = tl.program_id(2)
@@ -133,9 +134,23 @@ def attn_fwd(Q, K, V, O, LSE,  # noqa: E741 - the usual names of attention opera
     # every batch element shares them.
     num_off = b * s_nb + g * s_ng + h * s_nh + pid_m * s_nm
     idx_off = b * s_ib + g * s_ig + h * s_ih + pid_m * s_im
+    # BAND: the index tables hold run bounds (codegen/tile_tables.py), the tiles are arithmetic
     n_full = tl.load(FULL_NUM + num_off)
+    n_part = tl.load(PART_NUM + num_off)
+    full_first = n_full * 0
+    run0 = n_full * 0
+    run0_len = n_full * 0
+    run1 = n_full * 0
+    if BAND:                # (the list tables may be narrower than 3: read only in band form)
+        full_first = tl.load(FULL_IDX + idx_off)
+        run0 = tl.load(PART_IDX + idx_off)
+        run0_len = tl.load(PART_IDX + idx_off + 1)
+        run1 = tl.load(PART_IDX + idx_off + 2)
     for i in range(0, n_full):
-        j = tl.load(FULL_IDX + idx_off + i)
+        if BAND:
+            j = full_first + i
+        else:
+            j = tl.load(FULL_IDX + idx_off + i)
         acc, m_i, l_i = _tile(acc, m_i, l_i, q, k_base, v_base, offs_m, offs_n, j * BLOCK_N, h64,
                               pos_q, k_row0, nk, skn, skd, svn, svd, offs_d, offs_dv, kv_len,
                               q_len, heads, kv_heads, scale,
@@ -144,9 +159,11 @@ def attn_fwd(Q, K, V, O, LSE,  # noqa: E741 - the usual names of attention opera
                               t2, t2_n0, t2_n1, t2_n2, t2_s0, t2_s1, t2_s2,
                               t3, t3_n0, t3_n1, t3_n2, t3_s0, t3_s1, t3_s2,
                               MASK_FN, SCORE_FN, False, HAS_SCORE, D, DV, NATIVE_DOT, STEP_K)
-    n_part = tl.load(PART_NUM + num_off)
     for i in range(0, n_part):
-        j = tl.load(PART_IDX + idx_off + i)
+        if BAND:
+            j = tl.where(i < run0_len, run0 + i, run1 + (i - run0_len))
+        else:
+            j = tl.load(PART_IDX + idx_off + i)
         acc, m_i, l_i = _tile(acc, m_i, l_i, q, k_base, v_base, offs_m, offs_n, j * BLOCK_N, h64,
                               pos_q, k_row0, nk, skn, skd, svn, svd, offs_d, offs_dv, kv_len,
                               q_len, heads, kv_heads, scale,

@@ -1,0 +1,67 @@
+"""Tile tables on the device (codegen/tile_tables.py): the band form holds the same tiles as the
+lists it replaces, is chosen exactly when every row is one full run and at most two partial
+runs, and the kernel reads both forms."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from attndsl.codegen import kernel
+from attndsl.codegen.tile_tables import band_form
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import attndsl
+
+
+def _lists(rows: list[list[int]]):
+    width = max(1, max(len(r) for r in rows))
+    num = np.array([[len(r) for r in rows]], dtype=np.int32)
+    idx = np.zeros((1, len(rows), width), dtype=np.int32)
+    for i, r in enumerate(rows):
+        idx[0, i, :len(r)] = r
+    return num, idx
+
+
+def _runs_of(row: list[int]) -> int:
+    return sum(1 for i, x in enumerate(row) if i == 0 or x != row[i - 1] + 1)
+
+
+@settings(max_examples=200, deadline=None, derandomize=True)
+@given(st.lists(st.tuples(st.sets(st.integers(0, 12), max_size=6), st.sets(st.integers(0, 12), max_size=6)),
+                min_size=1, max_size=5))
+def test_band_form_is_the_lists_in_runs(rows):
+    full_rows = [sorted(f) for f, _ in rows]
+    part_rows = [sorted(p - f) for f, p in rows]
+    fn, fi = _lists(full_rows)
+    pn, pi = _lists(part_rows)
+    band = band_form(fn, fi, pn, pi)
+    fits = all(_runs_of(f) <= 1 for f in full_rows) and all(_runs_of(p) <= 2 for p in part_rows)
+    assert (band is not None) == fits
+    if band is None:
+        return
+    b_fn, b_first, b_pn, b_part = band
+    for i, (f, p) in enumerate(zip(full_rows, part_rows)):
+        assert list(range(b_first[0, i, 0], b_first[0, i, 0] + b_fn[0, i])) == f
+        start0, len0, start1 = b_part[0, i]
+        rebuilt = [start0 + j if j < len0 else start1 + (j - len0) for j in range(b_pn[0, i])]
+        assert rebuilt == p
+
+
+@pytest.mark.parametrize("src,band", [
+    ("pattern p(w = 9):\n    mask = causal and (sinks(2) or sliding(w))\n", True),   # sinks: run 2
+    ("pattern p(w = 9):\n    mask = causal and sliding(w)\n", True),
+    ("pattern p():\n    mask = causal\n", True),
+    ("pattern p():\n    mask = k % 64 < 4 or q == k\n", False)])
+def test_the_kernel_reads_both_forms(src, band, monkeypatch, tmp_path):
+    monkeypatch.setenv("ATTNDSL_CACHE_DIR", str(tmp_path))
+    pat = attndsl.compile(src)["p"].bind()
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(1, 2, 150, 16, generator=g) for _ in range(3))
+    launch = kernel.plan(pat, q, k, v, 0.25, {}, interpret=True)
+    assert launch.constants["BAND"] is band
+    out, lse = kernel.run(launch, interpret=True)
+    ref_out, ref_lse = pat.reference(q.double().numpy(), k.double().numpy(), v.double().numpy(), scale=0.25)
+    assert np.abs(out.double().numpy() - ref_out).max() < 1e-5
+    assert np.allclose(lse.double().numpy(), ref_lse, atol=1e-5)
