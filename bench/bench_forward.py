@@ -2,9 +2,10 @@
 
 For each pattern and length N (q_len = kv_len = N, B = 1, 16 heads, head_dim 128, bf16, CUDA):
 
-* attndsl: ``pat(q, k, v, backend="triton", **tensors)``; its analysis time is the first
-  ``pat.describe(N, N, 16, DEFAULT_CONFIG.block, **tensors)`` on a freshly bound pattern plus its
-  tile lists (what later kernel calls reuse);
+* attndsl: ``pat(q, k, v, backend="triton", **tensors)``, whose first call chooses the tile
+  configuration (codegen/autotune.py; recorded per case); its analysis time is the first
+  ``pat.describe(N, N, 16, block, **tensors)`` with that configuration's tile shape on a freshly
+  bound pattern plus its tile lists (what later kernel calls reuse);
 * FlexAttention: ``torch.compile(flex_attention)`` with a BlockMask from
   ``torch.compile(create_block_mask)(mask_mod, 1, 1, N, N, BLOCK_SIZE=128)`` (the mask_mods of
   bench/cases.py); mask construction and compilation are reported apart, not timed;
@@ -147,7 +148,6 @@ def host_check_s(case, n: int, heads: int) -> float:
 def run_case(fwd, n: int, args, timer, log) -> dict:
     import forward_cases as fc
     import torch
-    from attndsl.codegen.kernel import DEFAULT_CONFIG
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
     dev, cuda = args.device, args.device == "cuda"
@@ -165,15 +165,10 @@ def run_case(fwd, n: int, args, timer, log) -> dict:
                 torch.cuda.empty_cache()
             return None
 
-    # attndsl: analysis on a freshly bound pattern, then the first call (Triton's JIT)
+    # attndsl: the first call (autotuning on its first key, Triton's JIT), the configuration it
+    # chose, then the analysis with that tile shape on a freshly bound pattern
     pat = case.load()
     tensors = case.inputs(n)
-    t0 = time.perf_counter()
-    desc = pat.describe(n, n, H, DEFAULT_CONFIG.block, **tensors)
-    _ = desc.tiles
-    row["attndsl_analysis_ms"] = (time.perf_counter() - t0) * 1e3
-    row["tile_list_mib"] = fc.tile_list_bytes(desc) / 2 ** 20
-    row["tiles_nonempty"] = float((desc.block_map != 0).mean())
     dtype = torch.bfloat16 if cuda else torch.float32
     q, k, v = fc.make_qkv(n, H, D, dtype, dev, args.seed + n)
     given = {name: torch.as_tensor(a, device=dev) for name, a in tensors.items()}
@@ -187,6 +182,15 @@ def run_case(fwd, n: int, args, timer, log) -> dict:
     out_a = None
     if got is not None:
         out_a, row["attndsl_first_s"] = got
+    config = record_config(row, pat, q, k, v, not cuda)
+    fresh = case.load()
+    t0 = time.perf_counter()
+    desc = fresh.describe(n, n, H, config.block, **tensors)
+    _ = desc.tiles
+    row["attndsl_analysis_ms"] = (time.perf_counter() - t0) * 1e3
+    row["tile_list_mib"] = fc.tile_list_bytes(desc) / 2 ** 20
+    row["tiles_nonempty"] = float((desc.block_map != 0).mean())
+    del fresh, desc
 
     # FlexAttention: mask construction (the first call compiles it), then the compiled kernel
     mask_mod = fc.mask_mod_for(fwd.key, n, dev)
@@ -245,6 +249,27 @@ def run_case(fwd, n: int, args, timer, log) -> dict:
     return row
 
 
+def record_config(row, pat, q, k, v, interpret: bool):
+    """The tile configuration attndsl's calls use (codegen/autotune.py), into the row:
+    ``config`` (its label), ``config_source`` (tuned, or why the default) and, when tuned,
+    ``autotune`` (ms per candidate, skipped ones). Returns the Config."""
+    from attndsl.codegen import autotune, kernel
+
+    found = autotune.lookup(pat, q, k, v, interpret)
+    entry = autotune.stored_entry(pat, q, k, v, interpret)
+    if found is None:
+        found, source = kernel.DEFAULT_CONFIG, "default: not tuned (autotune not called?)"
+    elif entry is not None and autotune.config_of(entry) == found:
+        source = "tuned"
+        row["autotune"] = {"ms": entry.get("ms", {}), "skipped": entry.get("skipped", {})}
+    elif not autotune.enabled():
+        source = f"default: {autotune.ENV}=0"
+    else:
+        source = "default: interpreter" if interpret else "default"
+    row["config"], row["config_source"] = autotune.label(found), source
+    return found
+
+
 def run_sdpa(row, key, n, qkv, out_f, mask_mod, args, timer, step):
     import forward_cases as fc
     import torch
@@ -282,7 +307,7 @@ def run_sdpa(row, key, n, qkv, out_f, mask_mod, args, timer, step):
 def meta_info(args, argv) -> dict:
     import torch
     import triton
-    from attndsl.codegen.kernel import DEFAULT_CONFIG
+    from attndsl.codegen import autotune
 
     if args.device == "cuda":
         props = torch.cuda.get_device_properties(0)
@@ -298,10 +323,20 @@ def meta_info(args, argv) -> dict:
     return {"date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
             "device": device, "torch": torch.__version__, "triton": triton.__version__,
             "cuda": torch.version.cuda, "python": platform.python_version(),
-            "block": "{}x{}".format(*DEFAULT_CONFIG.block), "commit": commit, "heads": args.heads,
+            "tiles": tiles_note(autotune, args.device == "cuda"), "commit": commit, "heads": args.heads,
             "head_dim": args.head_dim, "dtype": "bf16" if args.device == "cuda" else "fp32",
             "command": " ".join(["python", "bench/bench_forward.py"] + argv), "tol": args.tol,
             "sdpa_max_n": args.sdpa_max_n, "not_run": []}
+
+
+def tiles_note(autotune, cuda: bool) -> str:
+    """How attndsl's tile configuration is chosen in this run (the report's header)."""
+    if not autotune.enabled():
+        return f"default configuration ({autotune.ENV}=0)"
+    if not cuda:
+        return "default configuration (interpreter: not tuned)"
+    return (f"autotuned per case (budget {autotune.budget_seconds():g} s; results in "
+            f"{autotune.store_path()})")
 
 
 def parse(argv):

@@ -194,20 +194,36 @@ def _tile_stats(desc) -> str:
     return f"{100 * nonempty:.1f}% tiles non-empty, {tile_list_bytes(desc) / 2 ** 10:.0f} KiB tile lists"
 
 
+GPU_CAPABILITY = (9, 0)             # the lent GPUs (H100, H200): sm90, 227 KiB shared memory
+GPU_SMEM = 227 * 1024
+
+
+def tuning_blocks(n: int) -> list[tuple[int, int]]:
+    """The tile shapes autotuning may try for the benchmark's calls at length n on the lent GPUs
+    (codegen/autotune.py candidates for bf16, head_dim 128, sm90), prior's first."""
+    import torch
+    from attndsl.codegen import autotune
+
+    found = autotune.candidates(n, n, HEAD_DIM, HEAD_DIM, torch.bfloat16, GPU_CAPABILITY, GPU_SMEM)
+    return list(dict.fromkeys(c.block for c in found))
+
+
 def check_build(key: str, n: int) -> tuple[list[str], str]:
     """Every CPU-side piece of a case at length n: the bound pattern, its tensor inputs, the
-    analysis with the kernel's tile shape, the generated hooks, q/k/v, the mask_mod, Flex's
-    BlockMask, and the mask_mod against attndsl's dense mask on every pair."""
+    analysis with every tile shape autotuning may try on the GPU (:func:`tuning_blocks`), the
+    generated hooks, q/k/v, the mask_mod, Flex's BlockMask, and the mask_mod against attndsl's
+    dense mask on every pair."""
     import numpy as np
     import torch
-    from attndsl.codegen.kernel import DEFAULT_CONFIG
     from torch.nn.attention.flex_attention import create_block_mask
 
     problems = []
     case = case_of(key)
     pat = case.load()
     tensors = case.inputs(n)
-    desc = pat.describe(n, n, HEADS, DEFAULT_CONFIG.block, **tensors)
+    blocks = tuning_blocks(n)
+    descs = [pat.describe(n, n, HEADS, block, **tensors) for block in blocks]
+    desc = descs[0]
     if "def mask_hook" not in pat.triton_source():
         problems.append(f"{key}: generated source has no mask_hook")
     q, k, v = make_qkv(n, HEADS, HEAD_DIM, torch.bfloat16, "cpu", 0)
@@ -221,7 +237,12 @@ def check_build(key: str, n: int) -> tuple[list[str], str]:
     kept = count_pairs(mask_mod, n, "cpu")
     if kept != int(ours.sum()):
         problems.append(f"{key} at N={n}: count_pairs {kept} != dense count {int(ours.sum())}")
-    return problems, f"{_tile_stats(desc)}, kept {100 * kept / n / n:.1f}%"
+    for block, d in zip(blocks, descs):
+        if d.block_map.shape[1:] != (-(-n // block[0]), -(-n // block[1])):
+            problems.append(f"{key} at N={n}: block map {d.block_map.shape} for tiles {block}")
+    shapes = ", ".join("{}x{}".format(*b) for b in blocks)
+    return problems, (f"{_tile_stats(desc)} at {blocks[0][0]}x{blocks[0][1]} (described at {shapes}), "
+                      f"kept {100 * kept / n / n:.1f}%")
 
 
 def check_rows(key: str, n: int) -> list[str]:
@@ -341,14 +362,25 @@ def target_cell(row, fwd):
                      for name, met in targets(row, fwd))
 
 
+def config_cell(row) -> str:
+    """The tile configuration of a row and how it was chosen (rows from before autotuning have
+    none)."""
+    if not row.get("config"):
+        return "—"
+    tuned = row.get("autotune")
+    if row.get("config_source") == "tuned" and tuned:
+        return f"{row['config']} (best of {len(tuned.get('ms', {}))} timed)"
+    return f"{row['config']} ({row.get('config_source', '?')})"
+
+
 def tables(rows) -> str:
     main = ["| pattern | N | attndsl ms | Flex ms | SDPA ms | attndsl/Flex | attndsl TFLOP/s | "
             "attndsl analysis ms | Flex mask ms (first call, compiling) | check | targets |",
             "|---|---|---|---|---|---|---|---|---|---|---|"]
     more = ["| pattern | N | kept pairs | attndsl tiles non-empty | tile lists / call | "
             "attndsl first call | Flex first call (compile) | Flex TFLOP/s | SDPA TFLOP/s | "
-            "max abs diff vs Flex | rel L2 | attndsl ms, host work cached |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+            "max abs diff vs Flex | rel L2 | attndsl ms, host work cached | attndsl tiles |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         fwd = FORWARD_BY_KEY[r["pattern"]]
         a, f, s = ms(r, "attndsl"), ms(r, "flex"), ms(r, "sdpa")
@@ -372,7 +404,7 @@ def tables(rows) -> str:
                     f"{f_s(r.get('flex_first_s'))} | {'—' if tfl is None else f'{tfl:.1f}'} | "
                     f"{'—' if tsd is None else f'{tsd:.1f}'} | {'—' if diff is None else f'{diff:.2e}'} | "
                     f"{'—' if r.get('rel_l2') is None else format(r['rel_l2'], '.1e')} | "
-                    f"{f_ms(ms(r, 'attndsl_cached'))} |")
+                    f"{f_ms(ms(r, 'attndsl_cached'))} | {config_cell(r)} |")
     return "\n".join(main) + "\n\nDetails and one-time costs:\n\n" + "\n".join(more)
 
 
@@ -417,9 +449,12 @@ Times are medians of CUDA-event timings after warm-up (the L2 flushed before eac
 `attndsl/Flex` < 1 means attndsl is faster. TFLOP/s count kept pairs only:
 4 x head_dim x kept pairs / time. `check`: attndsl's output against FlexAttention's, max |diff| <= {tol}.
 
-- attndsl: `pat(q, k, v, backend="triton", **tensors)`, the whole call, host work included.
-  Analysis: the first `pat.describe(N, N, heads, DEFAULT_CONFIG.block, **tensors)` on a freshly bound
-  pattern, with its tile lists; kernel calls reuse it for patterns without tensor inputs.
+- attndsl: `pat(q, k, v, backend="triton", **tensors)`, the whole call, host work included, with
+  the tile configuration autotuning chose for the case (`attndsl tiles`; codegen/autotune.py: on
+  its first call a key times a few candidates, so `attndsl first call` includes the tuning).
+  Analysis: the first `pat.describe(N, N, heads, block, **tensors)` with that configuration's
+  tile shape on a freshly bound pattern, with its tile lists; kernel calls reuse it for patterns
+  without tensor inputs.
   `host work cached` (a diagnostic, document mask only): the same call with `describe` memoised
   and the per-call index check skipped.
 - Flex: `torch.compile(flex_attention)` with a BlockMask from `torch.compile(create_block_mask)(
@@ -438,7 +473,8 @@ def report(rows, meta, note: str = "") -> str:
     rows = sorted(rows, key=lambda r: (r["n"], order[r["pattern"]]))
     lines = [f"## Forward kernels: attndsl vs FlexAttention vs SDPA — {meta['date']}", "",
              f"Device: {meta['device']}; torch {meta['torch']}, Triton {meta['triton']}, CUDA "
-             f"{meta['cuda']}; attndsl tiles {meta['block']}, commit {meta['commit']}.",
+             f"{meta['cuda']}; attndsl tiles: {meta.get('tiles') or meta.get('block')}, "
+             f"commit {meta['commit']}.",
              f"Command: `{meta['command']}`."]
     if note:
         lines.append(f"Note: {note}")

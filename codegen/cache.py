@@ -67,8 +67,10 @@ def _valid(path: Path, body: str) -> bool:
     return text == _header(body) + body
 
 
-def _write_atomically(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".py")
+def write_atomically(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file in the same folder and a rename, so a
+    reader sees the old file or the whole new one, never a part (also used by codegen/autotune.py)."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=path.suffix)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
@@ -116,7 +118,7 @@ def load_module(body: str, interpret: bool, prefix: str = "attndsl_gen"):
         if str(path) in _LOADED:
             return _LOADED[str(path)]
         if not _valid(path, body):
-            _write_atomically(path, _header(body) + body)
+            write_atomically(path, _header(body) + body)
         module = _import(name, path)
         _LOADED[str(path)] = module
         return module
@@ -126,3 +128,10 @@ def skeleton(interpret: bool):
     """The kernel skeleton module for the mode (its own copy per mode, from its real file)."""
     source = (Path(__file__).parent / "skeleton.py").read_text(encoding="utf-8")
     return load_module(source, interpret, prefix="attndsl_skeleton")
+
+
+def classifier(interpret: bool):
+    """The tile classification kernel module (codegen/classify.py) for the mode, loaded like
+    the skeleton from its real file."""
+    source = (Path(__file__).parent / "classify.py").read_text(encoding="utf-8")
+    return load_module(source, interpret, prefix="attndsl_classify")

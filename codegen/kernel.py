@@ -21,7 +21,7 @@ from attndsl.errors import AttnCallError
 from attndsl.ir import Op, Type
 from attndsl.program import Pattern
 
-from . import cache, gather
+from . import autotune, cache, gather
 from .lower import MAX_RANK, MAX_TENSORS, LoweringError, hook_source
 from .tables import relaxed_mask, table_values, with_tables
 from .tile_tables import DeviceTiles, group_tables, stack_tables
@@ -236,20 +236,31 @@ def merge(parts: list, dtype: torch.dtype):
     return out.to(dtype), lse
 
 
+def launches(pattern, q, k, v, scale: float, given: dict, interpret: bool, grids, config: Config):
+    """The launches of one call and the function combining their results: one launch, or, for
+    patterns whose keys fall into residue classes, one per gathered component
+    (codegen/gather.py) merged by log-sum-exp."""
+    heads, q_len = q.shape[1], q.shape[2]
+    parts = gather.components(pattern, q_len, k.shape[2], heads, k.shape[1], config.block)
+    if parts is None:
+        return [plan(pattern, q, k, v, scale, given, interpret, grids, config)], _only
+    wide = torch.float32 if len(parts) > 1 else None
+    plans = [plan(part.pattern, q, k, v, scale, given, interpret, grids, config,
+                  tiles=_component_tiles(part, config, q.device) if part.gathered else None,
+                  out_dtype=wide) for part in parts]
+    return plans, (_only if len(plans) == 1 else (lambda results: merge(results, q.dtype)))
+
+
+def _only(results: list):
+    return results[0]
+
+
 def forward(pattern, q, k, v, scale: float, given: dict, interpret: bool, grids=None,
             config: Config | None = None):
     """(out [B, H, Lq, Dv] in q's dtype, lse [B, H, Lq] float32); ``grids``: the call's
-    CallGrids (their selector tables are read when the pattern has selectors). Patterns whose
-    keys fall into residue classes run as gathered components (codegen/gather.py)."""
-    config = config or DEFAULT_CONFIG
-    batch, heads, q_len, _ = q.shape
-    parts = gather.components(pattern, q_len, k.shape[2], heads, k.shape[1], config.block)
-    if parts is None:
-        return run(plan(pattern, q, k, v, scale, given, interpret, grids, config), interpret)
-    wide = torch.float32 if len(parts) > 1 else None
-    results = []
-    for part in parts:
-        tiles = _component_tiles(part, config, q.device) if part.gathered else None
-        results.append(run(plan(part.pattern, q, k, v, scale, given, interpret, grids, config,
-                                tiles=tiles, out_dtype=wide), interpret))
-    return results[0] if len(results) == 1 else merge(results, q.dtype)
+    CallGrids (their selector tables are read when the pattern has selectors); ``config``: the
+    tile configuration, by default the autotuned one (codegen/autotune.py)."""
+    if config is None:
+        config = autotune.choose_config(pattern, q, k, v, scale, given, interpret, grids)
+    planned, finish = launches(pattern, q, k, v, scale, given, interpret, grids, config)
+    return finish([run(launch, interpret) for launch in planned])
