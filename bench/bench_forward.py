@@ -3,9 +3,10 @@
 For each pattern and length N (q_len = kv_len = N, B = 1, 16 heads, head_dim 128, bf16, CUDA):
 
 * attndsl: ``pat(q, k, v, backend="triton", **tensors)``, whose first call chooses the tile
-  configuration (codegen/autotune.py; recorded per case); its analysis time is the first
-  ``pat.describe(N, N, 16, block, **tensors)`` with that configuration's tile shape on a freshly
-  bound pattern plus its tile lists (what later kernel calls reuse);
+  configuration (codegen/autotune.py; recorded per case); its analysis time is the host
+  planning of the call on a freshly bound pattern with that configuration
+  (``codegen.kernel.launches``: analysis, residue-class gathers, tile tables on the device:
+  what later calls of that size reuse), and its strategy is recorded per launch;
 * FlexAttention: ``torch.compile(flex_attention)`` with a BlockMask from
   ``torch.compile(create_block_mask)(mask_mod, 1, 1, N, N, BLOCK_SIZE=128)`` (the mask_mods of
   bench/cases.py); mask construction and compilation are reported apart, not timed;
@@ -184,13 +185,25 @@ def run_case(fwd, n: int, args, timer, log) -> dict:
         out_a, row["attndsl_first_s"] = got
     config = record_config(row, pat, q, k, v, not cuda)
     fresh = case.load()
+    from attndsl.codegen import kernel
+
+    def host_plan():        # analysis, gathers, tile tables on the device: all but the kernels
+        planned, _ = kernel.launches(fresh, q, k, v, D ** -0.5, given, not cuda, None, config)
+        if cuda:
+            torch.cuda.synchronize()
+        return planned
+
     t0 = time.perf_counter()
-    desc = fresh.describe(n, n, H, config.block, **tensors)
-    _ = desc.tiles
+    planned = step("attndsl planning", host_plan)
     row["attndsl_analysis_ms"] = (time.perf_counter() - t0) * 1e3
+    if planned is not None:
+        row["strategy"] = "+".join(
+            ("gather" if launch.constants["STEP_K"] > 1 else "tiles")
+            + ("/band" if launch.constants["BAND"] else "/lists") for launch in planned)
+    desc = fresh.describe(n, n, H, config.block, **tensors)
     row["tile_list_mib"] = fc.tile_list_bytes(desc) / 2 ** 20
     row["tiles_nonempty"] = float((desc.block_map != 0).mean())
-    del fresh, desc
+    del desc, planned
 
     # FlexAttention: mask construction (the first call compiles it), then the compiled kernel
     mask_mod = fc.mask_mod_for(fwd.key, n, dev)

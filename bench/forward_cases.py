@@ -379,8 +379,8 @@ def tables(rows) -> str:
             "|---|---|---|---|---|---|---|---|---|---|---|"]
     more = ["| pattern | N | kept pairs | attndsl tiles non-empty | tile lists / call | "
             "attndsl first call | Flex first call (compile) | Flex TFLOP/s | SDPA TFLOP/s | "
-            "max abs diff vs Flex | rel L2 | attndsl ms, host work cached | attndsl tiles |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+            "max abs diff vs Flex | rel L2 | attndsl ms, host work cached | attndsl tiles | strategy |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         fwd = FORWARD_BY_KEY[r["pattern"]]
         a, f, s = ms(r, "attndsl"), ms(r, "flex"), ms(r, "sdpa")
@@ -404,7 +404,7 @@ def tables(rows) -> str:
                     f"{f_s(r.get('flex_first_s'))} | {'—' if tfl is None else f'{tfl:.1f}'} | "
                     f"{'—' if tsd is None else f'{tsd:.1f}'} | {'—' if diff is None else f'{diff:.2e}'} | "
                     f"{'—' if r.get('rel_l2') is None else format(r['rel_l2'], '.1e')} | "
-                    f"{f_ms(ms(r, 'attndsl_cached'))} | {config_cell(r)} |")
+                    f"{f_ms(ms(r, 'attndsl_cached'))} | {config_cell(r)} | {r.get('strategy', '—')} |")
     return "\n".join(main) + "\n\nDetails and one-time costs:\n\n" + "\n".join(more)
 
 
@@ -452,9 +452,11 @@ Times are medians of CUDA-event timings after warm-up (the L2 flushed before eac
 - attndsl: `pat(q, k, v, backend="triton", **tensors)`, the whole call, host work included, with
   the tile configuration autotuning chose for the case (`attndsl tiles`; codegen/autotune.py: on
   its first call a key times a few candidates, so `attndsl first call` includes the tuning).
-  Analysis: the first `pat.describe(N, N, heads, block, **tensors)` with that configuration's
-  tile shape on a freshly bound pattern, with its tile lists; kernel calls reuse it for patterns
-  without tensor inputs.
+  Analysis: the host planning of the call on a freshly bound pattern with that configuration
+  (`codegen.kernel.launches`: the analysis, residue-class gathers and the tile tables on the
+  device); kernel calls reuse it for patterns without tensor inputs. `strategy`, per launch:
+  `tiles` or `gather` (a residue-class group launch), with `band` (arithmetic tile runs) or
+  `lists` (tile index lists).
   `host work cached` (a diagnostic, document mask only): the same call with `describe` memoised
   and the per-call index check skipped.
 - Flex: `torch.compile(flex_attention)` with a BlockMask from `torch.compile(create_block_mask)(
