@@ -28,7 +28,10 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
+from attndsl.analysis.api import call_classes
+from attndsl.analysis.descriptors import TileLists, tile_lists
 from attndsl.analysis.pieces import b_and, b_not, b_or
+from attndsl.analysis.rows import merge, piece_bounds, touch_and_cover
 from attndsl.interp import Evaluator
 from attndsl.ir import Expr, Op, Type, const
 from attndsl.program import Pattern
@@ -49,6 +52,13 @@ class Component:
     groups: tuple[tuple[int, int, int, int], ...] = ()
     derived: Pattern | None = None
     derived_sizes: tuple[int, int] = (0, 0)
+    # what the fast tile lists of a gathered component read (see group_lists)
+    source: Pattern | None = None
+    call: tuple[int, int, int, int] = (0, 0, 0, 0)      # q_len, kv_len, heads, kv_heads
+    head: int = 0
+    own: tuple = ()                                     # its pieces (one residue class)
+    excluded: tuple = ()                                # the earlier components' pieces
+    offset: tuple = ()                                  # ("q", shift) or ("const", residue)
 
     @property
     def gathered(self) -> bool:
@@ -193,10 +203,10 @@ def components(pattern: Pattern, q_len: int, kv_len: int, heads: int, kv_heads: 
 
 
 def _components(pattern, q_len, kv_len, heads, kv_heads, block):
-    desc = pattern.describe(q_len, kv_len, heads, block, kv_heads)
-    if len(desc.keys) != 1 or desc.keys[0] is None:
+    call = call_classes(pattern, q_len, kv_len, heads, block, kv_heads)   # no block map needed
+    if not call.exact or len(call.classes) != 1 or call.classes[0].keys is None:
         return None
-    keys = desc.keys[0]
+    keys = call.classes[0].keys
     head = keys.heads[0]
     classes: dict[tuple, list] = {}
     plain = []
@@ -209,18 +219,20 @@ def _components(pattern, q_len, kv_len, heads, kv_heads, block):
     if not classes:
         return None
     mask = pattern.ir.mask
-    out, earlier = [], const(False)
+    out, earlier, before = [], const(False), ()
     if plain:
         own = _union(plain)
         out.append(Component(_restricted(pattern, b_and(mask, own))))
-        earlier = own
+        earlier, before = own, tuple(plain)
     for (m, kind, value), ps in classes.items():
         own = _union(ps)
         restricted = b_and(mask, b_and(own, b_not(earlier)))
         step_q, step_k, groups = _groups(kind, value, m, q_len, kv_len)
         derived, sizes = _derived(pattern, restricted, kind, value, m, q_len, kv_len, head, groups)
-        out.append(Component(_restricted(pattern, restricted), step_q, step_k, groups, derived, sizes))
-        earlier = b_or(earlier, own)
+        out.append(Component(_restricted(pattern, restricted), step_q, step_k, groups, derived, sizes,
+                             pattern, (q_len, kv_len, heads, kv_heads), head, tuple(ps), before,
+                             (kind, value)))
+        earlier, before = b_or(earlier, own), before + tuple(ps)
     return out
 
 
@@ -235,7 +247,98 @@ def _restricted(pattern: Pattern, mask: Expr) -> Pattern:
     return Pattern(replace(pattern.ir, mask=mask), pattern.source, pattern.values)
 
 
-def group_lists(component: Component, block: tuple[int, int]):
-    """TileLists [G, nQT, W] of a gathered component (head axis = group)."""
-    d_q, d_kv = component.derived_sizes
-    return component.derived.describe(d_q, d_kv, len(component.groups), block, 1).tiles
+def group_block_map(component: Component, block: tuple[int, int]) -> np.ndarray:
+    """Tile classes [G, nQT, nKT] of a gathered component over its compressed indices, from the
+    row intervals of its pieces where they decide every tile (:func:`_fast_block_map`), else
+    from the analysis of the derived pattern (its head axis is the group)."""
+    bm = _fast_block_map(component, block)
+    if bm is None:
+        d_q, d_kv = component.derived_sizes
+        bm = component.derived.describe(d_q, d_kv, len(component.groups), block, 1).block_map
+    return bm
+
+
+def group_lists(component: Component, block: tuple[int, int]) -> TileLists:
+    """TileLists [G, nQT, W] of a gathered component (for tools and tests)."""
+    return tile_lists(group_block_map(component, block), block)
+
+
+MAX_SLOTS = 16
+
+
+def _minus(lo, hi, cut_lo, cut_hi):
+    """Each interval [lo, hi] (slots [..., S]) minus one interval per row [..., 1]: the part
+    below the cut and the part above it (slots [..., 2S]; empty slots have lo > hi)."""
+    live_cut = cut_lo <= cut_hi
+    below_hi = np.where(live_cut, np.minimum(hi, cut_lo - 1), hi)
+    above_lo = np.where(live_cut, np.maximum(lo, cut_hi + 1), 1)
+    above_hi = np.where(live_cut, hi, 0)
+    return np.concatenate([lo, above_lo], -1), np.concatenate([below_hi, above_hi], -1)
+
+
+def _fast_block_map(comp: Component, block) -> np.ndarray | None:
+    """The block map [G, nQT, nKT] of a gathered component over compressed indices, from the
+    per-row key intervals of its pieces (exact: every row's keys in the class, minus the
+    earlier components' intervals). None where that does not decide it: a score clause, an
+    earlier residue piece, a bound the rows cannot evaluate."""
+    if comp.source.ir.score is not None or any(p.residue is not None for p in comp.excluded):
+        return None
+    q_len, kv_len, heads, kv_heads = comp.call
+    if len(comp.own) * 2 ** len(comp.excluded) > MAX_SLOTS:
+        return None
+    grid = comp.source.grid(q_len, kv_len, heads, kv_heads, {})
+    rows = np.arange(q_len, dtype=np.int64)
+    head = np.array([comp.head])
+    lo, hi, unknown = piece_bounds(comp.own, grid, head, rows, keep_residues=True)
+    cut_lo, cut_hi, unknown_cut = piece_bounds(comp.excluded, grid, head, rows, keep_residues=False)
+    if unknown.any() or unknown_cut.any():
+        return None
+    lo, hi = lo[0].astype(np.int64), hi[0].astype(np.int64)                 # [R, slots]
+    kind, value = comp.offset
+    m = comp.step_k
+    pos = rows + (kv_len - q_len)
+    first_key = ((pos + value) % m if kind == "q" else np.full(q_len, value))[:, None]
+    live = lo <= hi
+    if ((lo - first_key) % m != 0)[live].any() or ((hi - first_key) % m != 0)[live].any():
+        return None                                    # not the class the groups gather
+    j_lo = np.where(live, (lo - first_key) // m, 1)
+    j_hi = np.where(live, (hi - first_key) // m, 0)
+    for c in range(cut_lo.shape[-1]):                  # minus the earlier components' keys
+        c_lo, c_hi = cut_lo[0, :, c:c + 1].astype(np.int64), cut_hi[0, :, c:c + 1].astype(np.int64)
+        live_c = c_lo <= c_hi
+        j_lo, j_hi = _minus(j_lo, j_hi, np.where(live_c, -((first_key - c_lo) // m), 1),
+                            np.where(live_c, (c_hi - first_key) // m, 0))
+    j_lo, j_hi = merge(j_lo, j_hi)
+    return _group_block_map(comp, rows, j_lo, j_hi, block)
+
+
+@dataclass(frozen=True)
+class _Sizes:
+    q_len: int
+    kv_len: int
+
+
+def _group_block_map(comp: Component, rows, j_lo, j_hi, block) -> np.ndarray:
+    """Scatter per-row compressed intervals into [G, d_q, slots] by group and classify tiles.
+    Rows past a group's end touch nothing and cover everything (the kernel never stores them);
+    for covering, an interval reaching a group's last key reaches the common end (the keys a
+    group lacks are masked by the kernel)."""
+    d_q, d_kv = comp.derived_sizes
+    groups = np.array(comp.groups, dtype=np.int64).reshape(-1, 4)
+    n_groups, slots = len(groups), j_lo.shape[-1]
+    if comp.step_q == 1:
+        g_of, i_of = np.zeros(len(rows), np.int64), rows
+    else:
+        g_of = (rows + comp.call[1] - comp.call[0]) % comp.step_q
+        i_of = (rows - groups[g_of, 0]) // comp.step_q
+    lo = np.ones((n_groups, d_q, slots), np.int64)
+    hi = np.zeros((n_groups, d_q, slots), np.int64)
+    lo[g_of, i_of], hi[g_of, i_of] = j_lo, j_hi
+    sizes, all_rows = _Sizes(d_q, d_kv), np.arange(d_q)
+    touched, _ = touch_and_cover(lo, hi, sizes, all_rows, block)
+    nk = groups[:, 3][:, None, None]
+    hi = np.where((hi == nk - 1) & (lo <= hi), d_kv - 1, hi)
+    padding = all_rows[None, :] >= groups[:, 1][:, None]          # rows a group does not have
+    lo[padding], hi[padding] = 0, d_kv - 1          # ... cover anything: they are never stored
+    _, covered = touch_and_cover(lo, hi, sizes, all_rows, block)
+    return np.where(touched & covered, 2, np.where(touched, 1, 0)).astype(np.int8)

@@ -16,7 +16,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from attndsl.analysis.descriptors import TileLists, tile_lists
 from attndsl.errors import AttnCallError
 from attndsl.ir import Op, Type
 from attndsl.program import Pattern
@@ -24,7 +23,7 @@ from attndsl.program import Pattern
 from . import autotune, cache, gather
 from .lower import MAX_RANK, MAX_TENSORS, LoweringError, hook_source
 from .tables import relaxed_mask, table_values, with_tables
-from .tile_tables import DeviceTiles, group_tables, stack_tables
+from .tile_tables import DeviceTiles, from_block_maps
 
 _HELPERS = (Path(__file__).parent / "tlhelpers.py").read_text(encoding="utf-8")
 
@@ -102,37 +101,42 @@ def _per_batch(pattern, given: dict) -> tuple[list[dict], list[int]]:
     return out, index
 
 
-def _tile_lists(pattern, q_len, kv_len, heads, kv_heads, given, block):
-    """TileLists for the call, one per batch element when tensor inputs differ per element;
-    for data-dependent selectors, every tile the selectors could open is listed as partial
-    (the hooks then read the selection)."""
+def _block_maps(pattern, q_len, kv_len, heads, kv_heads, given, block) -> list[np.ndarray]:
+    """Tile classes [H or 1, nQT, nKT] of the call, one per batch row (the same array where
+    rows share tensor inputs; one head where every head shares the map); for data-dependent
+    selectors, every tile the selectors could open is partial (the hooks read the selection)."""
     elements, index = _per_batch(pattern, given)
     if not pattern.uses_selectors():
-        lists = [pattern.describe(q_len, kv_len, heads, block, kv_heads, **t).tiles
-                 for t in elements]
-        return [lists[i] for i in index]
-    relaxed = relaxed_mask(pattern.ir.mask)
-    n_qt, n_kt = -(-q_len // block[0]), -(-kv_len // block[1])
-    if relaxed is None or relaxed.uses(Op.ROUTE, Op.TOPK_BLOCKS, Op.TOPP_BLOCKS):
-        return [tile_lists(np.ones((heads, n_qt, n_kt), dtype=np.int8), block)]
+        maps = []
+        for t in elements:
+            desc = pattern.describe(q_len, kv_len, heads, block, kv_heads, **t)
+            maps.append(desc.block_map[:1] if len(desc.head_classes) == 1 else desc.block_map)
+        return [maps[i] for i in index]
+    relaxed = relaxed_mask(pattern.ir.mask)         # reads no query or key vectors
     static = Pattern(replace(pattern.ir, mask=relaxed), pattern.source, pattern.values)
     read = {x.value for x in relaxed.walk() if x.op is Op.INDEX}
-    lists = [tile_lists(np.minimum(static.block_map(
+    maps = [np.minimum(static.block_map(
         q_len, kv_len, heads, block, kv_heads,
-        **_all_inputs(static, {n: t for n, t in shared.items() if n in read})), 1).astype(np.int8),
-        block) for shared in elements]
-    return [lists[i] for i in index]
+        **_all_inputs(static, {n: t for n, t in shared.items() if n in read})), 1).astype(np.int8)
+        for shared in elements]
+    return [maps[i] for i in index]
 
 
-def _device_tables(lists: list[TileLists], q_len: int, kv_len: int, device) -> DeviceTiles:
-    """The plain (one group) tables of a call; kept on the TileLists, which static patterns
-    cache per call size, so repeated calls upload nothing."""
-    if len(lists) > 1 and all(t is lists[0] for t in lists):
-        lists = lists[:1]
-    holder = lists[0].__dict__.setdefault("_device", {})
-    key = (str(device), len(lists), tuple(id(t) for t in lists))
-    if key not in holder:
-        holder[key] = stack_tables([[t] for t in lists], [(0, q_len, 0, kv_len)], device)
+def _device_tables(pattern, q_len, kv_len, heads, kv_heads, given, block, device) -> DeviceTiles:
+    """The plain (one group) tables of a call; for patterns without tensor inputs they are kept
+    per call size, so repeated calls upload nothing."""
+    key = (q_len, kv_len, heads, kv_heads, tuple(block), str(device))
+    holder = pattern.__dict__.setdefault("_device_tables", {})
+    if given or key not in holder:
+        maps = _block_maps(pattern, q_len, kv_len, heads, kv_heads, given, block)
+        if len(maps) > 1 and all(m is maps[0] for m in maps):
+            maps = maps[:1]
+        tiles = from_block_maps([m[None] for m in maps], [(0, q_len, 0, kv_len)], device)
+        if given:
+            return tiles
+        if len(holder) >= 16:
+            holder.pop(next(iter(holder)))
+        holder[key] = tiles
     return holder[key]
 
 
@@ -180,8 +184,11 @@ def plan(pattern, q, k, v, scale: float, given: dict, interpret: bool, grids=Non
     kv_heads, kv_len, dv = k.shape[1], k.shape[2], v.shape[-1]
     dev = q.device
     if tiles is None:
-        lists = _tile_lists(pattern, q_len, kv_len, heads, kv_heads, given, config.block)
-        tiles = _device_tables(lists, q_len, kv_len, dev)
+        if q.is_cuda:                   # tensor inputs: classified on the device
+            from .device_tiles import device_tiles  # (it imports this module)
+            tiles = device_tiles(pattern, q, k, given, config, interpret)
+        if tiles is None:
+            tiles = _device_tables(pattern, q_len, kv_len, heads, kv_heads, given, config.block, dev)
     derived = with_tables(pattern)[3]
     derived_values = table_values(derived, grids or [], q_len, kv_len) if derived else {}
     module = cache.load_module(module_source(pattern), interpret)
@@ -217,11 +224,12 @@ def run(launch: Launch, interpret: bool):
 
 
 def _component_tiles(component, config: Config, device) -> DeviceTiles:
-    lists = gather.group_lists(component, config.block)
-    holder = lists.__dict__.setdefault("_device", {})
-    key = ("groups", str(device))
+    holder = component.__dict__.setdefault("_device", {})
+    key = (tuple(config.block), str(device))
     if key not in holder:
-        holder[key] = group_tables(lists, component.groups, device, component.step_q, component.step_k)
+        bm = gather.group_block_map(component, config.block)          # [G, nQT, nKT]
+        holder[key] = from_block_maps([bm[:, None]], component.groups, device, component.step_q,
+                                      component.step_k)
     return holder[key]
 
 

@@ -1,9 +1,11 @@
-"""The tile tables a launch reads on the device, built from the analysis's tile lists.
+"""The tile tables a launch reads on the device, built from tile classes.
 
-Input: host :class:`~attndsl.analysis.descriptors.TileLists` (per batch element and group).
-Output: :class:`DeviceTiles` — int32 tables ``[Bt, G, H, nQT]`` of counts and
-``[Bt, G, H, nQT, W]`` of key-tile indices, for full and partial tiles (``Bt`` 1 when the
-batch shares them, ``G`` the program groups of codegen/skeleton.py).
+Input: tile classes (0 empty, 1 partial, 2 full) ``[Bt, G, H, nQT, nKT]`` — from the analysis
+(host block maps) or classified on the device (codegen/device_tiles.py). Output:
+:class:`DeviceTiles` — int32 tables ``[Bt, G, H, nQT]`` of counts and ``[Bt, G, H, nQT, W]``
+of key-tile indices for full and partial tiles (``Bt`` 1 when the batch shares them, ``G`` the
+program groups of codegen/skeleton.py, ``H`` 1 when every head shares them). The tables are
+built with torch on the device, so the host only moves the classes.
 
 *Band form.* When, in every row of tiles, the full key tiles form one contiguous run and the
 partial ones at most two, the tables hold loop bounds instead of lists: the full table's
@@ -20,15 +22,14 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from attndsl.analysis.descriptors import TileLists
-
 
 @dataclass(frozen=True)
 class DeviceTiles:
     """The tile tables of one launch on the device: ``groups`` [G, 4] int64 rows (first query
     row, query count, first key row, key count) walked with steps ``step_q``/``step_k``; counts
     [Bt, G, H, nQT] and padded key-tile indices [Bt, G, H, nQT, W] (int32) of full and partial
-    tiles, ``Bt`` 1 when the batch shares them; ``band``: the index tables hold run bounds."""
+    tiles; ``band``: the index tables hold run bounds. A table dimension of size 1 is
+    broadcast (stride 0)."""
 
     groups: torch.Tensor
     full_num: torch.Tensor
@@ -48,81 +49,77 @@ class DeviceTiles:
         return self.groups.shape[0]
 
 
-def _runs(num: np.ndarray, idx: np.ndarray, most: int):
-    """(starts [..., most], lengths [..., most]) of the ascending runs of consecutive indices
-    of every padded list, or None when some list has more than ``most`` runs."""
-    width = idx.shape[-1]
-    col = np.arange(width)
-    live = col < num[..., None]
-    breaks = np.zeros(idx.shape, dtype=bool)
-    breaks[..., 1:] = (idx[..., 1:] != idx[..., :-1] + 1) & live[..., 1:]
-    if (breaks.sum(axis=-1) > most - 1).any():
+def index_lists(sel: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Counts [..., N] and ascending column indices [..., N, width] (int32, 0-padded) of a bool
+    [..., N, M] with at most ``width`` true entries per row."""
+    num = sel.sum(dim=-1, dtype=torch.int32)
+    pos = torch.where(sel, torch.cumsum(sel, dim=-1) - 1, width).to(torch.int64)
+    cols = torch.arange(sel.shape[-1], dtype=torch.int32, device=sel.device).expand(sel.shape)
+    idx = torch.zeros(sel.shape[:-1] + (width + 1,), dtype=torch.int32, device=sel.device)
+    idx.scatter_(-1, pos, cols)         # unselected columns all land in the dropped last slot
+    return num, idx[..., :width].contiguous()
+
+
+def _run_starts(sel: torch.Tensor) -> torch.Tensor:
+    starts = sel.clone()
+    starts[..., 1:] &= ~sel[..., :-1]
+    return starts
+
+
+def _first(sel: torch.Tensor) -> torch.Tensor:
+    """Index of the first true entry of each row (0 when none), int32."""
+    return torch.where(sel.any(-1), sel.to(torch.int8).argmax(-1), 0).to(torch.int32)
+
+
+def band_tables(classes: torch.Tensor):
+    """(full count, full first [..., 1], partial count, partial (start 0, length 0, start 1)
+    [..., 3]) of tile classes [..., N, M], or None when some row is not one full run and at
+    most two partial runs (reads one flag back from the device)."""
+    full, part = classes == 2, classes == 1
+    full_starts, part_starts = _run_starts(full), _run_starts(part)
+    n_full_runs = full_starts.sum(-1, dtype=torch.int32)
+    n_part_runs = part_starts.sum(-1, dtype=torch.int32)
+    if n_full_runs.numel() and bool(((n_full_runs > 1) | (n_part_runs > 2)).any()):
         return None
-    first = np.where(num > 0, idx[..., 0], 0)
-    cut = np.where(breaks.any(axis=-1), np.argmax(breaks, axis=-1), num)     # length of run 0
-    second = np.take_along_axis(idx, np.minimum(cut, width - 1)[..., None], axis=-1)[..., 0]
-    second = np.where(cut < num, second, 0)
-    starts = np.stack([first, second], axis=-1)[..., :most]
-    lengths = np.stack([cut, num - cut], axis=-1)[..., :most]
-    return starts, lengths
+    run = part_starts.to(torch.int8).cumsum(-1, dtype=torch.int8)       # run number 1 or 2
+    first_run = part & (run == 1)
+    partial = torch.stack([_first(part), first_run.sum(-1, dtype=torch.int32),
+                           _first(part_starts & (run == 2))], dim=-1)
+    return (full.sum(-1, dtype=torch.int32), _first(full)[..., None],
+            part.sum(-1, dtype=torch.int32), partial)
 
 
-def band_form(full_num, full_idx, part_num, part_idx):
-    """The band tables (full first [..., 1], partial (start 0, length 0, start 1) [..., 3]) of
-    list tables, or None when some row is not one full run and at most two partial runs."""
-    full = _runs(full_num, full_idx, 1)
-    part = _runs(part_num, part_idx, 2)
-    if full is None or part is None:
-        return None
-    (p_starts, p_lens) = part
-    partial = np.stack([p_starts[..., 0], p_lens[..., 0], p_starts[..., 1]], axis=-1)
-    return full_num, full[0][..., :1], part_num, partial
-
-
-def upload(full_num, full_idx, part_num, part_idx, groups, device, step_q: int = 1,
-           step_k: int = 1) -> DeviceTiles:
-    """DeviceTiles from host tables [Bt, G, H, nQT(, W)], in band form where possible."""
-    band = band_form(full_num, full_idx, part_num, part_idx)
-    f_num, f_idx, p_num, p_idx = band if band is not None else (full_num, full_idx, part_num, part_idx)
+def from_classes(classes: torch.Tensor, groups, step_q: int = 1, step_k: int = 1,
+                 band: bool = True) -> DeviceTiles:
+    """DeviceTiles from tile classes [Bt, G, H, nQT, nKT] on the device (band form where it
+    fits and ``band``; else index lists, padded to the widest row)."""
+    device = classes.device
+    tables = band_tables(classes) if band else None
+    is_band = tables is not None
+    if not is_band:
+        full, part = classes == 2, classes == 1
+        most = torch.maximum(full.sum(-1).amax(), part.sum(-1).amax()) if full.numel() else 1
+        width = max(1, int(most))
+        tables = (*index_lists(full, width), *index_lists(part, width))
+    f_num, f_idx, p_num, p_idx = tables
     width = max(f_idx.shape[-1], p_idx.shape[-1])      # one stride serves both index tables
 
-    def widened(a):
-        return np.pad(a, [(0, 0)] * (a.ndim - 1) + [(0, width - a.shape[-1])])
+    def widened(t):
+        return torch.nn.functional.pad(t, (0, width - t.shape[-1])).contiguous()
 
-    tables = (f_num, widened(f_idx), p_num, widened(p_idx))
-
-    def dev(a):
-        return torch.as_tensor(np.ascontiguousarray(a, dtype=np.int32), device=device)
-
-    return DeviceTiles(torch.as_tensor(np.array(groups, dtype=np.int64).reshape(-1, 4), device=device),
-                       *(dev(a) for a in tables), step_q, step_k, band is not None)
+    group_rows = torch.as_tensor(np.array(groups, dtype=np.int64).reshape(-1, 4), device=device)
+    return DeviceTiles(group_rows, f_num.contiguous(), widened(f_idx), p_num.contiguous(),
+                       widened(p_idx), step_q, step_k, is_band)
 
 
-def stack_tables(per_batch: list[list[TileLists]], groups: list[tuple[int, int, int, int]],
-                 device, step_q: int = 1, step_k: int = 1) -> DeviceTiles:
-    """DeviceTiles from host TileLists indexed [batch element][group] (one batch element when
-    the batch shares them); lists of different sizes are padded with empty rows."""
-    flat = [t for row in per_batch for t in row]
-    n_qt = max(t.full_num.shape[1] for t in flat)
-    width = max(max(t.full_idx.shape[-1], t.partial_idx.shape[-1]) for t in flat)
-
-    def num(a):
-        return np.pad(a, [(0, 0), (0, n_qt - a.shape[1])])
-
-    def idx(a):
-        return np.pad(a, [(0, 0), (0, n_qt - a.shape[1]), (0, width - a.shape[-1])])
-
-    def table(get, pad):
-        return np.stack([np.stack([pad(get(t)) for t in row]) for row in per_batch])
-
-    return upload(table(lambda t: t.full_num, num), table(lambda t: t.full_idx, idx),
-                  table(lambda t: t.partial_num, num), table(lambda t: t.partial_idx, idx),
-                  groups, device, step_q, step_k)
-
-
-def group_tables(lists: TileLists, groups, device, step_q: int, step_k: int) -> DeviceTiles:
-    """DeviceTiles of a gathered component: ``lists`` [G, nQT, W] (the head axis of the derived
-    pattern is the group) shared by every head and batch element."""
-    return upload(lists.full_num[None, :, None], lists.full_idx[None, :, None],
-                  lists.partial_num[None, :, None], lists.partial_idx[None, :, None], groups,
-                  device, step_q, step_k)
+def from_block_maps(maps: list[np.ndarray], groups, device, step_q: int = 1,
+                    step_k: int = 1) -> DeviceTiles:
+    """DeviceTiles from host block maps, one [G, H, nQT, nKT] per batch element (one when the
+    batch shares them); maps of different sizes are padded with empty tiles."""
+    n_qt = max(m.shape[-2] for m in maps)
+    n_kt = max(m.shape[-1] for m in maps)
+    stacked = np.stack([np.pad(m, [(0, 0)] * (m.ndim - 2) + [(0, n_qt - m.shape[-2]),
+                                                              (0, n_kt - m.shape[-1])])
+                        for m in maps])
+    classes = torch.as_tensor(np.ascontiguousarray(stacked, dtype=np.int8), device=device)
+    return from_classes(classes, groups, step_q, step_k)

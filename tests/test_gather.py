@@ -69,8 +69,8 @@ def _covered(comp, q_len, kv_len, heads):
 
 
 @pytest.mark.parametrize("src,q_len,kv_len", [
-    (DILATED, 41, 41), (DILATED, 13, 50), (STRIDED, 37, 37), (STRIDED, 1, 29), (SHIFTED, 45, 45),
-    (COLUMN, 30, 44)])
+    (DILATED, 41, 41), (DILATED, 13, 50), (STRIDED, 37, 37), (STRIDED, 1, 29), (STRIDED, 3, 50),
+    (SHIFTED, 45, 45), (COLUMN, 30, 44)])
 def test_components_partition_the_mask_and_their_tiles_cover_it(src, q_len, kv_len):
     pat = _pattern(src)
     heads = 2
@@ -86,6 +86,24 @@ def test_components_partition_the_mask_and_their_tiles_cover_it(src, q_len, kv_l
         assert not (own & ~listed).any(), "an allowed pair lies outside the listed tiles"
         assert not (full & ~own).any(), "a full tile holds a pair that is not allowed"
     assert np.array_equal(union, whole)
+
+
+@pytest.mark.parametrize("src,q_len,kv_len", [
+    (DILATED, 41, 41), (DILATED, 13, 50), (STRIDED, 37, 37), (STRIDED, 3, 50), (SHIFTED, 45, 45),
+    (COLUMN, 30, 44)])
+def test_row_interval_tiles_agree_with_the_derived_analysis(src, q_len, kv_len):
+    """The fast tile classes (per-row intervals) are never coarser than the analysis of the
+    derived pattern, and equal to them when every group has every row."""
+    for comp in gather.components(_pattern(src), q_len, kv_len, 2, 1, BLOCK):
+        if not comp.gathered:
+            continue
+        fast = gather._fast_block_map(comp, BLOCK)
+        d_q, d_kv = comp.derived_sizes
+        slow = comp.derived.describe(d_q, d_kv, len(comp.groups), BLOCK, 1).block_map
+        assert fast is not None and fast.shape == slow.shape
+        assert (fast <= slow).all()
+        if all(g[1] == d_q for g in comp.groups):
+            assert np.array_equal(fast, slow)
 
 
 def test_what_is_gathered():

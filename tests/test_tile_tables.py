@@ -8,40 +8,34 @@ import numpy as np
 import pytest
 import torch
 from attndsl.codegen import kernel
-from attndsl.codegen.tile_tables import band_form
+from attndsl.codegen.tile_tables import band_tables, from_classes
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import attndsl
 
 
-def _lists(rows: list[list[int]]):
-    width = max(1, max(len(r) for r in rows))
-    num = np.array([[len(r) for r in rows]], dtype=np.int32)
-    idx = np.zeros((1, len(rows), width), dtype=np.int32)
-    for i, r in enumerate(rows):
-        idx[0, i, :len(r)] = r
-    return num, idx
-
-
 def _runs_of(row: list[int]) -> int:
     return sum(1 for i, x in enumerate(row) if i == 0 or x != row[i - 1] + 1)
 
 
-@settings(max_examples=200, deadline=None, derandomize=True)
-@given(st.lists(st.tuples(st.sets(st.integers(0, 12), max_size=6), st.sets(st.integers(0, 12), max_size=6)),
-                min_size=1, max_size=5))
-def test_band_form_is_the_lists_in_runs(rows):
-    full_rows = [sorted(f) for f, _ in rows]
-    part_rows = [sorted(p - f) for f, p in rows]
-    fn, fi = _lists(full_rows)
-    pn, pi = _lists(part_rows)
-    band = band_form(fn, fi, pn, pi)
+@settings(max_examples=300, deadline=None, derandomize=True)
+@given(st.lists(st.lists(st.sampled_from([0, 0, 1, 2]), min_size=7, max_size=7), min_size=1, max_size=5))
+def test_band_tables_hold_the_tiles_in_runs(rows):
+    classes = torch.tensor(rows, dtype=torch.int8)[None]            # [1, N, M]
+    full_rows = [[j for j, c in enumerate(r) if c == 2] for r in rows]
+    part_rows = [[j for j, c in enumerate(r) if c == 1] for r in rows]
+    band = band_tables(classes)
     fits = all(_runs_of(f) <= 1 for f in full_rows) and all(_runs_of(p) <= 2 for p in part_rows)
     assert (band is not None) == fits
     if band is None:
+        tiles = from_classes(classes[None, None], [(0, 1, 0, 1)])
+        assert not tiles.band
+        for i, (f, p) in enumerate(zip(full_rows, part_rows)):
+            assert tiles.full_idx[0, 0, 0, i, :tiles.full_num[0, 0, 0, i]].tolist() == f
+            assert tiles.part_idx[0, 0, 0, i, :tiles.part_num[0, 0, 0, i]].tolist() == p
         return
-    b_fn, b_first, b_pn, b_part = band
+    b_fn, b_first, b_pn, b_part = (t.numpy() for t in band)
     for i, (f, p) in enumerate(zip(full_rows, part_rows)):
         assert list(range(b_first[0, i, 0], b_first[0, i, 0] + b_fn[0, i])) == f
         start0, len0, start1 = b_part[0, i]

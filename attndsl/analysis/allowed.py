@@ -11,7 +11,9 @@ full tiles on ``lower``; the two are equal for position-dependent ``score if c e
 ``finite(e)`` is a sufficient condition for ``e`` not to be +-inf, given a finite ``score``:
 arithmetic on finite values is taken not to overflow (documented in docs/language.md); ``log``,
 ``/`` and ``**`` add the conditions that keep them finite when those are free of ``score``,
-otherwise the pair is not claimed; a float tensor is finite when all its elements are.
+otherwise the pair is not claimed; a float tensor is finite when all its elements are. With
+``tensors=None`` (values unknown, as for tile lists built on the device) each element read is
+tested where it is read instead: ``abs(t[i]) < inf``, an expression of the pair.
 """
 
 from __future__ import annotations
@@ -35,8 +37,9 @@ def _cmp(op: Op, a: Expr, b: Expr) -> Expr:
     return Expr(op, Type.BOOL, (a, b))
 
 
-def finite(e: Expr, values: dict, tensors: dict) -> Expr:
-    """A score-free bool expression implying that the float expression e is not +-inf."""
+def finite(e: Expr, values: dict, tensors: dict | None) -> Expr:
+    """A score-free bool expression implying that the float expression e is not +-inf
+    (``tensors`` None: tensor reads are tested at the pair, see the module docstring)."""
     if e.type is not Type.FLOAT or e.op is Op.SCORE:
         return TRUE
     if e.op is Op.CONST:
@@ -44,6 +47,8 @@ def finite(e: Expr, values: dict, tensors: dict) -> Expr:
     if e.op is Op.PARAM:
         return const(math.isfinite(values[e.value]))
     if e.op is Op.INDEX:
+        if tensors is None:
+            return Expr(Op.LT, Type.BOOL, (Expr(Op.ABS, Type.FLOAT, (e,)), const(math.inf)))
         t = tensors.get(e.value)
         return const(t is not None and bool(np.isfinite(np.asarray(t, np.float64)).all()))
     args = [finite(a, values, tensors) for a in e.args]
@@ -88,8 +93,9 @@ def not_minus_inf(e: Expr) -> Expr:
     return TRUE
 
 
-def allowed_bounds(ir: PatternIR, values: dict, tensors: dict) -> tuple[Expr, Expr]:
-    """(lower, upper): bool expressions with lower => allowed => upper at every pair.
+def allowed_bounds(ir: PatternIR, values: dict, tensors: dict | None) -> tuple[Expr, Expr]:
+    """(lower, upper): bool expressions with lower => allowed => upper at every pair
+    (``tensors`` None: float tensor reads of the score are tested at each pair, see finite).
 
     Both are the mask when there is no score clause; they are equal whenever the score clause
     reaches -inf only through position-dependent branches (``score if c else -inf``).
