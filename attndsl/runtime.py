@@ -133,12 +133,14 @@ def run(pattern, q, k, v, return_lse=False, scale=None, backend=None, tensors=No
         with _one_thread(q.device.type == "cpu"):
             out, lse = blockwise_attention(grids, q, k, v, scale)
     else:
+        from .analysis.intervals import indices_in_range
         from .codegen.kernel import forward
         from .reference import check_indices
 
-        if pattern.ir.mask.uses(Op.INDEX) or (pattern.ir.score is not None
-                                               and pattern.ir.score.uses(Op.INDEX)):
-            check_indices(grids)            # before any kernel runs (section 3)
+        # before any kernel runs (section 3): proved by intervals in O(length), else pair by pair
+        unproved = [g for g in grids if not indices_in_range(g)]
+        if unproved:
+            check_indices(unproved)
         out, lse = forward(pattern, q, k, v, scale, tensors or {},
                            interpret=backend == "triton-interpret", grids=grids)
     return (out, lse) if return_lse else out

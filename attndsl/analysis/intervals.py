@@ -426,3 +426,26 @@ def classify_tiles(mask: Expr, grid: TileGrid) -> Truth:
     t = Analyzer(grid).value(mask)
     shape = (len(grid.heads), grid.q_lo.shape[1], grid.k_lo.shape[2])
     return Truth(np.broadcast_to(t.may, shape), np.broadcast_to(t.must, shape))
+
+
+def indices_in_range(grid) -> bool:
+    """Whether every tensor index of the call's mask and score clause is provably in range at
+    every pair (one tile spanning the call; guards are ignored, so this over-approximates
+    where an index is read). ``False`` means "not proved": check pair by pair
+    (attndsl.reference.check_indices), which also names the offending index."""
+    roots = [grid.ir.mask] + ([grid.ir.score] if grid.ir.score is not None else [])
+    nodes = [n for r in roots for n in r.walk() if n.op is Op.INDEX]
+    if not nodes or grid.q_len == 0 or grid.kv_len == 0:
+        return True
+    tiles = make_grid(grid.q_len, grid.kv_len, grid.heads, grid.kv_heads, (grid.q_len, grid.kv_len),
+                      grid.params, grid.tensors)
+    an = Analyzer(tiles)
+    for node in nodes:
+        shape = np.shape(grid.tensors[node.value])
+        for axis, index in enumerate(node.args):
+            if axis >= len(shape):
+                return False
+            num = an.value(index)
+            if not (np.all(num.lo >= 0) and np.all(num.hi < shape[axis])):
+                return False
+    return True
