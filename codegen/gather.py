@@ -339,6 +339,7 @@ def _group_block_map(comp: Component, rows, j_lo, j_hi, block) -> np.ndarray:
     nk = groups[:, 3][:, None, None]
     hi = np.where((hi == nk - 1) & (lo <= hi), d_kv - 1, hi)
     padding = all_rows[None, :] >= groups[:, 1][:, None]          # rows a group does not have
-    lo[padding], hi[padding] = 0, d_kv - 1          # ... cover anything: they are never stored
+    lo[padding], hi[padding] = 1, 0                 # ... cover anything (they are never stored),
+    lo[..., 0][padding], hi[..., 0][padding] = 0, d_kv - 1      # once: coverage counts slots
     _, covered = touch_and_cover(lo, hi, sizes, all_rows, block)
     return np.where(touched & covered, 2, np.where(touched, 1, 0)).astype(np.int8)

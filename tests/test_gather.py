@@ -33,6 +33,7 @@ DILATED = "pattern p(w = 6, d = 3):\n    mask = dilated(w, d)\n"
 STRIDED = "pattern p(l = 5):\n    mask = 0 <= q - k <= l or strided(l)\n"
 SHIFTED = "pattern p(d = 4, c = 1):\n    mask = causal and (q - k + c) % d == 0 and q - k < 20\n"
 COLUMN = "pattern p(m = 6):\n    mask = causal and (k % m == m - 1 or q == k)\n"
+TWO_PIECES = "pattern p(w = 3, c = 2):\n    mask = strided(8) and (q + 3 >= c or band(w))\n"
 
 
 def _covered(comp, q_len, kv_len, heads):
@@ -70,7 +71,7 @@ def _covered(comp, q_len, kv_len, heads):
 
 @pytest.mark.parametrize("src,q_len,kv_len", [
     (DILATED, 41, 41), (DILATED, 13, 50), (STRIDED, 37, 37), (STRIDED, 1, 29), (STRIDED, 3, 50),
-    (SHIFTED, 45, 45), (COLUMN, 30, 44)])
+    (SHIFTED, 45, 45), (COLUMN, 30, 44), (TWO_PIECES, 19, 27)])
 def test_components_partition_the_mask_and_their_tiles_cover_it(src, q_len, kv_len):
     pat = _pattern(src)
     heads = 2
@@ -90,7 +91,7 @@ def test_components_partition_the_mask_and_their_tiles_cover_it(src, q_len, kv_l
 
 @pytest.mark.parametrize("src,q_len,kv_len", [
     (DILATED, 41, 41), (DILATED, 13, 50), (STRIDED, 37, 37), (STRIDED, 3, 50), (SHIFTED, 45, 45),
-    (COLUMN, 30, 44)])
+    (COLUMN, 30, 44), (TWO_PIECES, 19, 27)])
 def test_row_interval_tiles_agree_with_the_derived_analysis(src, q_len, kv_len):
     """The fast tile classes (per-row intervals) are never coarser than the analysis of the
     derived pattern, and equal to them when every group has every row."""
@@ -163,7 +164,7 @@ def _check(pat, q_len, kv_len, heads=2, kv_heads=1, d=16, dtype=torch.float32, t
 
 @pytest.mark.parametrize("src,q_len,kv_len,heads,kv_heads,d", [
     (DILATED, 41, 41, 2, 1, 16), (DILATED, 1, 33, 4, 2, 24), (STRIDED, 30, 47, 2, 2, 16),
-    (SHIFTED, 45, 40, 2, 1, 16), (COLUMN, 26, 26, 2, 1, 64)])
+    (SHIFTED, 45, 40, 2, 1, 16), (COLUMN, 26, 26, 2, 1, 64), (TWO_PIECES, 19, 27, 3, 1, 16)])
 def test_gathered_kernels_match_the_reference(src, q_len, kv_len, heads, kv_heads, d):
     _check(_pattern(src), q_len, kv_len, heads, kv_heads, d, batch=2)
 
