@@ -189,3 +189,30 @@ def test_random_residue_patterns_match_the_reference(d, c, w, kv_len, short, ban
     parts = gather.components(pat, q_len, kv_len, 2, 1, kernel.DEFAULT_CONFIG.block)
     assert parts is not None and parts[-1].gathered
     _check(pat, q_len, kv_len)
+
+
+@settings(max_examples=150, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(st.integers(2, 9), st.integers(0, 8), st.integers(1, 6), st.sampled_from(
+    ["", " or q - k < {w}", " or (q + {c} >= {w} and k < {c})", " or band({w})", " or k % {d} == {c} % {d}"]),
+    st.sampled_from(["causal and ", "", "q // 16 == k // 16 and "]),
+    st.integers(1, 70), st.integers(-10, 30))
+def test_random_residue_patterns_partition_and_cover(d, c, w, extra, outer, kv_len, short):
+    """Random residue patterns (a shift, an extra piece, an outer condition): the components
+    partition the mask and the gathered tiles cover it soundly (no kernel: cheap)."""
+    q_len = max(1, kv_len - short)
+    src = (f"pattern p():\n    mask = {outer}((q - k + {c}) % {d} == 0 and q - k < {w * d}"
+           + extra.format(w=w, c=c, d=d) + ")\n")
+    pat = _pattern(src)
+    parts = gather.components(pat, q_len, kv_len, 2, 1, BLOCK)
+    if parts is None:
+        return
+    whole = pat.dense_mask(q_len, kv_len, 2).astype(bool)
+    union = np.zeros_like(whole)
+    for comp in parts:
+        own = comp.pattern.dense_mask(q_len, kv_len, 2).astype(bool)
+        assert not (own & union).any()
+        union |= own
+        listed, full = _covered(comp, q_len, kv_len, 2)
+        assert not (own & ~listed).any() and not (full & ~own).any(), src
+    assert np.array_equal(union, whole)
