@@ -5,8 +5,14 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.attndsl-installed
 # A known-good CPU release; an unpinned torch would pull a multi-GB CUDA build on a CPU machine.
 TORCH  ?= torch==2.13.0
+# A second environment with only Triton 3.6 (the GPU machines' version): the ahead-of-time
+# compile check (codegen/aot_runner.py needs nothing but triton) runs there too. ~7 s to create.
+VENV36  ?= .venv-triton36
+PY36    := $(VENV36)/bin/python
+STAMP36 := $(VENV36)/.attndsl-installed
+TRITON36 ?= triton==3.6.0
 
-.PHONY: setup test lint demo clean
+.PHONY: setup test lint demo clean triton36 aot aot36
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -14,16 +20,31 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install --quiet --disable-pip-version-check -e ".[test]"
 	touch $(STAMP)
 
+$(STAMP36): Makefile
+	test -x $(PY36) || $(PYTHON) -m venv $(VENV36)
+	$(PY36) -m pip install --quiet --disable-pip-version-check "$(TRITON36)"
+	touch $(STAMP36)
+
 setup: $(STAMP)
+
+triton36: $(STAMP36)
+
+# every example's kernel compiled ahead of time for sm_80 and sm_90 (no GPU needed)
+aot: $(STAMP)
+	$(PY) -m attndsl.codegen.aot examples/*.attn
+
+aot36: $(STAMP) $(STAMP36)
+	$(PY) -m attndsl.codegen.aot --python $(PY36) examples/*.attn
 
 lint: $(STAMP)
 	$(PY) -m ruff check attndsl codegen grammar tests bench
 
-test: lint
+# tests/test_codegen_aot.py also compiles the kernels with Triton 3.6 from $(VENV36)
+test: lint $(STAMP36)
 	$(PY) -m pytest
 
 demo: $(STAMP)
 	$(VENV)/bin/attndsl run examples/longformer.attn --q-len 1024 --kv-len 1024 --heads 4 --head-dim 64
 
 clean:
-	rm -rf $(VENV) build dist *.egg-info .pytest_cache .ruff_cache .hypothesis
+	rm -rf $(VENV) $(VENV36) build dist *.egg-info .pytest_cache .ruff_cache .hypothesis

@@ -5,6 +5,11 @@ self-contained pytest file that checks their generated kernels against the refer
 language helpers and the pattern's mask / score hooks) after a comment line naming the pattern,
 its parameter values and the kernel slot of each tensor input.
 
+``emit --compile sm_80,sm_90`` instead compiles each pattern's kernel ahead of time for those
+GPU targets (no GPU needed; :mod:`attndsl.codegen.aot`) for a call of ``--dtype`` and
+``--head-dim``, and prints one report line per target: registers, spills, shared memory and
+whether the dot products run on tensor cores; exit status 1 when a target fails.
+
 ``testgen`` writes a test file that embeds the .attn source text (so it does not depend on the
 file staying where it is) and, for each chosen pattern with its ``--set`` values, compares
 ``pat(q, k, v, return_lse=True, backend=B)`` with ``pat.reference`` over a small matrix of
@@ -57,6 +62,17 @@ def add_parsers(sub) -> None:
                                    "with the pattern's parameter values. Exit status 1 when a "
                                    "pattern cannot be lowered.")
     common(p)
+    p.add_argument("--compile", metavar="TARGETS", type=_targets,
+                   help="compile each pattern's kernel ahead of time for these GPU targets "
+                        "(comma-separated, e.g. sm_80,sm_90; no GPU needed) and print a report "
+                        "per target instead of the source; exit status 1 when one fails")
+    p.add_argument("--dtype", choices=("bf16", "fp16", "fp32"),
+                   help="with --compile: dtype of q, k and v (default bf16)")
+    p.add_argument("--head-dim", type=_positive, metavar="D",
+                   help="with --compile: head dimension (default 128)")
+    p.add_argument("--python", metavar="PY",
+                   help="with --compile: the Python that compiles (its triton is used; default "
+                        "this one), e.g. .venv-triton36/bin/python")
     p.set_defaults(func=cmd_emit)
 
     p = sub.add_parser("testgen", help="write a pytest file checking the generated kernels of "
@@ -83,11 +99,41 @@ def tensor_slots(pat) -> str:
     return ", ".join(f"{n} -> t{i}" for i, n in enumerate(names))
 
 
+def _targets(text: str) -> list[str]:
+    import argparse
+
+    from .codegen.aot_runner import JobError, parse_target
+
+    names = list(dict.fromkeys(t.strip() for t in text.split(",") if t.strip()))
+    try:
+        for name in names:
+            parse_target(name)
+    except JobError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    if not names:
+        raise argparse.ArgumentTypeError("no target given (e.g. sm_80,sm_90)")
+    return names
+
+
+def _positive(text: str) -> int:
+    import argparse
+
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return int(text)
+
+
 def cmd_emit(args) -> int:
     from .cli import report, require_bound, select_patterns
     from .program import load
 
+    extra = [o for o, v in (("--dtype", args.dtype), ("--head-dim", args.head_dim),
+                            ("--python", args.python)) if v is not None]
+    if extra and not args.compile:
+        raise AttnCallError(f"{extra[0]} is an option of --compile")
     prog = load(args.file)
+    if args.compile:
+        return _compile(select_patterns(prog, args), args)
     status, first = 0, True
     for pat in select_patterns(prog, args):
         try:
@@ -103,6 +149,39 @@ def cmd_emit(args) -> int:
         slots = tensor_slots(pat)
         print(f"# pattern {signature(pat)}" + (f"; tensor inputs: {slots}" if slots else ""))
         print(text.rstrip("\n"))
+    return status
+
+
+def _compile(pats: list, args) -> int:
+    """``emit --compile``: one compile report per pattern (codegen/aot.py)."""
+    from .cli import report, require_bound
+    from .codegen import aot
+
+    call = aot.Call(dtype=args.dtype or "bf16", head_dim=args.head_dim or 128)
+    jobs, names, status = [], [], 0
+    for pat in pats:
+        try:
+            require_bound(pat)
+            mine = aot.pattern_jobs(pat, call, targets=args.compile)
+        except AttnError as err:
+            report(err)
+            status = 1
+            continue
+        jobs += mine
+        names += [(pat.name, signature(pat) + (f" [launch {i + 1}/{len(mine)}]" if len(mine) > 1
+                                               else "")) for i in range(len(mine))]
+    if not jobs:
+        return status
+    results = aot.compile_jobs(jobs, python=args.python, processes=os.cpu_count() or 1)
+    failed = []
+    for (short, name), reports in zip(names, results):
+        version = reports[0].get("triton", "?")
+        print(f"# pattern {name}: {call.label()}, triton {version}")
+        print("\n".join(aot.report_lines(reports)))
+        failed += [f"{short} for {r['target']}" for r in reports if not r["ok"]]
+    if failed:
+        report(AttnCallError(f"the kernel does not compile: {', '.join(dict.fromkeys(failed))}"))
+        return 1
     return status
 
 

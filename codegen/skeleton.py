@@ -96,8 +96,10 @@ def attn_fwd(Q, K, V, O, LSE,  # noqa: E741 - the usual names of attention opera
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
     g = tl.program_id(2)
-    b = bh // heads
-    h = bh % heads
+    # int64: with int32 sizes and strides, b * sqb (and h * sqh) would wrap around for
+    # operands of 2**31 elements or more (the products stay scalars, so this costs nothing)
+    b = (bh // heads).to(tl.int64)
+    h = (bh % heads).to(tl.int64)
     kvh = h // (heads // kv_heads)
     # group g: query rows q_row0 + STEP_Q * i (i < nq) against key rows k_row0 + STEP_K * j
     # (j < nk); one group of all rows unless the keys are gathered by residue class
