@@ -23,6 +23,7 @@ reaches the generated file only as a Python literal (``repr``), never as code.
 
 from __future__ import annotations
 
+import argparse
 import math
 import os
 import shlex
@@ -70,6 +71,9 @@ def add_parsers(sub) -> None:
                    help="with --compile: dtype of q, k and v (default bf16)")
     p.add_argument("--head-dim", type=_positive, metavar="D",
                    help="with --compile: head dimension (default 128)")
+    p.add_argument("--config", type=_config, metavar="BMxBN[/WARPS/STAGES]",
+                   help="with --compile: the tile configuration (default 32x32/4/1, the CPU's; "
+                        "e.g. 128x64/8/3 as autotuning would try on an H100)")
     p.add_argument("--python", metavar="PY",
                    help="with --compile: the Python that compiles (its triton is used; default "
                         "this one), e.g. .venv-triton36/bin/python")
@@ -123,12 +127,29 @@ def _positive(text: str) -> int:
     return int(text)
 
 
+def _config(text: str):
+    """``BMxBN[/WARPS/STAGES]`` -> codegen.kernel.Config (powers of two from 16 for the tile)."""
+    from .codegen.kernel import Config
+
+    tile, _, rest = text.partition("/")
+    try:
+        bm, bn = (int(x) for x in tile.lower().split("x"))
+        extra = [int(x) for x in rest.split("/")] if rest else []
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected BMxBN[/WARPS/STAGES], got {text!r}") from None
+    if len(extra) not in (0, 2) or any(x < 16 or x & (x - 1) for x in (bm, bn)) \
+            or any(x < 1 for x in extra):
+        raise argparse.ArgumentTypeError(f"expected BMxBN[/WARPS/STAGES] with tile sides powers of "
+                                         f"two from 16, got {text!r}")
+    return Config(bm, bn, *extra)
+
+
 def cmd_emit(args) -> int:
     from .cli import report, require_bound, select_patterns
     from .program import load
 
     extra = [o for o, v in (("--dtype", args.dtype), ("--head-dim", args.head_dim),
-                            ("--python", args.python)) if v is not None]
+                            ("--config", args.config), ("--python", args.python)) if v is not None]
     if extra and not args.compile:
         raise AttnCallError(f"{extra[0]} is an option of --compile")
     prog = load(args.file)
@@ -162,7 +183,8 @@ def _compile(pats: list, args) -> int:
     for pat in pats:
         try:
             require_bound(pat)
-            mine = aot.pattern_jobs(pat, call, targets=args.compile)
+            mine = aot.pattern_jobs(pat, call, targets=args.compile,
+                                    **({"config": args.config} if args.config else {}))
         except AttnError as err:
             report(err)
             status = 1

@@ -202,4 +202,4 @@ def device_tiles(pattern, q, k, given: dict, config, interpret: bool) -> DeviceT
         return t if hc == heads else t.expand(bt, 1, heads, *t.shape[3:])
 
     return DeviceTiles(groups, per_head(full_num), per_head(full_idx), per_head(part_num),
-                       per_head(part_idx))
+                       per_head(part_idx), key_counts=(k.shape[2],))

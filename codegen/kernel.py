@@ -67,9 +67,8 @@ def _tensor_args(pattern, given: dict, derived_values: dict, device) -> list:
     for name in sorted(slots, key=slots.get):
         p = declared.get(name)
         rank = p.type.rank if p is not None else derived[name].rank
-        is_int = p is None or p.type.elem is Type.INT
         t = torch.as_tensor(values[name], device=device)
-        t = t.to(torch.int64 if is_int else torch.float32)
+        t = t.to(_slot_dtype(p, derived.get(name)))
         batched = t.dim() == rank + 1
         sizes = list(t.shape[1:] if batched else t.shape) + [1] * (MAX_RANK - rank)
         strides = list(t.stride()[1:] if batched else t.stride()) + [0] * (MAX_RANK - rank)
@@ -78,6 +77,16 @@ def _tensor_args(pattern, given: dict, derived_values: dict, device) -> list:
     for _ in range(len(slots), MAX_TENSORS):
         args += [dummy] + [1] * MAX_RANK + [0] * MAX_RANK + [0]
     return args
+
+
+def _slot_dtype(param, derived) -> torch.dtype:
+    """The dtype a tensor slot holds: int64 for the language's ints and float32 for floats from
+    the user; the selector tables are narrow (their [tile x tile] gathers are staged in shared
+    memory by the software pipeline, so width is what limits the tile configuration): 0/1
+    selections int8, cluster ids int32."""
+    if param is not None:
+        return torch.int64 if param.type.elem is Type.INT else torch.float32
+    return torch.int8 if derived.kind in ("random", "blocks") else torch.int32
 
 
 def _per_batch(pattern, given: dict) -> tuple[list[dict], list[int]]:
@@ -209,7 +218,8 @@ def plan(pattern, q, k, v, scale: float, given: dict, interpret: bool, grids=Non
                      SCORE_FN=module.score_hook if has_score else module.mask_hook,
                      HAS_SCORE=has_score, BLOCK_M=config.block_m, BLOCK_N=config.block_n,
                      D=d, DV=dv, D_PAD=_pad(d), DV_PAD=_pad(dv), NATIVE_DOT=not interpret,
-                     STEP_Q=tiles.step_q, STEP_K=tiles.step_k, BAND=tiles.band)
+                     STEP_Q=tiles.step_q, STEP_K=tiles.step_k, BAND=tiles.band,
+                     EVEN_N=tiles.even_keys(config.block_n))
     grid = (tiles.n_query_tiles, batch * heads, tiles.n_groups)
     return Launch(grid, args, constants, dict(num_warps=config.num_warps, num_stages=config.num_stages))
 

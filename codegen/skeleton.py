@@ -36,12 +36,16 @@ def _tile(acc, m_i, l_i, q, k_base, v_base, offs_m, offs_n, start_n, h, pos_q, k
           t3, t3_n0, t3_n1, t3_n2, t3_s0, t3_s1, t3_s2,
           MASK_FN: tl.constexpr, SCORE_FN: tl.constexpr, USE_MASK: tl.constexpr,
           HAS_SCORE: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
-          NATIVE_DOT: tl.constexpr, STEP_K: tl.constexpr):
+          NATIVE_DOT: tl.constexpr, STEP_K: tl.constexpr, EVEN_N: tl.constexpr,
+          D_PAD: tl.constexpr, DV_PAD: tl.constexpr):
     idx = start_n + offs_n
     in_kv = idx < nk
     cols = k_row0 + idx * STEP_K        # key rows (STEP_K > 1: one residue class, gathered)
-    kt = tl.load(k_base + cols[None, :] * stride_kn + offs_d[:, None] * stride_kd,
-                 mask=in_kv[None, :] & (offs_d[:, None] < D), other=0.0)
+    k_ptrs = k_base + cols[None, :] * stride_kn + offs_d[:, None] * stride_kd
+    if EVEN_N and (D == D_PAD):         # every listed tile lies inside the keys: no load mask
+        kt = tl.load(k_ptrs)
+    else:
+        kt = tl.load(k_ptrs, mask=in_kv[None, :] & (offs_d[:, None] < D), other=0.0)
     if (q.dtype == tl.float32) or (not NATIVE_DOT):     # exact fp32 products
         s = tl.dot(q.to(tl.float32), kt.to(tl.float32), input_precision="ieee") * scale
     else:                               # fp16/bf16: tensor cores, fp32 accumulation
@@ -60,15 +64,24 @@ def _tile(acc, m_i, l_i, q, k_base, v_base, offs_m, offs_n, start_n, h, pos_q, k
                      t1, t1_n0, t1_n1, t1_n2, t1_s0, t1_s1, t1_s2,
                      t2, t2_n0, t2_n1, t2_n2, t2_s0, t2_s1, t2_s2,
                      t3, t3_n0, t3_n1, t3_n2, t3_s0, t3_s1, t3_s2).to(tl.float32)
-    allowed = allowed & (s != -float("inf"))
-    s2 = tl.where(allowed, s * LOG2E, -float("inf"))
+    if USE_MASK or (not EVEN_N):
+        allowed = allowed & (s != -float("inf"))
+        s2 = tl.where(allowed, s * LOG2E, -float("inf"))
+    else:                               # a full tile inside the keys: every pair counts, and a
+        s2 = s * LOG2E                  # -inf score gives exp2(-inf) = 0 by itself
     m_new = tl.maximum(m_i, tl.max(s2, 1))
     m_safe = tl.where(m_new == -float("inf"), 0.0, m_new)
     alpha = tl.exp2(m_i - m_safe)
-    p = tl.where(allowed, tl.exp2(s2 - m_safe[:, None]), 0.0)
+    if USE_MASK or (not EVEN_N):
+        p = tl.where(allowed, tl.exp2(s2 - m_safe[:, None]), 0.0)
+    else:
+        p = tl.exp2(s2 - m_safe[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
-    vt = tl.load(v_base + cols[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
-                 mask=in_kv[:, None] & (offs_dv[None, :] < DV), other=0.0)
+    v_ptrs = v_base + cols[:, None] * stride_vn + offs_dv[None, :] * stride_vd
+    if EVEN_N and (DV == DV_PAD):
+        vt = tl.load(v_ptrs)
+    else:
+        vt = tl.load(v_ptrs, mask=in_kv[:, None] & (offs_dv[None, :] < DV), other=0.0)
     if (q.dtype == tl.float32) or (not NATIVE_DOT):
         pv = tl.dot(p, vt.to(tl.float32), input_precision="ieee")
     else:
@@ -92,7 +105,7 @@ def attn_fwd(Q, K, V, O, LSE,  # noqa: E741 - the usual names of attention opera
              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
              D: tl.constexpr, DV: tl.constexpr, D_PAD: tl.constexpr, DV_PAD: tl.constexpr,
              NATIVE_DOT: tl.constexpr, STEP_Q: tl.constexpr, STEP_K: tl.constexpr,
-             BAND: tl.constexpr):
+             BAND: tl.constexpr, EVEN_N: tl.constexpr):
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
     g = tl.program_id(2)
@@ -160,7 +173,8 @@ def attn_fwd(Q, K, V, O, LSE,  # noqa: E741 - the usual names of attention opera
                               t1, t1_n0, t1_n1, t1_n2, t1_s0, t1_s1, t1_s2,
                               t2, t2_n0, t2_n1, t2_n2, t2_s0, t2_s1, t2_s2,
                               t3, t3_n0, t3_n1, t3_n2, t3_s0, t3_s1, t3_s2,
-                              MASK_FN, SCORE_FN, False, HAS_SCORE, D, DV, NATIVE_DOT, STEP_K)
+                              MASK_FN, SCORE_FN, False, HAS_SCORE, D, DV, NATIVE_DOT, STEP_K,
+                              EVEN_N, D_PAD, DV_PAD)
     for i in range(0, n_part):
         if BAND:
             j = tl.where(i < run0_len, run0 + i, run1 + (i - run0_len))
@@ -173,7 +187,8 @@ def attn_fwd(Q, K, V, O, LSE,  # noqa: E741 - the usual names of attention opera
                               t1, t1_n0, t1_n1, t1_n2, t1_s0, t1_s1, t1_s2,
                               t2, t2_n0, t2_n1, t2_n2, t2_s0, t2_s1, t2_s2,
                               t3, t3_n0, t3_n1, t3_n2, t3_s0, t3_s1, t3_s2,
-                              MASK_FN, SCORE_FN, True, HAS_SCORE, D, DV, NATIVE_DOT, STEP_K)
+                              MASK_FN, SCORE_FN, True, HAS_SCORE, D, DV, NATIVE_DOT, STEP_K,
+                              EVEN_N, D_PAD, DV_PAD)
     has = l_i > 0.0
     out = tl.where(has[:, None], acc / tl.where(has, l_i, 1.0)[:, None], 0.0)
     tl.store(O + b * sob + h * soh + rows[:, None] * som + offs_dv[None, :] * sod,

@@ -39,6 +39,12 @@ class DeviceTiles:
     step_q: int = 1
     step_k: int = 1
     band: bool = False
+    key_counts: tuple[int, ...] = ()        # every group's key count, when known on the host
+
+    def even_keys(self, block_n: int) -> bool:
+        """Whether every group has the same key count, a multiple of ``block_n``: the listed key
+        tiles then lie inside the keys (the kernel's ``EVEN_N``)."""
+        return len(set(self.key_counts)) == 1 and self.key_counts[0] % block_n == 0
 
     @property
     def n_query_tiles(self) -> int:
@@ -108,8 +114,9 @@ def from_classes(classes: torch.Tensor, groups, step_q: int = 1, step_k: int = 1
         return torch.nn.functional.pad(t, (0, width - t.shape[-1])).contiguous()
 
     group_rows = torch.as_tensor(np.array(groups, dtype=np.int64).reshape(-1, 4), device=device)
+    counts = tuple(int(row[3]) for row in np.array(groups, dtype=np.int64).reshape(-1, 4))
     return DeviceTiles(group_rows, f_num.contiguous(), widened(f_idx), p_num.contiguous(),
-                       widened(p_idx), step_q, step_k, is_band)
+                       widened(p_idx), step_q, step_k, is_band, counts)
 
 
 def from_block_maps(maps: list[np.ndarray], groups, device, step_q: int = 1,

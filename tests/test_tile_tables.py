@@ -59,3 +59,24 @@ def test_the_kernel_reads_both_forms(src, band, monkeypatch, tmp_path):
     ref_out, ref_lse = pat.reference(q.double().numpy(), k.double().numpy(), v.double().numpy(), scale=0.25)
     assert np.abs(out.double().numpy() - ref_out).max() < 1e-5
     assert np.allclose(lse.double().numpy(), ref_lse, atol=1e-5)
+
+
+@pytest.mark.parametrize("src,kv_len,d,even", [
+    ("pattern p():\n    mask = causal\n", 128, 16, True),
+    ("pattern p():\n    mask = causal\n", 128, 24, True),                 # head dim padded
+    ("pattern p():\n    mask = causal\n    score = score - 0.1 * float(q - k)\n", 96, 16, True),
+    ("pattern p(w = 40):\n    mask = causal and sliding(w)\n", 100, 16, False),
+    ("pattern p(w = 9, d = 4):\n    mask = dilated(w, d)\n", 256, 16, True),   # groups of 64 keys
+    ("pattern p(w = 9, d = 4):\n    mask = dilated(w, d)\n", 250, 16, False),
+])
+def test_tiles_inside_the_keys_load_without_masks(src, kv_len, d, even, monkeypatch, tmp_path):
+    monkeypatch.setenv("ATTNDSL_CACHE_DIR", str(tmp_path))
+    pat = attndsl.compile(src)["p"].bind()
+    g = torch.Generator().manual_seed(kv_len + d)
+    q, k, v = (torch.randn(2, 2, kv_len, d, generator=g) for _ in range(3))
+    planned, finish = kernel.launches(pat, q, k, v, 0.3, {}, True, None, kernel.DEFAULT_CONFIG)
+    assert all(launch.constants["EVEN_N"] is even for launch in planned)
+    out, lse = finish([kernel.run(launch, interpret=True) for launch in planned])
+    ref_out, ref_lse = pat.reference(q.double().numpy(), k.double().numpy(), v.double().numpy(), scale=0.3)
+    assert np.abs(out.double().numpy() - ref_out).max() < 1e-5
+    assert np.allclose(lse.double().numpy(), ref_lse, atol=1e-5)
