@@ -147,6 +147,12 @@ TRITON_RULES = {
 }
 
 
+def _narrowed(line: str) -> str:
+    for wide, narrow in _NARROW.items():
+        line = line.replace(wide, narrow)
+    return line
+
+
 class _Context:
     def __init__(self, values: dict, slots: dict):
         self.values = values
@@ -185,12 +191,28 @@ def _emit(ctx: _Context, root: Expr) -> str:
     return ctx.names[id(root)]
 
 
-def hook_source(name: str, expr: Expr, values: dict, slots: dict) -> str:
-    """``@triton.jit def NAME(HOOK_ARGS): ...`` computing expr (values: parameters)."""
+_NARROW = {"tl.cast(q_len, tl.int64)": "tl.cast(q_len, tl.int32)",
+           "tl.cast(kv_len, tl.int64)": "tl.cast(kv_len, tl.int32)",
+           "tl.cast(heads, tl.int64)": "tl.cast(heads, tl.int32)",
+           "tl.cast(kv_heads, tl.int64)": "tl.cast(kv_heads, tl.int32)"}
+
+
+def hook_source(name: str, expr: Expr, values: dict, slots: dict, narrow: bool = False) -> str:
+    """``@triton.jit def NAME(HOOK_ARGS): ...`` computing expr (values: parameters).
+
+    ``narrow``: the positions, head and sizes are taken as int32, so that integer arithmetic
+    runs in 32 bits (a GPU does 64-bit integer operations in several instructions and twice the
+    registers). Only for calls where every integer the expression computes is proved to fit
+    (codegen/narrow.py); values read from int64 tensors still promote what they meet to int64.
+    """
     if len(slots) > MAX_TENSORS:
         raise LoweringError(f"the Triton backend takes at most {MAX_TENSORS} tensor inputs")
     ctx = _Context(values, slots)
     result = _emit(ctx, expr)
+    if narrow:
+        ctx.lines = [f"    {v} = {v}.to(tl.int32)" for v in ("q", "k", "h")] + [
+            _narrowed(line) for line in ctx.lines]
+        result = _narrowed(result)
     if expr.type is Type.FLOAT and not expr.uses(Op.SCORE):
         # a constant, parameter or per-head value is no tile (a Python float or a scalar)
         result = f"tl.zeros_like(s) + {result}"

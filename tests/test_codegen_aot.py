@@ -82,7 +82,8 @@ def _compile(jobs: dict, python=None) -> dict:
 def _broken_hook(job: dict, folder: Path) -> dict:
     """The job with its hook module copied and its mask hook made to load from an int."""
     text = Path(job["hooks_module"]).read_text(encoding="utf-8")
-    text, n = re.subn(r"(def mask_hook\(.*?\):\n)", r"\1    bad = tl.load(q_len)\n", text,
+    hook = job["hooks"]["MASK_FN"]              # the width the call runs (mask_hook32 or mask_hook)
+    text, n = re.subn(rf"(def {hook}\(.*?\):\n)", r"\1    bad = tl.load(q_len)\n", text,
                       count=1, flags=re.S)
     assert n == 1
     path = folder / f"broken_{Path(job['hooks_module']).name}"
@@ -189,8 +190,8 @@ def test_the_signature_follows_the_launcher():
     assert sig["Q"] == "*bf16" and sig["LSE"] == "*fp32" and sig["FULL_IDX"] == "*i32"
     assert sig["q_len"] == "constexpr" and job["constexprs"]["q_len"] == 1
     assert sig["kv_len"] == "i32" and "kv_len" in job["divisible_by_16"]
-    assert job["constexprs"]["NATIVE_DOT"] is True and job["hooks"] == {"MASK_FN": "mask_hook",
-                                                                        "SCORE_FN": "mask_hook"}
+    assert job["constexprs"]["NATIVE_DOT"] is True and job["hooks"] == {"MASK_FN": "mask_hook32",
+                                                                        "SCORE_FN": "mask_hook32"}
     assert list(sig) == aot.kernel_arguments()
 
 

@@ -1,0 +1,50 @@
+"""Whether a call's hooks may compute their integers in 32 bits.
+
+Input: the lowered mask and score IR of a pattern (codegen/tables.py ``with_tables``), its
+parameter values, a call's sizes and the NumPy values of its tensor slots (user inputs per
+batch element, derived selector tables). Output: True when interval analysis over the whole
+call (one tile spanning every head, query and key: attndsl/analysis/intervals.py) bounds every
+integer the expressions compute inside int32, and every tensor slot has fewer than 2**31
+elements (its offsets are computed from those integers). Then the ``*_hook32`` variants of the
+hooks run (codegen/lower.py ``narrow``); otherwise the int64 ones. The language's integers
+are 64-bit; narrowing changes no value because nothing it computes leaves int32.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from attndsl.analysis.intervals import Analyzer, make_grid
+from attndsl.ir import Expr, Type
+
+INT32_MIN, INT32_MAX = -2 ** 31, 2 ** 31 - 1
+
+
+def enabled() -> bool:
+    """``ATTNDSL_NARROW=0`` keeps every hook in int64 (for tests and comparisons)."""
+    return os.environ.get("ATTNDSL_NARROW", "1") != "0"
+
+
+def fits_int32(roots: list[Expr], values: dict, sizes: tuple[int, int, int, int],
+               tensor_sets: list[dict]) -> bool:
+    """True when every int node of ``roots`` lies in int32 at every pair of the call, for each
+    dict of slot tensors in ``tensor_sets`` (one per batch element)."""
+    q_len, kv_len, heads, kv_heads = sizes
+    if not enabled() or q_len == 0 or kv_len == 0:
+        return False
+    nodes = {id(n): n for r in roots for n in r.walk() if n.type is Type.INT}
+    for tensors in tensor_sets:
+        if any(np.size(t) >= 2 ** 31 for t in tensors.values()):
+            return False
+        grid = make_grid(q_len, kv_len, heads, kv_heads, (q_len, kv_len), values, tensors)
+        analyzer = Analyzer(grid)
+        try:
+            for node in nodes.values():
+                num = analyzer.value(node)
+                if not (np.all(num.lo >= INT32_MIN) and np.all(num.hi <= INT32_MAX)):
+                    return False
+        except (KeyError, IndexError, ValueError, TypeError, OverflowError):
+            return False                    # not analysable here: stay in 64 bits
+    return True
