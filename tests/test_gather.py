@@ -164,7 +164,8 @@ def _check(pat, q_len, kv_len, heads=2, kv_heads=1, d=16, dtype=torch.float32, t
 
 @pytest.mark.parametrize("src,q_len,kv_len,heads,kv_heads,d", [
     (DILATED, 41, 41, 2, 1, 16), (DILATED, 1, 33, 4, 2, 24), (STRIDED, 30, 47, 2, 2, 16),
-    (SHIFTED, 45, 40, 2, 1, 16), (COLUMN, 26, 26, 2, 1, 64), (TWO_PIECES, 19, 27, 3, 1, 16)])
+    (SHIFTED, 45, 40, 2, 1, 16), (COLUMN, 26, 26, 2, 1, 64), (TWO_PIECES, 19, 27, 3, 1, 16),
+    (DILATED, 50, 30, 2, 2, 16), (STRIDED, 64, 40, 4, 1, 32)])       # more queries than keys: empty rows
 def test_gathered_kernels_match_the_reference(src, q_len, kv_len, heads, kv_heads, d):
     _check(_pattern(src), q_len, kv_len, heads, kv_heads, d, batch=2)
 
