@@ -59,6 +59,7 @@ class Component:
     own: tuple = ()                                     # its pieces (one residue class)
     excluded: tuple = ()                                # the earlier components' pieces
     offset: tuple = ()                                  # ("q", shift) or ("const", residue)
+    run_k: int = 1                                      # consecutive live residues per period
 
     @property
     def gathered(self) -> bool:
@@ -117,11 +118,22 @@ def substitute(expr: Expr, leaves: dict) -> Expr:
 
 # ----------------------------------------------------------------------------- planning
 
+def _run_start(live: frozenset, m: int) -> int | None:
+    """The first residue of ``live`` when it is one run of consecutive residues (mod m)."""
+    for first in sorted(live):
+        if {(first + i) % m for i in range(len(live))} == set(live):
+            return first
+    return None
+
+
 def _offset_kind(pattern, piece, q_len: int, kv_len: int, heads: int, kv_heads: int, head: int):
-    """('q', c) when the piece's residue offset is ``q + c`` (mod m) on every row, ('const', s)
-    when it is ``s`` (mod m) on every row, else None."""
+    """('q', c, run) when the piece's live keys are ``q + c + i`` (mod m, i < run) on every row,
+    ('const', s, run) when they are ``s + i`` (mod m) on every row, else None."""
     res = piece.residue
-    if res is None or len(res.live) != 1 or res.modulus < MIN_MODULUS or q_len == 0:
+    if res is None or res.modulus < MIN_MODULUS or q_len == 0 or len(res.live) >= res.modulus:
+        return None
+    first = _run_start(res.live, res.modulus)
+    if first is None:
         return None
     grid = pattern.grid(q_len, kv_len, heads, kv_heads, {})
     rows = np.arange(q_len, dtype=np.int64)
@@ -129,34 +141,48 @@ def _offset_kind(pattern, piece, q_len: int, kv_len: int, heads: int, kv_heads: 
     with np.errstate(all="ignore"):
         off = np.broadcast_to(np.asarray(Evaluator(env).sub(res.offset), dtype=np.int64),
                               (1, q_len, 1)).ravel()
-    m, (live,) = res.modulus, tuple(res.live)
+    m, run = res.modulus, len(res.live)
     pos = rows + (kv_len - q_len)
-    shift = np.unique((off - pos + live) % m)
+    shift = np.unique((off - pos + first) % m)
     if len(shift) == 1:
-        return ("q", int(shift[0]))
-    fixed = np.unique((off + live) % m)
-    return ("const", int(fixed[0])) if len(fixed) == 1 else None
+        return ("q", int(shift[0]), run)
+    fixed = np.unique((off + first) % m)
+    return ("const", int(fixed[0]), run) if len(fixed) == 1 else None
 
 
-def _count(first: int, total: int, step: int) -> int:
-    return max(0, -(-(total - first) // step))
+def _count(first: int, total: int, step: int, run: int = 1) -> int:
+    """How many of the rows ``first + step * t + i`` (i < run) lie below ``total``."""
+    return sum(max(0, -(-(total - first - i) // step)) for i in range(run))
 
 
-def _groups(kind, value: int, m: int, q_len: int, kv_len: int):
+def _groups(kind, value: int, m: int, run: int, q_len: int, kv_len: int):
     """The group rows and steps of a gathered component."""
     off = kv_len - q_len
     if kind == "const":
-        return 1, m, ((0, q_len, value, _count(value, kv_len, m)),)
+        k_row0 = _first_row(value, m, run)
+        return 1, m, ((0, q_len, k_row0, _count(k_row0, kv_len, m, run)),)
     groups = []
     for g in range(m):
         q_row0 = (g - off) % m
-        k_row0 = (g + value) % m
-        groups.append((q_row0, _count(q_row0, q_len, m), k_row0, _count(k_row0, kv_len, m)))
+        k_row0 = _first_row((g + value) % m, m, run)
+        groups.append((q_row0, _count(q_row0, q_len, m), k_row0, _count(k_row0, kv_len, m, run)))
     return m, m, tuple(groups)
 
 
-def _derived(pattern: Pattern, mask: Expr, kind, value: int, m: int, q_len: int, kv_len: int,
-             head: int, groups) -> tuple[Pattern, tuple[int, int]]:
+def _first_row(start: int, m: int, run: int):
+    """The first key row of a run of residues starting at residue ``start``: one period earlier
+    when the run wraps past ``m`` (its head, residues 0.., comes first; rows below 0 are
+    masked by the kernel). Works elementwise on arrays."""
+    return start - m * ((start + run) > m)
+
+
+def key_rows(first, step: int, run: int, j):
+    """The key rows of compressed key indices ``j``: ``first + step * (j // run) + j % run``."""
+    return first + step * (j // run) + j % run
+
+
+def _derived(pattern: Pattern, mask: Expr, kind, value: int, m: int, run: int, q_len: int,
+             kv_len: int, head: int, groups) -> tuple[Pattern, tuple[int, int]]:
     """The component over compressed indices: ``h`` is the group ``g``; query ``i`` and key
     ``j`` stand for positions ``pos_q(g, i)`` and ``pos_k(g, j)``."""
     off = kv_len - q_len
@@ -164,14 +190,19 @@ def _derived(pattern: Pattern, mask: Expr, kind, value: int, m: int, q_len: int,
     d_kv = max(g[3] for g in groups)
     q_index = _int(Op.SUB, _leaf(Op.Q), _int(Op.SUB, _leaf(Op.KV_LEN), _leaf(Op.Q_LEN)))
     g = _leaf(Op.H)
+    j = _leaf(Op.K)
+    k_step = _int(Op.ADD, _int(Op.MUL, const(m), _int(Op.FLOORDIV, j, const(run))),
+                  _int(Op.MOD, j, const(run)))
     if kind == "const":
         q_pos = _int(Op.ADD, const(off), q_index)
-        k_pos = _int(Op.ADD, const(value), _int(Op.MUL, const(m), _leaf(Op.K)))
+        k_pos = _int(Op.ADD, const(int(_first_row(value, m, run))), k_step)
     else:
         q_first = _int(Op.MOD, _int(Op.SUB, g, const(off)), const(m))
         q_pos = _int(Op.ADD, const(off), _int(Op.ADD, q_first, _int(Op.MUL, const(m), q_index)))
-        k_first = _int(Op.MOD, _int(Op.ADD, g, const(value)), const(m))
-        k_pos = _int(Op.ADD, k_first, _int(Op.MUL, const(m), _leaf(Op.K)))
+        start = _int(Op.MOD, _int(Op.ADD, g, const(value)), const(m))
+        wraps = _cmp(Op.GT, _int(Op.ADD, start, const(run)), const(m))
+        k_first = Expr(Op.IF, Type.INT, (wraps, _int(Op.SUB, start, const(m)), start))
+        k_pos = _int(Op.ADD, k_first, k_step)
     # original sizes and head first (constants), then the positions (which read derived sizes)
     fixed = {Op.Q_LEN: const(q_len), Op.KV_LEN: const(kv_len), Op.H: const(head)}
     moved = {Op.Q: q_pos, Op.K: k_pos}
@@ -224,14 +255,15 @@ def _components(pattern, q_len, kv_len, heads, kv_heads, block):
         own = _union(plain)
         out.append(Component(_restricted(pattern, b_and(mask, own))))
         earlier, before = own, tuple(plain)
-    for (m, kind, value), ps in classes.items():
+    for (m, kind, value, run), ps in classes.items():
         own = _union(ps)
         restricted = b_and(mask, b_and(own, b_not(earlier)))
-        step_q, step_k, groups = _groups(kind, value, m, q_len, kv_len)
-        derived, sizes = _derived(pattern, restricted, kind, value, m, q_len, kv_len, head, groups)
+        step_q, step_k, groups = _groups(kind, value, m, run, q_len, kv_len)
+        derived, sizes = _derived(pattern, restricted, kind, value, m, run, q_len, kv_len, head,
+                                  groups)
         out.append(Component(_restricted(pattern, restricted), step_q, step_k, groups, derived, sizes,
                              pattern, (q_len, kv_len, heads, kv_heads), head, tuple(ps), before,
-                             (kind, value)))
+                             (kind, value), run))
         earlier, before = b_or(earlier, own), before + tuple(ps)
     return out
 
@@ -295,21 +327,35 @@ def _fast_block_map(comp: Component, block) -> np.ndarray | None:
         return None
     lo, hi = lo[0].astype(np.int64), hi[0].astype(np.int64)                 # [R, slots]
     kind, value = comp.offset
-    m = comp.step_k
+    m, run = comp.step_k, comp.run_k
     pos = rows + (kv_len - q_len)
-    first_key = ((pos + value) % m if kind == "q" else np.full(q_len, value))[:, None]
+    first_key = _first_row((pos + value) % m if kind == "q" else np.full(q_len, value), m, run)[:, None]
     live = lo <= hi
-    if ((lo - first_key) % m != 0)[live].any() or ((hi - first_key) % m != 0)[live].any():
+    if ((lo - first_key) % m >= run)[live].any() or ((hi - first_key) % m >= run)[live].any():
         return None                                    # not the class the groups gather
-    j_lo = np.where(live, (lo - first_key) // m, 1)
-    j_hi = np.where(live, (hi - first_key) // m, 0)
+    j_lo = np.where(live, _index_at_or_after(lo - first_key, m, run), 1)
+    j_hi = np.where(live, _index_at_or_before(hi - first_key, m, run), 0)
     for c in range(cut_lo.shape[-1]):                  # minus the earlier components' keys
         c_lo, c_hi = cut_lo[0, :, c:c + 1].astype(np.int64), cut_hi[0, :, c:c + 1].astype(np.int64)
         live_c = c_lo <= c_hi
-        j_lo, j_hi = _minus(j_lo, j_hi, np.where(live_c, -((first_key - c_lo) // m), 1),
-                            np.where(live_c, (c_hi - first_key) // m, 0))
+        j_lo, j_hi = _minus(j_lo, j_hi,
+                            np.where(live_c, _index_at_or_after(c_lo - first_key, m, run), 1),
+                            np.where(live_c, _index_at_or_before(c_hi - first_key, m, run), 0))
     j_lo, j_hi = merge(j_lo, j_hi)
     return _group_block_map(comp, rows, j_lo, j_hi, block)
+
+
+def _index_at_or_after(d, m: int, run: int):
+    """The compressed index of the first gathered key at or after offset ``d`` from the first
+    (keys at offsets ``m * t + i``, i < run)."""
+    t, r = d // m, d % m
+    return np.where(r < run, run * t + r, run * (t + 1))
+
+
+def _index_at_or_before(d, m: int, run: int):
+    """The compressed index of the last gathered key at or before offset ``d``."""
+    t, r = d // m, d % m
+    return np.where(r < run, run * t + r, run * t + run - 1)
 
 
 @dataclass(frozen=True)

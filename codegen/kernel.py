@@ -254,7 +254,7 @@ def plan(pattern, q, k, v, scale: float, given: dict, interpret: bool, grids=Non
                      HAS_SCORE=has_score, BLOCK_M=config.block_m, BLOCK_N=config.block_n,
                      D=d, DV=dv, D_PAD=_pad(d), DV_PAD=_pad(dv), NATIVE_DOT=not interpret,
                      STEP_Q=tiles.step_q, STEP_K=tiles.step_k, BAND=tiles.band,
-                     EVEN_N=tiles.even_keys(config.block_n))
+                     EVEN_N=tiles.even_keys(config.block_n), RUN_K=tiles.run_k)
     grid = (tiles.n_query_tiles, batch * heads, tiles.n_groups)
     return Launch(grid, args, constants, dict(num_warps=config.num_warps, num_stages=config.num_stages))
 
@@ -274,7 +274,7 @@ def _component_tiles(component, config: Config, device) -> DeviceTiles:
     if key not in holder:
         bm = gather.group_block_map(component, config.block)          # [G, nQT, nKT]
         holder[key] = from_block_maps([bm[:, None]], component.groups, device, component.step_q,
-                                      component.step_k)
+                                      component.step_k, component.run_k)
     return holder[key]
 
 

@@ -11,9 +11,10 @@ score is -inf is dropped like a masked one. Rows without any allowed key end wit
 lse -inf. The tile lists come from the analysis (attndsl.analysis.descriptors.TileLists).
 
 A third program axis runs *groups*: a group is a set of query rows ``q_row0 + STEP_Q * i``
-against key rows ``k_row0 + STEP_K * j``, with its own tile lists over those compressed
-indices. One group of every row (steps 1) is the plain kernel; a residue-class gather has one
-group per residue class, so a dilated pattern's keys form dense tiles.
+against key rows ``k_row0 + STEP_K * j`` (``k_row0 + STEP_K * (j // RUN_K) + j % RUN_K`` for
+runs of consecutive residues), with its own tile lists over those compressed indices. One
+group of every row (steps 1) is the plain kernel; a residue-class gather has one group per
+residue class, so a dilated pattern's keys form dense tiles.
 
 Hooks are passed as ``tl.constexpr`` functions, so one skeleton serves every pattern; the
 generated module only holds the hooks (codegen/lower.py).
@@ -37,10 +38,14 @@ def _tile(acc, m_i, l_i, q, k_base, v_base, offs_m, offs_n, start_n, h, pos_q, k
           MASK_FN: tl.constexpr, SCORE_FN: tl.constexpr, USE_MASK: tl.constexpr,
           HAS_SCORE: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
           NATIVE_DOT: tl.constexpr, STEP_K: tl.constexpr, EVEN_N: tl.constexpr,
-          D_PAD: tl.constexpr, DV_PAD: tl.constexpr):
+          D_PAD: tl.constexpr, DV_PAD: tl.constexpr, RUN_K: tl.constexpr):
     idx = start_n + offs_n
-    in_kv = idx < nk
-    cols = k_row0 + idx * STEP_K        # key rows (STEP_K > 1: one residue class, gathered)
+    if RUN_K == 1:                      # key rows (STEP_K > 1: one residue class, gathered)
+        cols = k_row0 + idx * STEP_K
+        in_kv = idx < nk
+    else:                               # RUN_K consecutive residues per period of STEP_K; a run
+        cols = k_row0 + (idx // RUN_K) * STEP_K + idx % RUN_K     # that wraps starts below 0
+        in_kv = (idx < nk) & (cols >= 0)
     k_ptrs = k_base + cols[None, :] * stride_kn + offs_d[:, None] * stride_kd
     if EVEN_N and (D == D_PAD):         # every listed tile lies inside the keys: no load mask
         kt = tl.load(k_ptrs)
@@ -105,7 +110,7 @@ def attn_fwd(Q, K, V, O, LSE,  # noqa: E741 - the usual names of attention opera
              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
              D: tl.constexpr, DV: tl.constexpr, D_PAD: tl.constexpr, DV_PAD: tl.constexpr,
              NATIVE_DOT: tl.constexpr, STEP_Q: tl.constexpr, STEP_K: tl.constexpr,
-             BAND: tl.constexpr, EVEN_N: tl.constexpr):
+             BAND: tl.constexpr, EVEN_N: tl.constexpr, RUN_K: tl.constexpr):
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
     g = tl.program_id(2)
@@ -174,7 +179,7 @@ def attn_fwd(Q, K, V, O, LSE,  # noqa: E741 - the usual names of attention opera
                               t2, t2_n0, t2_n1, t2_n2, t2_s0, t2_s1, t2_s2,
                               t3, t3_n0, t3_n1, t3_n2, t3_s0, t3_s1, t3_s2,
                               MASK_FN, SCORE_FN, False, HAS_SCORE, D, DV, NATIVE_DOT, STEP_K,
-                              EVEN_N, D_PAD, DV_PAD)
+                              EVEN_N, D_PAD, DV_PAD, RUN_K)
     for i in range(0, n_part):
         if BAND:
             j = tl.where(i < run0_len, run0 + i, run1 + (i - run0_len))
@@ -188,7 +193,7 @@ def attn_fwd(Q, K, V, O, LSE,  # noqa: E741 - the usual names of attention opera
                               t2, t2_n0, t2_n1, t2_n2, t2_s0, t2_s1, t2_s2,
                               t3, t3_n0, t3_n1, t3_n2, t3_s0, t3_s1, t3_s2,
                               MASK_FN, SCORE_FN, True, HAS_SCORE, D, DV, NATIVE_DOT, STEP_K,
-                              EVEN_N, D_PAD, DV_PAD)
+                              EVEN_N, D_PAD, DV_PAD, RUN_K)
     has = l_i > 0.0
     out = tl.where(has[:, None], acc / tl.where(has, l_i, 1.0)[:, None], 0.0)
     tl.store(O + b * sob + h * soh + rows[:, None] * som + offs_dv[None, :] * sod,

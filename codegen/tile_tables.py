@@ -40,11 +40,14 @@ class DeviceTiles:
     step_k: int = 1
     band: bool = False
     key_counts: tuple[int, ...] = ()        # every group's key count, when known on the host
+    run_k: int = 1                          # consecutive key rows per step (codegen/gather.py)
 
     def even_keys(self, block_n: int) -> bool:
-        """Whether every group has the same key count, a multiple of ``block_n``: the listed key
-        tiles then lie inside the keys (the kernel's ``EVEN_N``)."""
-        return len(set(self.key_counts)) == 1 and self.key_counts[0] % block_n == 0
+        """Whether every group has the same key count, a multiple of ``block_n``, and no run of
+        residues (whose first rows may lie below 0): the listed key tiles then lie inside the
+        keys (the kernel's ``EVEN_N``)."""
+        return (len(set(self.key_counts)) == 1 and self.key_counts[0] % block_n == 0
+                and self.run_k == 1)
 
     @property
     def n_query_tiles(self) -> int:
@@ -96,7 +99,7 @@ def band_tables(classes: torch.Tensor):
 
 
 def from_classes(classes: torch.Tensor, groups, step_q: int = 1, step_k: int = 1,
-                 band: bool = True) -> DeviceTiles:
+                 band: bool = True, run_k: int = 1) -> DeviceTiles:
     """DeviceTiles from tile classes [Bt, G, H, nQT, nKT] on the device (band form where it
     fits and ``band``; else index lists, padded to the widest row)."""
     device = classes.device
@@ -116,11 +119,11 @@ def from_classes(classes: torch.Tensor, groups, step_q: int = 1, step_k: int = 1
     group_rows = torch.as_tensor(np.array(groups, dtype=np.int64).reshape(-1, 4), device=device)
     counts = tuple(int(row[3]) for row in np.array(groups, dtype=np.int64).reshape(-1, 4))
     return DeviceTiles(group_rows, f_num.contiguous(), widened(f_idx), p_num.contiguous(),
-                       widened(p_idx), step_q, step_k, is_band, counts)
+                       widened(p_idx), step_q, step_k, is_band, counts, run_k)
 
 
 def from_block_maps(maps: list[np.ndarray], groups, device, step_q: int = 1,
-                    step_k: int = 1) -> DeviceTiles:
+                    step_k: int = 1, run_k: int = 1) -> DeviceTiles:
     """DeviceTiles from host block maps, one [G, H, nQT, nKT] per batch element (one when the
     batch shares them); maps of different sizes are padded with empty tiles."""
     n_qt = max(m.shape[-2] for m in maps)
@@ -129,4 +132,4 @@ def from_block_maps(maps: list[np.ndarray], groups, device, step_q: int = 1,
                                                               (0, n_kt - m.shape[-1])])
                         for m in maps])
     classes = torch.as_tensor(np.ascontiguousarray(stacked, dtype=np.int8), device=device)
-    return from_classes(classes, groups, step_q, step_k)
+    return from_classes(classes, groups, step_q, step_k, run_k=run_k)

@@ -34,6 +34,8 @@ STRIDED = "pattern p(l = 5):\n    mask = 0 <= q - k <= l or strided(l)\n"
 SHIFTED = "pattern p(d = 4, c = 1):\n    mask = causal and (q - k + c) % d == 0 and q - k < 20\n"
 COLUMN = "pattern p(m = 6):\n    mask = causal and (k % m == m - 1 or q == k)\n"
 TWO_PIECES = "pattern p(w = 3, c = 2):\n    mask = strided(8) and (q + 3 >= c or band(w))\n"
+FIXED = "pattern p(l = 8, c = 3):\n    mask = causal and fixed(l, c)\n"                  # runs of 3
+RUNS = "pattern p():\n    mask = causal and (q - k + 1) % 6 < 2 and q - k < 40\n"        # q-periodic
 
 
 def _covered(comp, q_len, kv_len, heads):
@@ -57,7 +59,7 @@ def _covered(comp, q_len, kv_len, heads):
     bq, bk = BLOCK
     for g, (q0, nq, k0, nk) in enumerate(comp.groups):
         rows = q0 + comp.step_q * np.arange(nq)
-        cols = k0 + comp.step_k * np.arange(nk)
+        cols = gather.key_rows(k0, comp.step_k, comp.run_k, np.arange(nk))
         for i in range(lists.full_num.shape[1]):
             r = rows[i * bq:(i + 1) * bq]
             for num, idx, out in ((lists.full_num, lists.full_idx, full),
@@ -71,7 +73,8 @@ def _covered(comp, q_len, kv_len, heads):
 
 @pytest.mark.parametrize("src,q_len,kv_len", [
     (DILATED, 41, 41), (DILATED, 13, 50), (STRIDED, 37, 37), (STRIDED, 1, 29), (STRIDED, 3, 50),
-    (SHIFTED, 45, 45), (COLUMN, 30, 44), (TWO_PIECES, 19, 27)])
+    (SHIFTED, 45, 45), (COLUMN, 30, 44), (TWO_PIECES, 19, 27), (FIXED, 50, 50), (FIXED, 7, 61),
+    (RUNS, 47, 47), (RUNS, 20, 53)])
 def test_components_partition_the_mask_and_their_tiles_cover_it(src, q_len, kv_len):
     pat = _pattern(src)
     heads = 2
@@ -91,7 +94,7 @@ def test_components_partition_the_mask_and_their_tiles_cover_it(src, q_len, kv_l
 
 @pytest.mark.parametrize("src,q_len,kv_len", [
     (DILATED, 41, 41), (DILATED, 13, 50), (STRIDED, 37, 37), (STRIDED, 3, 50), (SHIFTED, 45, 45),
-    (COLUMN, 30, 44), (TWO_PIECES, 19, 27)])
+    (COLUMN, 30, 44), (TWO_PIECES, 19, 27), (FIXED, 50, 50), (RUNS, 47, 47)])
 def test_row_interval_tiles_agree_with_the_derived_analysis(src, q_len, kv_len):
     """The fast tile classes (per-row intervals) are never coarser than the analysis of the
     derived pattern, and equal to them when every group has every row."""
@@ -115,6 +118,11 @@ def test_what_is_gathered():
     column = gather.components(_pattern(COLUMN), 40, 40, 2, 2, BLOCK)
     assert [(c.gathered, c.step_q, c.step_k) for c in column] == [(False, 1, 1), (True, 1, 6)]
     assert column[1].groups == ((0, 40, 5, 6),)       # keys 5, 11, ..., 35 (six) for every query
+    fixed = gather.components(_pattern(FIXED), 40, 40, 2, 2, BLOCK)
+    assert [(c.gathered, c.step_q, c.step_k, c.run_k) for c in fixed] == [(False, 1, 1, 1), (True, 1, 8, 3)]
+    assert fixed[1].groups == ((0, 40, 5, 15),)        # keys 5-7, 13-15, ..., 37-39
+    runs = gather.components(_pattern(RUNS), 40, 40, 2, 2, BLOCK)
+    assert [(c.gathered, c.step_q, c.step_k, c.run_k) for c in runs] == [(True, 6, 6, 2)]
     causal = _pattern("pattern p():\n    mask = causal\n")
     assert gather.components(causal, 40, 40, 2, 2, BLOCK) is None
     docs = attndsl.load(EXAMPLES / "packed_documents.attn")["packed"]
@@ -165,7 +173,8 @@ def _check(pat, q_len, kv_len, heads=2, kv_heads=1, d=16, dtype=torch.float32, t
 @pytest.mark.parametrize("src,q_len,kv_len,heads,kv_heads,d", [
     (DILATED, 41, 41, 2, 1, 16), (DILATED, 1, 33, 4, 2, 24), (STRIDED, 30, 47, 2, 2, 16),
     (SHIFTED, 45, 40, 2, 1, 16), (COLUMN, 26, 26, 2, 1, 64), (TWO_PIECES, 19, 27, 3, 1, 16),
-    (DILATED, 50, 30, 2, 2, 16), (STRIDED, 64, 40, 4, 1, 32)])       # more queries than keys: empty rows
+    (DILATED, 50, 30, 2, 2, 16), (STRIDED, 64, 40, 4, 1, 32), (FIXED, 45, 61, 2, 1, 16),
+    (RUNS, 47, 47, 2, 2, 16)])       # more queries than keys: empty rows
 def test_gathered_kernels_match_the_reference(src, q_len, kv_len, heads, kv_heads, d):
     _check(_pattern(src), q_len, kv_len, heads, kv_heads, d, batch=2)
 
@@ -195,7 +204,8 @@ def test_random_residue_patterns_match_the_reference(d, c, w, kv_len, short, ban
 @settings(max_examples=150, deadline=None, derandomize=True,
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 @given(st.integers(2, 9), st.integers(0, 8), st.integers(1, 6), st.sampled_from(
-    ["", " or q - k < {w}", " or (q + {c} >= {w} and k < {c})", " or band({w})", " or k % {d} == {c} % {d}"]),
+    ["", " or q - k < {w}", " or (q + {c} >= {w} and k < {c})", " or band({w})", " or k % {d} == {c} % {d}",
+     " or (k + {c}) % {d} < 2", " or (q - k) % ({d} + 1) < 2"]),
     st.sampled_from(["causal and ", "", "q // 16 == k // 16 and "]),
     st.integers(1, 70), st.integers(-10, 30))
 def test_random_residue_patterns_partition_and_cover(d, c, w, extra, outer, kv_len, short):
