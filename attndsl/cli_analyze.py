@@ -2,7 +2,8 @@
 
 For each pattern: density and kept pairs, attention FLOPs against dense, the work a
 block-sparse kernel does and the fraction of it that is masked out, the tile classes, the
-kind of key descriptor (band / residue), the closed form and asymptotic class of the kept
+kind of key descriptor (band / residue), the kernel's launches at the tile shape (plain tiles or
+residue-class gathers, band or list tables), the closed form and asymptotic class of the kept
 pairs, the receptive-field depth over stacked layers and warnings (rows with no key).
 """
 
@@ -59,6 +60,9 @@ def analyze_one(pat, args) -> dict:
     cost = cost_report(pat, q_len, kv_len, heads, block, args.head_dim, kv_heads, **tensors)
     graph = graph_report(pat, q_len, kv_len, heads, block=block, max_tokens=args.graph_tokens,
                          **tensors)
+    from .codegen.kernel import strategy
+
+    launches = strategy(pat, q_len, kv_len, heads, kv_heads, block, tensors)
     counts = np.bincount(desc.block_map.ravel(), minlength=3)
     kinds = sorted({k.kind if k is not None else "tiles" for k in desc.keys})
     return {
@@ -66,7 +70,7 @@ def analyze_one(pat, args) -> dict:
         "heads": heads, "kv_heads": kv_heads, "block": list(block), "notes": notes,
         "analysis_ms": round(1e3 * seconds, 3),
         "tiles": {"full": int(counts[2]), "partial": int(counts[1]), "empty": int(counts[0])},
-        "descriptor": kinds, "head_classes": len(desc.keys),
+        "descriptor": kinds, "head_classes": len(desc.keys), "kernel": launches,
         "cost": cost.as_dict(), "graph": graph.as_dict(),
         "warnings": _warnings(pat, heads, graph),
     }
@@ -88,6 +92,17 @@ def _fmt_int(n) -> str:
         if abs(n) >= size:
             return f"{n / size:.3g}{unit}"
     return str(n)
+
+
+def _launch_text(x: dict) -> str:
+    """One launch of the kernel plan (codegen.kernel.strategy) in words."""
+    if x["kind"] == "gather":
+        what = (f"gather: {x['groups']} residue group{'s' if x['groups'] > 1 else ''}, "
+                f"queries every {x['step_q']}, keys every {x['step_k']}"
+                + (f" in runs of {x['run']}" if x["run"] > 1 else ""))
+    else:
+        what = "tiles"
+    return f"{what} ({x['tables']} tables, {_fmt_int(x['tiles'])} tiles, {_fmt_int(x['full'])} full)"
 
 
 def table_lines(r: dict) -> list[str]:
@@ -121,6 +136,7 @@ def table_lines(r: dict) -> list[str]:
          + (f"  (for {c['closed_form_condition']})" if c.get("closed_form_condition") else "")),
         ("asymptotic", c.get("asymptotic") or "-"),
         ("reach depth", depth_text),
+        ("kernel", "; ".join(_launch_text(x) for x in r["kernel"])),
         ("analysis", f"{r['analysis_ms']:.1f} ms"),
     ]
     if g.get("union_covers_causal") is not None:

@@ -24,7 +24,7 @@ from . import autotune, cache, gather
 from .lower import MAX_RANK, MAX_TENSORS, LoweringError, hook_source
 from .narrow import fits_int32
 from .tables import relaxed_mask, table_values, with_tables
-from .tile_tables import DeviceTiles, from_block_maps
+from .tile_tables import DeviceTiles, band_tables, from_block_maps
 
 _HELPERS = (Path(__file__).parent / "tlhelpers.py").read_text(encoding="utf-8")
 
@@ -276,6 +276,31 @@ def _component_tiles(component, config: Config, device) -> DeviceTiles:
         holder[key] = from_block_maps([bm[:, None]], component.groups, device, component.step_q,
                                       component.step_k, component.run_k)
     return holder[key]
+
+
+def strategy(pattern, q_len: int, kv_len: int, heads: int, kv_heads: int, block, tensors: dict):
+    """What the launches of a call at these sizes would be, without running them: per launch,
+    plain tiles or a residue-class gather (groups, step, run), band or list tables, and the
+    non-empty / full tiles it walks (``attndsl analyze`` prints it)."""
+    parts = gather.components(pattern, q_len, kv_len, heads, kv_heads, tuple(block))
+    launches = []
+    if parts is None:
+        maps = _block_maps(pattern, q_len, kv_len, heads, kv_heads, tensors, tuple(block))
+        launches.append(({"kind": "tiles"}, np.stack(maps)))
+    for part in parts or ():
+        if part.gathered:
+            info = {"kind": "gather", "groups": len(part.groups), "step_q": part.step_q,
+                    "step_k": part.step_k, "run": part.run_k}
+            launches.append((info, gather.group_block_map(part, tuple(block))))
+        else:
+            bm = _block_maps(part.pattern, q_len, kv_len, heads, kv_heads, {}, tuple(block))[0]
+            launches.append(({"kind": "tiles"}, bm))
+    out = []
+    for info, bm in launches:
+        band = band_tables(torch.as_tensor(np.ascontiguousarray(bm, dtype=np.int8))) is not None
+        out.append({**info, "tables": "band" if band else "lists", "tiles": int((bm > 0).sum()),
+                    "full": int((bm == 2).sum())})
+    return out
 
 
 def merge(parts: list, dtype: torch.dtype):

@@ -31,6 +31,7 @@ def test_analyze_table_reports_cost_tiles_closed_form_and_depth(tmp_path, capsys
     tiles = attndsl.compile(open(path).read())["win"].block_map(n, n, block=(128, 128))
     counts = np.bincount(tiles.ravel(), minlength=3)
     assert f"{counts[2]} full, {counts[1]} partial, {counts[0]} empty" in out
+    assert f"kernel          tiles (band tables, {counts[1] + counts[2]} tiles, {counts[2]} full)" in out
 
 
 def test_analyze_json_is_machine_readable_and_exact(tmp_path, capsys):
@@ -41,6 +42,8 @@ def test_analyze_json_is_machine_readable_and_exact(tmp_path, capsys):
     pat = attndsl.compile(open(path).read())["d"]
     assert data[0]["cost"]["kept_pairs"] == int(pat.dense_mask(500, 700).sum())
     assert data[0]["descriptor"] == ["residue"]
+    (launch,) = data[0]["kernel"]         # one launch: 4 residue groups over compressed indices
+    assert (launch["kind"], launch["groups"], launch["step_q"], launch["step_k"]) == ("gather", 4, 4, 4)
     assert "reach" not in data[0]["graph"] or data[0]["graph"]["reach"] is None
 
 
