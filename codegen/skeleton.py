@@ -157,18 +157,26 @@ def attn_fwd(Q, K, V, O, LSE,  # noqa: E741 - the usual names of attention opera
     # BAND: the index tables hold run bounds (codegen/tile_tables.py), the tiles are arithmetic
     n_full = tl.load(FULL_NUM + num_off)
     n_part = tl.load(PART_NUM + num_off)
-    full_first = n_full * 0
+    full0 = n_full * 0
+    full0_len = n_full * 0
+    full1 = n_full * 0
     run0 = n_full * 0
     run0_len = n_full * 0
     run1 = n_full * 0
-    if BAND:                # (the list tables may be narrower than 3: read only in band form)
-        full_first = tl.load(FULL_IDX + idx_off)
+    run1_end = n_full * 0
+    run2 = n_full * 0
+    if BAND:                # (the list tables may be narrower than 5: read only in band form)
+        full0 = tl.load(FULL_IDX + idx_off)
+        full0_len = tl.load(FULL_IDX + idx_off + 1)
+        full1 = tl.load(FULL_IDX + idx_off + 2)
         run0 = tl.load(PART_IDX + idx_off)
         run0_len = tl.load(PART_IDX + idx_off + 1)
         run1 = tl.load(PART_IDX + idx_off + 2)
+        run1_end = run0_len + tl.load(PART_IDX + idx_off + 3)
+        run2 = tl.load(PART_IDX + idx_off + 4)
     for i in range(0, n_full):
         if BAND:
-            j = full_first + i
+            j = tl.where(i < full0_len, full0 + i, full1 + (i - full0_len))
         else:
             j = tl.load(FULL_IDX + idx_off + i)
         acc, m_i, l_i = _tile(acc, m_i, l_i, q, k_base, v_base, offs_m, offs_n, j * BLOCK_N, h64,
@@ -182,7 +190,8 @@ def attn_fwd(Q, K, V, O, LSE,  # noqa: E741 - the usual names of attention opera
                               EVEN_N, D_PAD, DV_PAD, RUN_K)
     for i in range(0, n_part):
         if BAND:
-            j = tl.where(i < run0_len, run0 + i, run1 + (i - run0_len))
+            j = tl.where(i < run0_len, run0 + i,
+                         tl.where(i < run1_end, run1 + (i - run0_len), run2 + (i - run1_end)))
         else:
             j = tl.load(PART_IDX + idx_off + i)
         acc, m_i, l_i = _tile(acc, m_i, l_i, q, k_base, v_base, offs_m, offs_n, j * BLOCK_N, h64,

@@ -7,12 +7,13 @@ of key-tile indices for full and partial tiles (``Bt`` 1 when the batch shares t
 program groups of codegen/skeleton.py, ``H`` 1 when every head shares them). The tables are
 built with torch on the device, so the host only moves the classes.
 
-*Band form.* When, in every row of tiles, the full key tiles form one contiguous run and the
-partial ones at most two, the tables hold loop bounds instead of lists: the full table's
-first slot is the first full tile (the count gives the run), the partial table holds
-``(first of run 0, length of run 0, first of run 1)``; the kernel then walks arithmetic
-ranges and loads no index per tile (``band``). Sliding windows, causal masks, chunks and
-gathered dilated windows all have this form.
+*Band form.* When, in every row of tiles, the full key tiles form at most two runs of
+consecutive tiles and the partial ones at most three, the tables hold run bounds instead of
+lists: ``(first of run 0, length of run 0, first of run 1)`` for the full tiles and
+``(first of run 0, length of run 0, first of run 1, length of run 1, first of run 2)`` for the
+partial ones (the counts give the last run's length); the kernel then walks arithmetic ranges
+and loads no index per tile (``band``). Causal masks, sliding windows with sinks or globals
+(Longformer), chunks and gathered dilated windows have this form.
 """
 
 from __future__ import annotations
@@ -80,22 +81,34 @@ def _first(sel: torch.Tensor) -> torch.Tensor:
     return torch.where(sel.any(-1), sel.to(torch.int8).argmax(-1), 0).to(torch.int32)
 
 
+FULL_RUNS = 2
+PARTIAL_RUNS = 3
+
+
+def _run_bounds(sel: torch.Tensor, starts: torch.Tensor, runs: int) -> torch.Tensor:
+    """(start 0, length 0, start 1, length 1, ..., start R-1) [..., 2R - 1] of the runs of each
+    row (int32; absent runs hold 0)."""
+    number = starts.to(torch.int8).cumsum(-1, dtype=torch.int8)        # run number 1..R
+    cols = []
+    for r in range(1, runs + 1):
+        cols.append(_first(starts & (number == r)))
+        if r < runs:
+            cols.append((sel & (number == r)).sum(-1, dtype=torch.int32))
+    return torch.stack(cols, dim=-1)
+
+
 def band_tables(classes: torch.Tensor):
-    """(full count, full first [..., 1], partial count, partial (start 0, length 0, start 1)
-    [..., 3]) of tile classes [..., N, M], or None when some row is not one full run and at
-    most two partial runs (reads one flag back from the device)."""
+    """(full count, full runs [..., 3], partial count, partial runs [..., 5]) of tile classes
+    [..., N, M] (runs as :func:`_run_bounds` gives them), or None when some row has more than
+    two runs of full tiles or three of partial ones (reads one flag back from the device)."""
     full, part = classes == 2, classes == 1
     full_starts, part_starts = _run_starts(full), _run_starts(part)
     n_full_runs = full_starts.sum(-1, dtype=torch.int32)
     n_part_runs = part_starts.sum(-1, dtype=torch.int32)
-    if n_full_runs.numel() and bool(((n_full_runs > 1) | (n_part_runs > 2)).any()):
+    if n_full_runs.numel() and bool(((n_full_runs > FULL_RUNS) | (n_part_runs > PARTIAL_RUNS)).any()):
         return None
-    run = part_starts.to(torch.int8).cumsum(-1, dtype=torch.int8)       # run number 1 or 2
-    first_run = part & (run == 1)
-    partial = torch.stack([_first(part), first_run.sum(-1, dtype=torch.int32),
-                           _first(part_starts & (run == 2))], dim=-1)
-    return (full.sum(-1, dtype=torch.int32), _first(full)[..., None],
-            part.sum(-1, dtype=torch.int32), partial)
+    return (full.sum(-1, dtype=torch.int32), _run_bounds(full, full_starts, FULL_RUNS),
+            part.sum(-1, dtype=torch.int32), _run_bounds(part, part_starts, PARTIAL_RUNS))
 
 
 def from_classes(classes: torch.Tensor, groups, step_q: int = 1, step_k: int = 1,
