@@ -33,7 +33,7 @@ from attndsl.analysis.descriptors import TileLists, tile_lists
 from attndsl.analysis.pieces import b_and, b_not, b_or
 from attndsl.analysis.rows import merge, piece_bounds, touch_and_cover
 from attndsl.interp import Evaluator
-from attndsl.ir import Expr, Op, Type, const
+from attndsl.ir import SELECTOR_OPS, Expr, Op, Type, const
 from attndsl.program import Pattern
 
 MIN_MODULUS = 2
@@ -216,8 +216,9 @@ def _derived(pattern: Pattern, mask: Expr, kind, value: int, m: int, run: int, q
 
 def _applicable(pattern: Pattern) -> bool:
     ir = pattern.ir
-    if any(p.is_tensor for p in ir.params) or pattern.uses_selectors():
-        return False
+    roots = [ir.mask] + ([ir.score] if ir.score is not None else [])
+    if any(p.is_tensor for p in ir.params) or any(r.uses(*SELECTOR_OPS) for r in roots):
+        return False                # random_blocks included: its pieces read analysis tables
     return ir.score is None or not ir.score.uses(Op.H)
 
 
@@ -238,6 +239,8 @@ def _components(pattern, q_len, kv_len, heads, kv_heads, block):
     if not call.exact or len(call.classes) != 1 or call.classes[0].keys is None:
         return None
     keys = call.classes[0].keys
+    if any(e.uses(Op.INDEX) for p in keys.pieces for e in (p.guard, p.lo, p.hi)):
+        return None                 # bounds that read tables of the analysis: not lowerable
     head = keys.heads[0]
     classes: dict[tuple, list] = {}
     plain = []

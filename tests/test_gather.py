@@ -125,6 +125,8 @@ def test_what_is_gathered():
     assert [(c.gathered, c.step_q, c.step_k, c.run_k) for c in runs] == [(True, 6, 6, 2)]
     causal = _pattern("pattern p():\n    mask = causal\n")
     assert gather.components(causal, 40, 40, 2, 2, BLOCK) is None
+    randoms = _pattern("pattern p():\n    mask = strided(5) or random_blocks(1, 4, 0)\n")
+    assert gather.components(randoms, 40, 40, 2, 2, BLOCK) is None    # its pieces read tables
     docs = attndsl.load(EXAMPLES / "packed_documents.attn")["packed"]
     assert gather.components(docs, 40, 40, 2, 2, BLOCK) is None       # tensor inputs: tile lists
 
@@ -177,6 +179,14 @@ def _check(pat, q_len, kv_len, heads=2, kv_heads=1, d=16, dtype=torch.float32, t
     (RUNS, 47, 47, 2, 2, 16)])       # more queries than keys: empty rows
 def test_gathered_kernels_match_the_reference(src, q_len, kv_len, heads, kv_heads, d):
     _check(_pattern(src), q_len, kv_len, heads, kv_heads, d, batch=2)
+
+
+def test_residue_patterns_with_random_blocks_run_on_tile_lists():
+    """Found by the kernel property soak: a strided pattern beside random blocks was gathered,
+    and its pieces' reads of the analysis's random tables could not be lowered."""
+    src = "pattern p():\n    mask = strided(5) if q < q - k else random_blocks(1, 1, 0)\n"
+    _check(_pattern(src), 2, 1)
+    _check(_pattern("pattern p():\n    mask = strided(5) or random_blocks(1, 4, 0)\n"), 30, 41)
 
 
 def test_gathered_kernels_in_bfloat16_with_a_score_clause():
