@@ -1,11 +1,15 @@
 """Generated forward kernels: the hooks of a pattern, and their launch with the skeleton.
 
 Input: a bound Pattern and a call (torch q, k, v, tensor inputs, scale). Output: (out, lse) as
-section 6 defines them. The tile lists come from the analysis (``Pattern.describe``) for the
-call's sizes; the hooks from :mod:`codegen.lower`; the module from the cache
-(:mod:`codegen.cache`). ``interpret=True`` runs the same source under Triton's CPU
-interpreter. This first version uses table-driven tiles for every pattern; the selectors are
-read from per-call tables (codegen/tables.py).
+section 6 defines them. A call is one launch of the skeleton, or several for a residue-class
+gather (:mod:`codegen.gather`) merged by log-sum-exp (:func:`launches`). Each launch reads tile
+tables (:mod:`codegen.tile_tables`) built from tile classes: the analysis
+(``Pattern.describe``) for the call's sizes, or the device classifier for tensor inputs on
+CUDA (:mod:`codegen.device_tiles`). The hooks come from :mod:`codegen.lower` (int64, and int32
+where :mod:`codegen.narrow` proves it), the module from the cache (:mod:`codegen.cache`), the
+tile configuration from :mod:`codegen.autotune`; selectors are read from per-call tables
+(:mod:`codegen.tables`). ``interpret=True`` runs the same source under Triton's CPU
+interpreter.
 """
 
 from __future__ import annotations

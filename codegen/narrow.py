@@ -16,7 +16,7 @@ import os
 
 import numpy as np
 
-from attndsl.analysis.intervals import Analyzer, make_grid
+from attndsl.analysis.intervals import whole_call, within
 from attndsl.ir import Expr, Type
 
 INT32_MIN, INT32_MAX = -2 ** 31, 2 ** 31 - 1
@@ -38,13 +38,10 @@ def fits_int32(roots: list[Expr], values: dict, sizes: tuple[int, int, int, int]
     for tensors in tensor_sets:
         if any(np.size(t) >= 2 ** 31 for t in tensors.values()):
             return False
-        grid = make_grid(q_len, kv_len, heads, kv_heads, (q_len, kv_len), values, tensors)
-        analyzer = Analyzer(grid)
+        analyzer = whole_call(q_len, kv_len, heads, kv_heads, values, tensors)
         try:
-            for node in nodes.values():
-                num = analyzer.value(node)
-                if not (np.all(num.lo >= INT32_MIN) and np.all(num.hi <= INT32_MAX)):
-                    return False
+            if not all(within(analyzer.value(node), INT32_MIN, INT32_MAX) for node in nodes.values()):
+                return False
         except (KeyError, IndexError, ValueError, TypeError, OverflowError):
             return False                    # not analysable here: stay in 64 bits
     return True

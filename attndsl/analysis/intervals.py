@@ -428,6 +428,18 @@ def classify_tiles(mask: Expr, grid: TileGrid) -> Truth:
     return Truth(np.broadcast_to(t.may, shape), np.broadcast_to(t.must, shape))
 
 
+def whole_call(q_len: int, kv_len: int, heads: int, kv_heads: int, params: dict,
+               tensors: dict) -> Analyzer:
+    """An Analyzer over one tile spanning the whole call (every head, query and key): its
+    intervals bound a value at every pair."""
+    return Analyzer(make_grid(q_len, kv_len, heads, kv_heads, (q_len, kv_len), params, tensors))
+
+
+def within(num: Num, lo, hi) -> bool:
+    """Whether every interval of ``num`` lies inside [lo, hi]."""
+    return bool(np.all(num.lo >= lo) and np.all(num.hi <= hi))
+
+
 def indices_in_range(grid) -> bool:
     """Whether every tensor index of the call's mask and score clause is provably in range at
     every pair (one tile spanning the call; guards are ignored, so this over-approximates
@@ -437,15 +449,10 @@ def indices_in_range(grid) -> bool:
     nodes = [n for r in roots for n in r.walk() if n.op is Op.INDEX]
     if not nodes or grid.q_len == 0 or grid.kv_len == 0:
         return True
-    tiles = make_grid(grid.q_len, grid.kv_len, grid.heads, grid.kv_heads, (grid.q_len, grid.kv_len),
-                      grid.params, grid.tensors)
-    an = Analyzer(tiles)
+    an = whole_call(grid.q_len, grid.kv_len, grid.heads, grid.kv_heads, grid.params, grid.tensors)
     for node in nodes:
         shape = np.shape(grid.tensors[node.value])
         for axis, index in enumerate(node.args):
-            if axis >= len(shape):
-                return False
-            num = an.value(index)
-            if not (np.all(num.lo >= 0) and np.all(num.hi < shape[axis])):
+            if axis >= len(shape) or not within(an.value(index), 0, shape[axis] - 1):
                 return False
     return True
