@@ -1,8 +1,10 @@
 """Pass 2, check: surface declarations -> typed :class:`~attndsl.ir.PatternIR` per pattern.
 
 Input: the parser's declarations for one file plus the prelude's defs. Output: a dict of
-pattern name -> PatternIR satisfying the invariants in :mod:`attndsl.ir`, or an AttnError
-carrying every name/type error found (one per clause at most; all clauses are visited).
+pattern name -> PatternIR satisfying the invariants in :mod:`attndsl.ir` and those of
+:mod:`attndsl.limits` (every root at most MAX_DEPTH high; and/or chains of more than LOGIC_RUN
+operands balanced), or an AttnError carrying every name/type error found (one per clause at
+most; all clauses are visited).
 
 Scoping: a def sees its own parameters, the other defs, the prelude and the builtins; a
 pattern's clauses also see its parameters and the earlier lets. Defs are macros: their bodies
@@ -14,9 +16,19 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .constants import check_constants, is_constant
+from .decls import cycles, parse_type, walk_surface
 from .errors import AttnError, AttnNameError, AttnTypeError, ErrorSink, Span
 from .ir import BUILTIN_LEAVES, UNARY_FLOAT_FUNCS, Expr, Op, Param, PatternIR, TensorType, Type
-from .parser import DefDecl, Node, PatternDecl
+from .limits import (
+    MAX_DEPTH,
+    Heights,
+    depth_message,
+    logic_chain,
+    surface_operands,
+    tree_size,
+)
+from .parser import HUGE_INT, DefDecl, Node, PatternDecl
+from .reserved import BUILTIN_NAMES, why_reserved
 
 PRELUDE_FILENAME = "<prelude>"
 MAX_TREE_SIZE = 200_000
@@ -38,8 +50,8 @@ SELECTORS: dict[str, tuple[Op, tuple[tuple[str, object, object], ...]]] = {
                                          ("seed", Type.INT, 0))),
     "route": (Op.ROUTE, (("c", TensorType(Type.FLOAT, 3), None),)),
 }
-RESERVED = set(BUILTIN_LEAVES) | {"score", "inf"} | FUNCTIONS | set(SELECTORS)
-_TYPE_NAMES = {"int": Type.INT, "float": Type.FLOAT, "bool": Type.BOOL}
+RESERVED = set(BUILTIN_LEAVES) | {"score", "inf"} | FUNCTIONS | set(SELECTORS)   # names in scope
+_BUILTIN = RESERVED | set(BUILTIN_NAMES)       # cannot be declared (builtins to come included)
 
 
 class _Reported(Exception):
@@ -74,6 +86,8 @@ class Checker:
         self.patterns: list[PatternDecl] = []
         self.recursive: set[str] = set()
         self._work = 0                  # expression nodes checked for the current pattern
+        self._level = 0                 # nesting of the expression being checked (defs expanded)
+        self._heights = Heights()
         self._declare(decls)
 
     # ------------------------------------------------------------------ declarations
@@ -83,7 +97,7 @@ class Checker:
             if d.name in self.prelude:
                 self.sink.add(AttnNameError, f"'{d.name}' is already defined by the prelude", d.span)
                 continue
-            if d.name in RESERVED:
+            if d.name in _BUILTIN:
                 self.sink.add(AttnNameError, f"'{d.name}' is a builtin name and cannot be redeclared",
                               d.span)
                 continue
@@ -106,7 +120,7 @@ class Checker:
         params = [p.name for p in d.params or ()]
         seen: set[str] = set()
         for p in d.params or ():
-            if p.name in RESERVED:
+            if p.name in _BUILTIN:
                 self.sink.add(AttnNameError, f"'{p.name}' is a builtin name and cannot be a parameter",
                               p.span)
             elif p.name in seen:
@@ -118,7 +132,7 @@ class Checker:
 
     def _check_names(self, node: Node, local: set[str]) -> None:
         """Report unknown names in a def body (types are checked when the def is used)."""
-        for n in _walk_surface(node):
+        for n in walk_surface(node):
             if n.value in self.broken:
                 continue
             if n.kind == "name" and n.value not in local and n.value not in self.defs \
@@ -137,26 +151,12 @@ class Checker:
         for d in self.defs.values():
             local = {p.name for p in d.params or ()}
             refs = [d.body] + [p.default for p in d.params or () if p.default is not None]
-            graph[d.name] = [(n.value, n.span) for r in refs for n in _walk_surface(r)
+            graph[d.name] = [(n.value, n.span) for r in refs for n in walk_surface(r)
                              if n.kind in ("name", "call") and n.value in self.defs
                              and n.value not in local]
-        state: dict[str, int] = {}
-
-        def visit(name: str, path: list[str]) -> None:
-            state[name] = 1
-            for callee, span in graph.get(name, ()):
-                if state.get(callee) == 1:
-                    cycle = path[path.index(callee):] + [callee]
-                    self.recursive.update(cycle)
-                    self.sink.add(AttnNameError,
-                                  f"recursive def '{callee}': " + " -> ".join(cycle), span)
-                elif callee not in state:
-                    visit(callee, path + [callee])
-            state[name] = 2
-
-        for name in graph:
-            if name not in state:
-                visit(name, [name])
+        for cycle, span in cycles(graph):
+            self.recursive.update(cycle)
+            self.sink.add(AttnNameError, f"recursive def '{cycle[0]}': " + " -> ".join(cycle), span)
 
     # ------------------------------------------------------------------ patterns
     def check(self) -> dict[str, PatternIR]:
@@ -171,9 +171,12 @@ class Checker:
     def _check_params(self, decl: PatternDecl) -> dict[str, Param]:
         params: dict[str, Param] = {}
         for p in decl.params:
-            if p.name in RESERVED or p.name in self.defs:
-                what = "a builtin name" if p.name in RESERVED else "already defined as a def"
-                self.sink.add(AttnNameError, f"'{p.name}' is {what} and cannot be a parameter", p.span)
+            ptype = parse_type(p.type_name) if p.type_name is not None else None
+            reserved = "is a builtin name" if p.name in _BUILTIN else \
+                why_reserved(p.name, isinstance(ptype, TensorType))
+            if reserved or p.name in self.defs:
+                what = reserved or "is already defined as a def"
+                self.sink.add(AttnNameError, f"'{p.name}' {what} and cannot be a parameter", p.span)
                 continue
             if p.name in params:
                 self.sink.add(AttnNameError, f"parameter '{p.name}' is declared twice", p.span)
@@ -186,7 +189,6 @@ class Checker:
                                   "64-bit)", p.span)
                 params[p.name] = Param(p.name, kind, v, p.span)
                 continue
-            ptype = _parse_type(p.type_name)
             if ptype is None:
                 self.sink.add(AttnTypeError, f"unknown type '{p.type_name}' (expected int, float, bool, "
                               "int[], float[], int[][], float[][] or float[][][])", p.span)
@@ -195,7 +197,7 @@ class Checker:
         return params
 
     def _check_pattern(self, decl: PatternDecl) -> PatternIR | None:
-        self._work = 0
+        self._work, self._level, self._heights = 0, 0, Heights()
         try:
             return self._check_pattern_body(decl)
         except _TooLarge:
@@ -221,7 +223,7 @@ class Checker:
                               f"{clause_names[key].line}", clause.span)
                 continue
             clause_names[key] = clause.span
-            if clause.kind == "let" and (clause.name in RESERVED or clause.name in params
+            if clause.kind == "let" and (clause.name in _BUILTIN or clause.name in params
                                          or clause.name in self.defs):
                 self.sink.add(AttnNameError, f"'{clause.name}' is already defined and cannot be "
                               "redeclared by let", clause.span)
@@ -253,7 +255,7 @@ class Checker:
         if len(self.sink.errors) > n_errors or mask is None:
             return None
         ir = PatternIR(decl.name, tuple(params.values()), mask, score, decl.span)
-        if _tree_size(ir.roots()) > MAX_TREE_SIZE:
+        if tree_size(ir.roots()) > MAX_TREE_SIZE:
             self.sink.add(AttnTypeError, f"pattern '{decl.name}' is too large after inlining its defs "
                           f"(over {MAX_TREE_SIZE} nodes)", decl.span)
             return None
@@ -276,13 +278,32 @@ class Checker:
         return cls(message, span, self.sink.source)
 
     def expr(self, node: Node, scope: _Scope) -> Expr:
+        """The checked IR of ``node``. Bounds the nesting (MAX_DEPTH), so that neither this
+        recursion nor any later pass recurses deeper: the nesting as written with each use of a
+        def replaced by its body (at the node where it is crossed), and the height of the IR
+        with lets expanded (at the smallest sub-expression that is too high)."""
         self._work += 1
         if self._work > MAX_TREE_SIZE:
             raise _TooLarge()
+        self._level += 1
+        try:
+            if self._level > MAX_DEPTH:
+                raise self._err(AttnTypeError, depth_message(" once defs are expanded"),
+                                node.span)      # (the parser bounds the text as written)
+            result = self._expr(node, scope)
+        finally:
+            self._level -= 1
+        if self._heights.of(result) > MAX_DEPTH:
+            raise self._err(AttnTypeError, depth_message(" once defs and lets are expanded"),
+                            node.span)
+        return result
+
+    def _expr(self, node: Node, scope: _Scope) -> Expr:
         kind = node.kind
         if kind == "int":
             if not INT_MIN <= node.value <= INT_MAX:
-                raise self._err(AttnTypeError, f"integer literal {node.value} is out of range (ints are "
+                shown = "" if node.value == HUGE_INT else f" {node.value}"
+                raise self._err(AttnTypeError, f"integer literal{shown} is out of range (ints are "
                                 "64-bit)", node.span)
             return Expr(Op.CONST, Type.INT, (), node.value, node.span)
         if kind == "float":
@@ -299,8 +320,7 @@ class Checker:
             x = self._bool(self.expr(node.children[0], scope), "'not'", node.children[0].span)
             return Expr(Op.NOT, Type.BOOL, (x,), None, node.span)
         if kind in ("and", "or"):
-            a, b = (self._bool(self.expr(c, scope), f"'{kind}'", c.span) for c in node.children)
-            return Expr(Op.AND if kind == "and" else Op.OR, Type.BOOL, (a, b), None, node.span)
+            return self._logic(node, scope)
         if kind in _BINARY:
             return self._binary(node, scope)
         if kind == "chain":
@@ -360,7 +380,8 @@ class Checker:
 
     def _binary(self, node: Node, scope: _Scope) -> Expr:
         op = _BINARY[node.kind]
-        a, b = (self.expr(c, scope) for c in node.children)
+        a = self.expr(node.children[0], scope)   # no comprehensions on the recursive paths:
+        b = self.expr(node.children[1], scope)   # each adds a frame per level
         if op in (Op.DIV, Op.POW):
             for x, c in ((a, node.children[0]), (b, node.children[1])):
                 if x.type is not Type.FLOAT:
@@ -395,12 +416,41 @@ class Checker:
         return Expr(op, Type.BOOL, (a, b), None, a.span)
 
     def _chain(self, node: Node, scope: _Scope) -> Expr:
-        operands = [self.expr(c, scope) for c in node.children]
-        result = None
-        for i, op_text in enumerate(node.value):
-            cmp = self._compare(op_text, operands[i], operands[i + 1], node.children[i + 1].span)
-            result = cmp if result is None else Expr(Op.AND, Type.BOOL, (result, cmp), None, node.span)
-        return result
+        operands = []
+        for c in node.children:
+            operands.append(self.expr(c, scope))
+        cmps = [self._compare(op_text, operands[i], operands[i + 1], node.children[i + 1].span)
+                for i, op_text in enumerate(node.value)]
+
+        def left_deep():
+            result = cmps[0]
+            for cmp in cmps[1:]:
+                result = Expr(Op.AND, Type.BOOL, (result, cmp), None, node.span)
+            return result
+        return self._logic_ir(Op.AND, cmps, node.span, left_deep)
+
+    def _logic(self, node: Node, scope: _Scope) -> Expr:
+        """A chain of 'and' (or of 'or'), however long, in one call (see logic_chain)."""
+        kind = node.kind
+        operands = surface_operands(node)
+        checked = {}
+        for c in operands:
+            checked[id(c)] = self._bool(self.expr(c, scope), f"'{kind}'", c.span)
+        op = Op.AND if kind == "and" else Op.OR
+
+        def as_written(n: Node = node) -> Expr:     # <= LOGIC_RUN operands: shallow
+            if n.kind != kind:
+                return checked[id(n)]
+            a, b = (as_written(c) for c in n.children)
+            return Expr(op, Type.BOOL, (a, b), None, n.span)
+        return self._logic_ir(op, list(checked.values()), node.span, as_written)
+
+    def _logic_ir(self, op: Op, items: list[Expr], span: Span, as_written) -> Expr:
+        out = logic_chain(op, items, span, as_written, MAX_TREE_SIZE - self._work)
+        if out is None:
+            raise _TooLarge()
+        self._work += len(items)
+        return out
 
     def _index(self, node: Node, scope: _Scope) -> Expr:
         name = node.value
@@ -467,7 +517,9 @@ class Checker:
         pos, kw = self._split_args(node)
         if kw:
             raise self._err(AttnTypeError, f"'{name}' takes no named arguments", kw[0].span)
-        args = [self.expr(c, scope) for c in pos]
+        args = []
+        for c in pos:
+            args.append(self.expr(c, scope))
         arity = {"min": None, "max": None, "clamp": 3}.get(name, 1)
         if (arity is None and len(args) < 2) or (arity is not None and len(args) != arity):
             want = "at least 2 arguments" if arity is None else \
@@ -538,12 +590,16 @@ class Checker:
         defaults = {p.name: p.default for p in d.params or ()}
         bound = self._bind_args(d.name, names, defaults, node) if node.kind == "call" else {}
         def_scope = _Scope({}, {}, scope.allow_score, scope.def_stack + (d.name,))
+        if len(def_scope.def_stack) > MAX_DEPTH:
+            raise self._err(AttnTypeError, f"defs nested too deeply: more than {MAX_DEPTH} "
+                            "uses of defs inside one another", node.span)
         local: dict[str, Expr] = {}
         for n in names:
             arg = bound[n]
             is_default = any(arg is p.default for p in d.params if p.name == n)
             local[n] = self.expr(arg, def_scope if is_default else scope)
         def_scope.locals = local
+        self._level -= 1            # the body takes the place of the use: no level of its own
         try:
             return self.expr(d.body, def_scope)
         except AttnError as err:
@@ -551,37 +607,5 @@ class Checker:
                 raise self._err(type(err), f"{err.message} (inside the prelude's '{d.name}')",
                                 node.span) from None
             raise
-
-
-def _parse_type(text: str):
-    base = text.rstrip("[]")
-    rank = (len(text) - len(base)) // 2
-    t = _TYPE_NAMES.get(base)
-    if t is None:
-        return None
-    if rank == 0:
-        return t
-    if t is Type.BOOL or rank > 3:
-        return None
-    return TensorType(t, rank)
-
-
-def _walk_surface(node: Node):
-    stack = [node]
-    while stack:
-        n = stack.pop()
-        yield n
-        stack.extend(c for c in n.children if isinstance(c, Node))
-
-
-def _tree_size(roots) -> int:
-    memo: dict[int, int] = {}
-
-    def size(e: Expr) -> int:
-        got = memo.get(id(e))
-        if got is None:
-            got = 1 + sum(size(c) for c in e.args)
-            memo[id(e)] = got
-        return got
-
-    return sum(size(r) for r in roots)
+        finally:
+            self._level += 1

@@ -8,6 +8,27 @@ missing tensor inputs) carry none and name the offending argument instead.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
+
+
+def normalize_source(text: str) -> str:
+    """The text the parser reads: without a leading UTF-8 byte-order mark, with ``\\r\\n`` and
+    ``\\r`` turned into ``\\n``. Lines are counted on this text by one rule, for parsing and for
+    diagnostics alike: only ``\\n`` ends a line (form feeds, vertical tabs, U+2028, U+2029, NEL
+    and FS/GS/RS do not, though ``str.splitlines`` would split there)."""
+    if text.startswith("\ufeff"):
+        text = text[1:]
+    return text.replace("\r\n", "\n").replace("\r", "\n")
+
+
+_ONE_COLUMN = str.maketrans({c: " " for c in "\t\v\f\x1c\x1d\x1e\x85\u2028\u2029"})
+
+
+@lru_cache(maxsize=8)
+def source_lines(text: str) -> tuple[str, ...]:
+    """The lines of a source text, numbered as the parser numbers them (line 1 is index 0).
+    Cached: each of thousands of errors in one file renders its line from the same text."""
+    return tuple(normalize_source(text).split("\n"))
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,10 +81,11 @@ class AttnError(Exception):
         head = f"{self.span.filename}:{self.span.line}:{self.span.column}: error: {self.message}"
         if not self.source:
             return head
-        lines = self.source.splitlines()
+        lines = source_lines(self.source)
         if not 1 <= self.span.line <= len(lines):
             return head
-        text = lines[self.span.line - 1].replace("\t", " ")   # a tab is one column
+        # a tab is one column; so are the characters that some tools take for line breaks
+        text = lines[self.span.line - 1].translate(_ONE_COLUMN)
         caret = " " * (self.span.column - 1) + "^"
         return f"{head}\n{text}\n{caret}"
 
@@ -110,3 +132,16 @@ class ErrorSink:
         errs = sorted(unique.values(), key=lambda e: (e.line, e.column))
         first = errs[0]
         raise type(first)(first.message, first.span, self.source, notes=tuple(errs[1:]))
+
+
+_SOURCES: dict[str, str] = {}
+
+
+def remember_source(filename: str, text: str) -> None:
+    """Keep the text of a compiled file, so that a call-time error can show its source line."""
+    _SOURCES[filename] = text
+
+
+def source_for(filename: str | None) -> str | None:
+    """The text of a compiled file (:func:`remember_source`), or None."""
+    return _SOURCES.get(filename or "")

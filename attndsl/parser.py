@@ -4,6 +4,14 @@ Input: any text. Output: surface syntax trees whose every node carries a 1-based
 :class:`~attndsl.errors.AttnSyntaxError` listing every syntax error found. The file is split
 at top-level ``def``/``pattern`` lines and each declaration is parsed on its own, so one bad
 declaration does not hide errors in the next. Lark's exceptions never escape this module.
+
+Lines are counted by :func:`~attndsl.errors.normalize_source`'s rule (a leading byte-order mark
+dropped; only ``\\n``, ``\\r\\n``, ``\\r`` end a line), the one diagnostics use. A file over
+:data:`~attndsl.limits.MAX_SOURCE_CHARS` is rejected before lark runs; an expression nested
+deeper than :data:`~attndsl.limits.MAX_DEPTH` is a syntax error at the node that crosses it
+(and its declaration is dropped), so no later pass sees one. Nothing here recurses per level
+of an expression: lark's LALR parser builds the tree iteratively and :class:`_ToSurface`
+converts it iteratively.
 """
 
 from __future__ import annotations
@@ -14,9 +22,10 @@ from functools import lru_cache
 from importlib import resources
 
 import lark
-from lark import Token, Transformer, v_args
+from lark import Token, Tree
 
-from .errors import AttnSyntaxError, ErrorSink, Span
+from .errors import AttnSyntaxError, ErrorSink, Span, normalize_source, source_lines
+from .limits import check_size, depth_message, too_deep
 
 # ----------------------------------------------------------------------------- surface syntax
 
@@ -132,8 +141,10 @@ def grammar_text() -> str:
 
 @lru_cache(maxsize=1)
 def _lark() -> lark.Lark:
+    # positions come from the tokens (the unary operators keep theirs, see the grammar):
+    # propagate_positions would cost a third of the parse time
     return lark.Lark(grammar_text(), parser="lalr", lexer="contextual", postlex=_Indenter(),
-                     propagate_positions=True, maybe_placeholders=False)
+                     maybe_placeholders=False)
 
 
 _WORDS = {
@@ -190,13 +201,13 @@ def _syntax_error(exc: Exception, filename: str, parser: lark.Lark, text: str) -
             line = tok.end_line
             col = len(str(tok)) + 1
         if tok.type == "$END" or not line:
-            lines = text.rstrip("\n").splitlines() or [""]
+            lines = source_lines(text.rstrip("\n"))
             line, col = len(lines), len(lines[-1]) + 1
         what = _found(tok)
         msg = what if tok.type == "_INDENT" else f"unexpected {what}"
         return msg + _expected(exc.accepts or exc.expected, parser), Span(filename, line, col, line, col + 1)
     if isinstance(exc, lark.exceptions.UnexpectedEOF):
-        lines = text.rstrip("\n").splitlines() or [""]
+        lines = source_lines(text.rstrip("\n"))
         line = len(lines)
         return "unexpected end of file" + _expected(exc.expected, parser), Span(
             filename, line, len(lines[-1]) + 1, line, len(lines[-1]) + 1)
@@ -211,19 +222,50 @@ def _tok_span(filename: str, tok: Token) -> Span:
                 tok.end_column or tok.column + len(tok))
 
 
-class _ToSurface(Transformer):
-    def __init__(self, filename: str):
-        super().__init__()
-        self.f = filename
+HUGE_INT = 10 ** 40        # stands for an integer literal of more than 30 digits (never int64)
 
-    def _span(self, meta) -> Span:
-        if getattr(meta, "empty", True):
-            return Span.unknown(self.f)
-        return Span(self.f, meta.line, meta.column, meta.end_line, meta.end_column)
+
+def int_literal(text: str) -> int:
+    """An integer literal's value; HUGE_INT beyond 30 digits (Python refuses to convert more than
+    4300, and nothing beyond 19 fits the language's 64-bit ints anyway)."""
+    digits = text.lstrip("0") or "0"
+    return int(digits) if len(digits) <= 30 else HUGE_INT
+
+
+class _ToSurface:
+    """Lark's tree -> surface declarations, one method per rule (or alias) of the grammar."""
+
+    def __init__(self, filename: str, line_offset: int = 0):
+        self.f = filename
+        self.line_offset = line_offset      # lines of the file before the parsed chunk
+
+    def transform(self, tree: Tree):
+        """Bottom-up and iterative (lark's Transformer recurses once per level of the tree)."""
+        done: list = []                     # results, in the order their subtrees finish
+        stack: list = [(tree, False)]
+        while stack:
+            node, expanded = stack.pop()
+            if not isinstance(node, Tree):
+                if isinstance(node, Token) and self.line_offset:
+                    node.line += self.line_offset
+                    node.end_line = (node.end_line or node.line) + self.line_offset
+                done.append(node)
+            elif expanded:
+                n = len(node.children)
+                children = done[len(done) - n:] if n else []
+                del done[len(done) - n:]
+                done.append(getattr(self, node.data)(children))
+            else:
+                stack.append((node, True))
+                stack.extend((c, False) for c in reversed(node.children))
+        return done[0]
+
+    def _unary_span(self, tok: Token, operand: Node) -> Span:
+        return Span(self.f, tok.line, tok.column, operand.span.end_line, operand.span.end_column)
 
     # --- atoms
     def int_lit(self, c):
-        return Node("int", (), int(c[0]), _tok_span(self.f, c[0]))
+        return Node("int", (), int_literal(c[0]), _tok_span(self.f, c[0]))
 
     def float_lit(self, c):
         return Node("float", (), float(c[0]), _tok_span(self.f, c[0]))
@@ -265,13 +307,11 @@ class _ToSurface(Transformer):
     def and_(self, c):
         return Node("and", tuple(c), None, c[0].span)
 
-    @v_args(meta=True)
-    def neg(self, meta, c):
-        return Node("neg", (c[0],), None, self._span(meta))
+    def neg(self, c):                        # c: the '-' token and the operand
+        return Node("neg", (c[1],), None, self._unary_span(c[0], c[1]))
 
-    @v_args(meta=True)
-    def not_(self, meta, c):
-        return Node("not", (c[0],), None, self._span(meta))
+    def not_(self, c):                       # c: the 'not' token and the operand
+        return Node("not", (c[1],), None, self._unary_span(c[0], c[1]))
 
     def cond(self, c):
         then, test, other = c
@@ -351,7 +391,7 @@ def _literal_value(raw, span: Span, sink: ErrorSink):
     tok = raw[1] if negate else raw
     text = str(tok)
     if tok.type == "INT":
-        value = int(text)
+        value = int_literal(text)
     elif tok.type == "FLOAT":
         value = float(text)
     elif tok.type in ("TRUE", "FALSE"):
@@ -383,6 +423,22 @@ def _split_declarations(text: str) -> list[tuple[int, str]]:
     return [(a, "\n".join(lines[a:b])) for a, b in zip(starts, starts[1:]) if a < b]
 
 
+def _check_depth(decls, sink: ErrorSink) -> bool:
+    """Report every expression of ``decls`` nested deeper than limits.MAX_DEPTH; True if none."""
+    ok = True
+    for d in decls:
+        if isinstance(d, DefDecl):
+            exprs = [d.body] + [p.default for p in d.params or () if p.default is not None]
+        else:
+            exprs = [c.expr for c in d.clauses]
+        for e in exprs:
+            deep = too_deep(e)
+            if deep is not None:
+                sink.add(AttnSyntaxError, depth_message(), deep.span)
+                ok = False
+    return ok
+
+
 _DECL_NAME = re.compile(r"^(?:def|pattern)\s+([A-Za-z_][A-Za-z0-9_]*)")
 
 
@@ -394,10 +450,16 @@ def parse(text: str, filename: str = "<string>", sink: ErrorSink | None = None,
     errors to it and returns the declarations that parsed; the names of those that did not are
     added to ``broken`` so that later passes do not report their uses as unknown.
     """
-    text = text.replace("\r\n", "\n").replace("\r", "\n")
-    parser = _lark()
+    text = normalize_source(text)
     own_sink = sink is None
     sink = ErrorSink(text) if own_sink else sink
+    too_large = check_size(text, filename, sink.source)
+    if too_large is not None:              # before lark, whose time grows with the text
+        sink.errors.append(too_large)
+        if own_sink:
+            sink.raise_if_any()
+        return ()
+    parser = _lark()
     decls: list = []
     # The indenter sees the indentation after each newline only, so an indented first line
     # would pass unnoticed: like Python, a file's first statement must not be indented.
@@ -408,20 +470,22 @@ def parse(text: str, filename: str = "<string>", sink: ErrorSink | None = None,
         sink.add(AttnSyntaxError, "unexpected indentation; a declaration starts at column 1",
                  Span(filename, 1, col, 1, col + 1))
     for first_line, chunk in _split_declarations(text):
-        padded = "\n" * first_line + chunk + "\n"
+        chunk += "\n"
         try:
-            tree = parser.parse(padded)
+            tree = parser.parse(chunk)
         except (lark.exceptions.LarkError, _Located) as exc:
-            message, span = _syntax_error(exc, filename, parser, padded)
-            sink.add(AttnSyntaxError, message, span)
+            message, span = _syntax_error(exc, filename, parser, chunk)
+            sink.add(AttnSyntaxError, message, Span(filename, span.line + first_line, span.column,
+                                                    span.end_line + first_line, span.end_column))
             named = _DECL_NAME.match(chunk)
             if named and broken is not None:
                 broken.add(named.group(1))
             continue
-        try:
-            decls.extend(_ToSurface(filename).transform(tree))
-        except lark.exceptions.VisitError as exc:    # lark wraps errors of the callbacks (a
-            raise exc.orig_exc from None              # RecursionError on deep nesting): unwrap
+        parsed = _ToSurface(filename, first_line).transform(tree)
+        if _check_depth(parsed, sink):
+            decls.extend(parsed)
+        elif broken is not None:
+            broken.update(d.name for d in parsed)
     for i, d in enumerate(decls):
         if isinstance(d, PatternDecl):
             params = tuple(

@@ -246,7 +246,9 @@ DEEP = {
     "pow": lambda n: " ** ".join(["1.0"] * n) + " == 1.0",          # right-associative
     "if": lambda n: "true if false else " * n + "true",             # right-associative
     "abs": lambda n: "abs(" * n + "q" + ")" * n + " == 0",
-    "and": lambda n: " and ".join(["k <= q"] * n),
+    # 'and' inside 'or' inside 'and' ...: a chain of one of them is balanced, not deep (test_limits)
+    "and": lambda n: "k <= q" + "".join(f" {'or' if i % 2 else 'and'} (k <= q" for i in range(n - 1))
+                     + ")" * (n - 1),
 }
 
 
@@ -255,6 +257,7 @@ def test_nesting_too_deep_is_an_attn_error_not_a_recursion_error(form):
     src = "pattern t:\n    mask = " + DEEP[form](3000) + "\n"
     err = errors_of(src)
     assert isinstance(err, AttnSyntaxError) and "nested too deeply" in err.message
+    assert err.line == 2 and err.column >= 12            # where the nesting is, not at 1:1
     # moderately deep expressions compile and evaluate
     pat = pattern("pattern t:\n    mask = " + DEEP[form](60) + "\n")
     assert pat.dense_mask(2, 2).shape == (1, 2, 2)
