@@ -2,7 +2,10 @@
 
 Every :class:`~attndsl.errors.AttnError` (a diagnostic in a file, a file that cannot be read,
 a bad size or parameter) is printed as its rendered message on stderr with exit status 1,
-never as a Python traceback. Pictures and report lines are built by :mod:`attndsl.render`.
+never as a Python traceback; so is an allocation failure (sizes too large) and, as an
+"internal error" line, any other exception (a bug; ``ATTNDSL_TRACEBACK=1`` shows its traceback).
+Command-line usage errors are argparse's (usage and message, exit status 2). Pictures and
+report lines are built by :mod:`attndsl.render`.
 Patterns that take tensor inputs or select blocks from the query and key vectors get demo
 values from a fixed seed (:func:`attndsl.render.demo_inputs`), and the output says what they are.
 """
@@ -50,6 +53,25 @@ def main(argv=None) -> int:
     except BrokenPipeError:                # `attndsl show ... | head`
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1
+    except Exception as exc:               # a bug in attndsl: one rendered line, no traceback
+        if _out_of_memory(exc):
+            report(AttnCallError(f"not enough memory for these sizes ({type(exc).__name__}): "
+                                 "use smaller --q-len / --kv-len / --heads / --batch"))
+            return 1
+        if os.environ.get("ATTNDSL_TRACEBACK"):
+            raise
+        report(AttnError(f"internal error (a bug in attndsl, please report it): "
+                         f"{type(exc).__name__}: {exc}; set ATTNDSL_TRACEBACK=1 to see the "
+                         "traceback"))
+        return 1
+
+
+def _out_of_memory(exc: BaseException) -> bool:
+    """Whether ``exc`` is an allocation failure (NumPy's MemoryError, torch's allocators)."""
+    text = str(exc)
+    return isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError" or \
+        (isinstance(exc, RuntimeError) and ("can't allocate memory" in text
+                                            or "out of memory" in text))
 
 
 def report(err: AttnError) -> None:
@@ -71,6 +93,14 @@ def _count(minimum: int):
             raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
         return value
     return parse
+
+
+def _seed(text: str) -> int:
+    """A seed both numpy and torch accept: an int in [0, 2**63)."""
+    value = _count(0)(text)
+    if value >= 1 << 63:
+        raise argparse.ArgumentTypeError(f"must be below 2**63, got {value}")
+    return value
 
 
 def parse_assignment(text: str):
@@ -102,8 +132,8 @@ def _common(p: argparse.ArgumentParser, q_len: int, heads_help: str) -> None:
                    help="key/value heads, dividing --heads (default: as many as --heads)")
     p.add_argument("--set", action="append", type=parse_assignment, metavar="NAME=VALUE",
                    help="bind a scalar parameter (int, float, true/false); repeatable")
-    p.add_argument("--seed", type=int, default=0,
-                   help="seed of the random demo inputs (default 0)")
+    p.add_argument("--seed", type=_seed, default=0,
+                   help="seed of the random demo inputs, in [0, 2**63) (default 0)")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -105,19 +105,46 @@ def _launch_text(x: dict) -> str:
     return f"{what} ({x['tables']} tables, {_fmt_int(x['tiles'])} tiles, {_fmt_int(x['full'])} full)"
 
 
+def reach_text(reach: dict | None, q_len: int, kv_len: int) -> str:
+    """The 'reach depth' line: the layers until every target pair is reached, and the share
+    reached after each number of layers. The targets are the pairs with k <= q ('causal': no
+    allowed key is later than its query) or every pair ('bidirectional'). On the tile graph
+    (method 'tiles') the depth is a lower bound and the shares are upper bounds; 'never' is
+    exact either way."""
+    if not reach:
+        return "-" + (" (needs q_len == kv_len > 0)" if q_len != kv_len or not q_len else "")
+    causal = reach["direction"] == "causal"
+    tiles = reach["method"] == "tiles"
+    depth = reach.get("full_reach_depth")
+    if depth is None:
+        text = ("never: some query never reaches some earlier key" if causal else
+                "never: some query never reaches some key (earlier or later)")
+    else:
+        text = f"{'at least ' if tiles else ''}{depth} layer{'s' if depth != 1 else ''}"
+    target = "causal pairs (k <= q)" if causal else \
+        "all pairs (bidirectional: some allowed key is later than its query)"
+    fr = ", ".join(f"L={n}: {f:.2f}" for n, f in zip(reach["layers"], reach["fractions"]))
+    text += f"; {target} reached {'at most ' if tiles else ''}{fr}"
+    if tiles:
+        text += (f" (tile graph of {reach['tile']}-token tiles: depth a lower bound, shares "
+                 "upper bounds)")
+    return text
+
+
+def asymptotic_text(c: dict, q_len: int, kv_len: int) -> str:
+    """The asymptotic class of the kept pairs: from the closed form, or, when there is none,
+    labelled as a two-point estimate (the kept pairs at N and 2N, N = max(q_len, kv_len))."""
+    text = c.get("asymptotic") or "-"
+    if c.get("asymptotic") and c.get("asymptotic_estimated"):
+        n = max(q_len, kv_len)
+        text += (f"  (a two-point estimate from the kept pairs at N={n} and N={2 * n}; no closed "
+                 "form: not a proof of the growth)")
+    return text
+
+
 def table_lines(r: dict) -> list[str]:
     c, g = r["cost"], r["graph"]
-    reach = g.get("reach") or {}
-    if not reach:
-        depth_text = "- (needs q_len == kv_len)"
-    else:
-        depth = reach.get("full_reach_depth")
-        depth_text = "never (some earlier key is unreachable)" if depth is None else \
-            f"{depth} layer{'s' if depth != 1 else ''}"
-        if reach.get("depth_is_lower_bound") and depth is not None:
-            depth_text += " (tile graph: a lower bound)"
-        fr = ", ".join(f"L={n}: {f:.2f}" for n, f in zip(reach["layers"], reach["fractions"]))
-        depth_text += f"; {reach['direction']} pairs reached {fr}"
+    depth_text = reach_text(g.get("reach"), r["q_len"], r["kv_len"])
     rows = [
         ("sizes", f"q_len {r['q_len']}, kv_len {r['kv_len']}, heads {r['heads']} "
                   f"(kv {r['kv_heads']}), tiles {r['block'][0]}x{r['block'][1]}"),
@@ -134,9 +161,9 @@ def table_lines(r: dict) -> list[str]:
         ("descriptor", ", ".join(r["descriptor"])),
         ("closed form", (c.get("closed_form") or "-")
          + (f"  (for {c['closed_form_condition']})" if c.get("closed_form_condition") else "")),
-        ("asymptotic", c.get("asymptotic") or "-"),
+        ("asymptotic", asymptotic_text(c, r["q_len"], r["kv_len"])),
         ("reach depth", depth_text),
-        ("kernel", "; ".join(_launch_text(x) for x in r["kernel"])),
+        ("kernel", "; ".join(_launch_text(x) for x in r["kernel"]) or "-"),
         ("analysis", f"{r['analysis_ms']:.1f} ms"),
     ]
     if g.get("union_covers_causal") is not None:
@@ -145,7 +172,7 @@ def table_lines(r: dict) -> list[str]:
     width = max(len(k) for k, _ in rows)
     out = [f"{r['pattern']}({', '.join(f'{k}={v}' for k, v in r['params'].items())})"]
     out += [f"  {k.ljust(width)}  {v}" for k, v in rows]
-    out += [f"  note: {n}" for n in r["notes"]]
+    out += [f"  note: {n}" for n in list(r["notes"]) + list(g.get("notes") or [])]
     out += [f"  warning: {w}" for w in r["warnings"]]
     return out
 

@@ -20,7 +20,7 @@ from functools import reduce
 
 import numpy as np
 
-from .errors import AttnCallError
+from .errors import AttnCallError, source_for
 from .ir import Expr, Op
 
 
@@ -90,6 +90,11 @@ class Evaluator:
         self._memo: dict[int, object] = {}
         self._has_index: dict[int, bool] = {}
         self._has_score: dict[int, bool] = {}
+        # whether this evaluates the score clause (an Env with a score; a delegate inherits it):
+        # only for the message of an index out of range
+        self.score_clause = env.score is not None
+        if delegate is not None:
+            delegate.score_clause = delegate.score_clause or self.score_clause
 
     def _flag(self, cache: dict, node: Expr, op: Op) -> bool:
         got = cache.get(id(node))
@@ -216,6 +221,12 @@ def _index(ev, node, live):
 
 
 def _raise_out_of_range(ev, node, axis, idx, bad, size):
+    """Raise the AttnCallError of an index out of range: the tensor, its size, the index
+    expression and its value at the first (h, q, k) where it is evaluated, and why it is
+    evaluated there (the score clause at every pair, masked ones included; the mask wherever
+    no enclosing and/or/if rules the operand out)."""
+    from .printer import print_expr  # local: keeps this module's imports light
+
     env = ev.env
     full = np.broadcast_shapes(bad.shape, np.shape(env.h), np.shape(env.q), np.shape(env.k))
     where = np.argwhere(np.broadcast_to(bad, full))[0]
@@ -224,12 +235,25 @@ def _raise_out_of_range(ev, node, axis, idx, bad, size):
     k = int(np.broadcast_to(env.k, full)[tuple(where)])
     value = int(np.broadcast_to(idx, full)[tuple(where)])
     dim = f" (dimension {axis})" if len(node.args) > 1 else ""
+    expr = print_expr(node.args[axis])
+    if len(expr) > 60:
+        expr = expr[:57] + "..."
+    row = q - (env.kv_len - env.q_len)
+    at = f"h={h}, q={q}, k={k}" + (f" (query row {row})" if row != q else "")
+    guard = f"{expr} >= 0" if value < 0 else f"{expr} < {size}"
+    if ev.score_clause:
+        why = ("the score clause is evaluated at every (h, q, k) pair, masked pairs included "
+               "(LANGUAGE.md sections 1 and 3), so its indices must be in range at every pair")
+    else:
+        why = ("the mask evaluates an index at every pair that no enclosing 'and', 'or' or "
+               "'if' rules out")
     raise AttnCallError(f"index {value} is out of range for tensor input '{node.value}'{dim} of "
-                        f"size {size}, at h={h}, q={q}, k={k}", node.span, _source_of(node))
+                        f"size {size}: the index '{expr}' is {value} at {at}; {why}; guard it "
+                        f"('... if {guard} else ...') or clamp the index", node.span,
+                        _source_of(node))
 
 
 def _source_of(node: Expr):
-    from .program import source_for  # local: program imports this module
     return source_for(node.span.filename)
 
 

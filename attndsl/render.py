@@ -237,11 +237,25 @@ def _probe_shapes(pat, names, known, sizes, query, key) -> dict:
         for rows in row_chunks(q_len, kv_len, heads):
             grid.mask(hs, rows, cols)
             grid.score(hs, rows, cols, np.zeros((heads, len(rows), kv_len)))
-    except AttnCallError as err:            # only a negative index fails against the probe
-        raise AttnCallError(f"no demo value of the tensor inputs fits these sizes: the pattern "
-                            f"reads a negative index ({err.message.split(' of size')[0]}; positions "
-                            "are negative when q_len > kv_len)", err.span, err.source) from None
+    except AttnCallError as err:    # a negative index, or one past a tensor already filled
+        where = (f" (query positions start at kv_len - q_len = {kv_len - q_len} when q_len > "
+                 "kv_len)" if q_len > kv_len else "")
+        raise AttnCallError(f"no demo values of the tensor inputs fit these sizes{where}: "
+                            f"{err.message.replace(f' of size {_Probe.BIG}', '')}", err.span,
+                            err.source) from None
     return {n: tuple(max(1, t + 1) for t in p.top) for n, p in probes.items()}
+
+
+def _index_deps(pat, names) -> dict:
+    """For each named tensor input, the other tensor inputs read inside its indices
+    (``rel[h, bucket[q - k]]``: rel depends on bucket), so that those are filled first."""
+    deps: dict = {n: set() for n in names}
+    for root in pat.ir.roots():
+        for node in root.walk():
+            if node.op is Op.INDEX and node.value in deps:
+                deps[node.value] |= {m.value for a in node.args for m in a.walk()
+                                     if m.op is Op.INDEX and m.value != node.value}
+    return deps
 
 
 def _documents(rng, n: int) -> np.ndarray:
@@ -331,18 +345,31 @@ def demo_inputs(pat, sizes, head_dim: int, rng, query=None, key=None):
     rest = [n for n in rest if n not in out]
     if rest and any(n in out for n in int1):      # their values may index the others
         shapes = _probe_shapes(pat, rest, out, sizes, query, key)
-    for n in rest:
-        shape, t = shapes[n], declared[n]
-        if int(np.prod(shape)) > 1 << 26:
-            raise AttnCallError(f"cannot make demo values for tensor input '{n}': its indices "
-                                f"need shape {list(shape)}; use smaller sizes")
-        if t.elem is Type.INT:
-            out[n] = rng.integers(0, max(1, kv_len), shape)
-            notes.append(f"{n}: random ints in [0, {max(1, kv_len)}) of shape {list(shape)}")
-        else:
-            out[n] = rng.standard_normal(shape)
-            notes.append(f"{n}: random Gaussian {t} of shape {list(shape)}")
+    deps = _index_deps(pat, rest)
+    while rest:
+        # an input read inside another's index is filled first, and the others' shapes probed
+        # again with its values (a t5-style rel[h, bucket[...]]); a cycle fills what is left
+        ready = [n for n in rest if not deps[n] & set(rest)] or rest
+        for n in ready:
+            _random_input(n, shapes[n], declared[n], kv_len, rng, out, notes)
+        rest = [n for n in rest if n not in out]
+        if rest:
+            shapes = _probe_shapes(pat, rest, out, sizes, query, key)
     return out, notes
+
+
+def _random_input(n: str, shape, t, kv_len: int, rng, out: dict, notes: list) -> None:
+    """Random values of ``shape`` for tensor input ``n`` (ints in [0, kv_len), floats
+    Gaussian) into ``out``, with a note; too large a shape is an AttnCallError."""
+    if int(np.prod(shape)) > 1 << 26:
+        raise AttnCallError(f"cannot make demo values for tensor input '{n}': its indices "
+                            f"need shape {list(shape)}; use smaller sizes")
+    if t.elem is Type.INT:
+        out[n] = rng.integers(0, max(1, kv_len), shape)
+        notes.append(f"{n}: random ints in [0, {max(1, kv_len)}) of shape {list(shape)}")
+    else:
+        out[n] = rng.standard_normal(shape)
+        notes.append(f"{n}: random Gaussian {t} of shape {list(shape)}")
 
 
 # ----------------------------------------------------------------------------- PNG

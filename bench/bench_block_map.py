@@ -146,6 +146,17 @@ class Row:
     flex_cmp: dict | None = None
     flex_vs_np: bool | None = None
 
+    @property
+    def speedup(self) -> float | None:
+        """NumPy brute force over attndsl's warm block_map (extrapolated when NumPy was)."""
+        if self.np_time is None or not self.ours_warm:
+            return None
+        return self.np_time / self.ours_warm
+
+
+def fmt_speedup(r: Row) -> str:
+    return "—" if r.speedup is None else f"{'~' if r.np_extrapolated else ''}{r.speedup:,.0f}x"
+
 
 def flex_skip(case: Case, n: int, flex: dict, args) -> str | None:
     """Why FlexAttention is not run for case at n, or None to run it."""
@@ -270,7 +281,8 @@ def progress_line(r: Row) -> str:
     parts = [f"{r.case.key:<20} N={r.n:<7} H={r.case.heads}", f"attndsl {fmt_time(r.ours_first)} / "
              f"{fmt_time(r.ours_warm)}"]
     if r.np_time is not None:
-        parts.append(f"numpy {'~' if r.np_extrapolated else ''}{fmt_time(r.np_time)}")
+        parts.append(f"numpy {'~' if r.np_extrapolated else ''}{fmt_time(r.np_time)} "
+                     f"({fmt_speedup(r)} the warm attndsl time)")
     if r.flex_first is not None:
         parts.append(f"flex {fmt_time(r.flex_first)} / {fmt_time(r.flex_warm)}")
     elif r.flex_note:
@@ -295,8 +307,9 @@ def check_cell(r: Row) -> str:
 
 def results_table(rows: list[Row]) -> str:
     head = ("| pattern | H | N | attndsl first | attndsl warm (median of 5) | NumPy brute force | "
-            "Flex first | Flex warm (median) | tiles empty/partial/full % | check vs brute force |")
-    lines = [head, "|" + "---|" * 10]
+            "NumPy / attndsl warm | Flex first | Flex warm (median) | tiles empty/partial/full % | "
+            "check vs brute force |")
+    lines = [head, "|" + "---|" * 11]
     for r in rows:
         if r.np_time is None:
             npc = "—"
@@ -307,8 +320,8 @@ def results_table(rows: list[Row]) -> str:
         flex_first = fmt_time(r.flex_first) if r.flex_first is not None else \
             ("skipped" if r.flex_note.startswith("skipped") else "failed" if r.flex_note else "—")
         lines.append(f"| {r.case.key} | {r.case.heads} | {r.n} | {fmt_time(r.ours_first)} | "
-                     f"{fmt_time(r.ours_warm)} | {npc} | {flex_first} | {fmt_time(r.flex_warm)} | "
-                     f"{r.stats} | {check_cell(r)} |")
+                     f"{fmt_time(r.ours_warm)} | {npc} | {fmt_speedup(r)} | {flex_first} | "
+                     f"{fmt_time(r.flex_warm)} | {r.stats} | {check_cell(r)} |")
     return "\n".join(lines)
 
 

@@ -49,6 +49,9 @@ from . import kernel
 SKELETON = Path(__file__).absolute().parent / "skeleton.py"
 RUNNER = Path(__file__).absolute().parent / "aot_runner.py"
 DEFAULT_TARGETS = ("sm_80", "sm_90")
+# The NVIDIA GPU architectures a target may name: Turing and later, as the ptxas that Triton
+# ships knows them (CUDA 12.9 and 13); the architecture-specific 'a' form exists from sm_90.
+CAPABILITIES = (75, 80, 86, 87, 88, 89, 90, 100, 101, 103, 107, 110, 120, 121)
 DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16,
           "float16": torch.float16, "fp32": torch.float32, "float32": torch.float32,
           "fp64": torch.float64, "float64": torch.float64}
@@ -157,6 +160,30 @@ def kernel_arguments(skeleton: Path = SKELETON, kernel_name: str = "attn_fwd") -
     raise AttnCallError(f"no function {kernel_name} in {skeleton}")
 
 
+def check_targets(targets) -> list[str]:
+    """The target names (``sm_80``, ``sm_90a``; stripped, duplicates dropped), checked before
+    anything compiles: AttnCallError for a malformed name, an architecture outside
+    :data:`CAPABILITIES` (``sm_42``) or an ``a`` form below sm_90, and for no target at all."""
+    from .aot_runner import JobError, parse_target
+
+    names = list(dict.fromkeys(str(t).strip() for t in targets if str(t).strip()))
+    if not names:
+        raise AttnCallError("no target given (e.g. sm_80,sm_90)")
+    known = ", ".join(f"sm_{c}" for c in CAPABILITIES)
+    for name in names:
+        try:
+            _, capability, _ = parse_target(name)
+        except JobError as exc:
+            raise AttnCallError(str(exc)) from None
+        if capability not in CAPABILITIES:
+            raise AttnCallError(f"unknown target {name!r}: sm_{capability} is no NVIDIA GPU "
+                                f"architecture that Triton compiles for (known: {known})")
+        if name.endswith("a") and capability < 90:
+            raise AttnCallError(f"unknown target {name!r}: the architecture-specific 'a' form "
+                                "exists from sm_90 (sm_90a, sm_100a, ...)")
+    return names
+
+
 def make_job(launch: kernel.Launch, name: str, targets=DEFAULT_TARGETS,
              skeleton: Path = SKELETON) -> dict:
     """The job of one Launch (see the module docstring and codegen/aot_runner.py)."""
@@ -195,14 +222,20 @@ def pattern_jobs(pattern, call: Call = Call(), targets=DEFAULT_TARGETS,
     """describe + make_job: one job per launch of the call; named ``name`` (default
     ``pattern label``), with ``[launch i/n]`` added when the call makes several launches."""
     name = name or f"{pattern.name} {call.label()}"
+    targets = check_targets(targets)
     plans = describe(pattern, call, config)
     return [make_job(launch, name if len(plans) == 1 else f"{name} [launch {i + 1}/{len(plans)}]",
                      targets) for i, launch in enumerate(plans)]
 
 
-def _runner_env() -> dict:
+def _runner_env(pycache: str | None = None) -> dict:
+    """The runner's environment: no TRITON_INTERPRET, the ptxas log on, and (``pycache``) its
+    bytecode kept in a folder of its own, so that it never reads a ``.pyc`` from the kernel
+    cache's ``__pycache__`` (the hook modules are imported from their checked source)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_DUMP_PTXAS_LOG"] = "1"
+    if pycache is not None:
+        env["PYTHONPYCACHEPREFIX"] = pycache
     return env
 
 
@@ -231,7 +264,8 @@ def compile_jobs(jobs: list[dict], python: str | None = None, processes: int = 1
             log = open(Path(tmp) / f"log{p}.txt", "w+", encoding="utf-8")     # noqa: SIM115
             cmd = [python, str(RUNNER), str(path), "-o", str(Path(tmp) / f"out{p}.json")]
             running.append((share, log, subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
-                                                         env=_runner_env(), cwd=tmp)))
+                                                         env=_runner_env(str(Path(tmp) / "pyc")),
+                                                         cwd=tmp)))
         try:
             for p, (share, log, proc) in enumerate(running):
                 try:
@@ -240,13 +274,20 @@ def compile_jobs(jobs: list[dict], python: str | None = None, processes: int = 1
                     raise AttnCallError(f"the compile runner ({python}) took more than "
                                         f"{timeout:.0f} s") from None
                 out = Path(tmp) / f"out{p}.json"
+                log.seek(0)
+                tail = "\n".join(log.read().strip().splitlines()[-15:])
+                tail = f":\n{tail}" if tail else ""
                 if rc != 0 or not out.exists():
-                    log.seek(0)
-                    tail = "\n".join(log.read().strip().splitlines()[-15:])
-                    raise AttnCallError(f"the compile runner ({python}) failed with exit status "
-                                        f"{rc}:\n{tail}")
-                for unit, reports in zip(share, json.loads(out.read_text(encoding="utf-8"))):
-                    results[unit] = reports[0]
+                    what = f"failed with exit status {rc}" if rc else \
+                        "exited without writing its results (is it a Python with triton?)"
+                    raise AttnCallError(f"the compile runner ({python}) {what}{tail}")
+                try:
+                    got = json.loads(out.read_text(encoding="utf-8"))
+                    pairs = [(unit, reports[0]) for unit, reports in zip(share, got, strict=True)]
+                except (OSError, ValueError, TypeError, IndexError, KeyError) as exc:
+                    raise AttnCallError(f"the compile runner ({python}) wrote unreadable "
+                                        f"results ({exc}){tail}") from None
+                results.update(pairs)
         finally:
             for _share, log, proc in running:
                 if proc.poll() is None:
@@ -297,9 +338,9 @@ def main(argv=None) -> int:
     parser.add_argument("--processes", type=int, default=os.cpu_count() or 1)
     args = parser.parse_args(argv)
     call = Call(dtype=args.dtype, head_dim=args.head_dim)
-    targets = [t.strip() for t in args.targets.split(",") if t.strip()]
     jobs, failed = [], 0
     try:
+        targets = check_targets(args.targets.split(","))
         for path in args.files:
             for pat in load(path):
                 try:
