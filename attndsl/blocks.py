@@ -12,18 +12,24 @@ from __future__ import annotations
 import numpy as np
 
 from .errors import AttnCallError
+from .inputs import check_max_length, short_repr
 from .reference import CallGrid
 
 EMPTY, PARTIAL, FULL = 0, 1, 2
 
 
 def tile_shape(block) -> tuple[int, int]:
-    try:
-        bq, bk = (int(b) for b in block)
-    except (TypeError, ValueError):
-        raise AttnCallError(f"argument 'block' must be a pair of positive ints, got {block!r}") from None
+    """The ``block`` argument (BQ, BK) as two Python ints: a tuple, list or 1-D array of two
+    Python or NumPy integers (not bools, floats or strings), each in [1, MAX_LENGTH]."""
+    pair = isinstance(block, (tuple, list)) or (isinstance(block, np.ndarray) and block.ndim == 1)
+    if not pair or len(block) != 2 or \
+            any(isinstance(b, (bool, np.bool_)) or not isinstance(b, (int, np.integer)) for b in block):
+        raise AttnCallError(f"argument 'block' must be a pair of positive ints, got "
+                            f"{short_repr(block)}")
+    bq, bk = (int(b) for b in block)
     if bq < 1 or bk < 1:
-        raise AttnCallError(f"argument 'block' must be a pair of positive ints, got {block!r}")
+        raise AttnCallError(f"argument 'block' must be a pair of positive ints, got {(bq, bk)}")
+    check_max_length("block", max(bq, bk))
     return bq, bk
 
 

@@ -9,26 +9,31 @@ from __future__ import annotations
 import math
 import os
 import sys
+from dataclasses import replace
 from functools import lru_cache
 from importlib import resources
 
 import numpy as np
 
 from . import reference as ref
+from .analysis.relax import relaxed_mask
 from .checker import PRELUDE_FILENAME, Checker
 from .constants import check_constants
-from .errors import AttnCallError, AttnSyntaxError, ErrorSink, Span
-from .inputs import check_lengths, tensor_inputs, to_numpy
+from .errors import AttnCallError, ErrorSink, remember_source
+from .inputs import (
+    as_float64,
+    check_dense_size,
+    check_lengths,
+    check_scale,
+    check_window,
+    out_of_memory,
+    real_array,
+    short_repr,
+    tensor_inputs,
+)
 from .ir import DATA_SELECTOR_OPS, PatternIR, Type
 from .parser import parse
 from .printer import print_pattern
-
-_SOURCES: dict[str, str] = {}
-
-
-def source_for(filename: str | None) -> str | None:
-    """The text of a compiled file, to render a call-time error at its source line."""
-    return _SOURCES.get(filename or "")
 
 
 def _dump(stage: str, value, render) -> None:
@@ -40,7 +45,7 @@ def _dump(stage: str, value, render) -> None:
 @lru_cache(maxsize=1)
 def prelude_decls() -> tuple:
     text = resources.files("attndsl.grammar").joinpath("prelude.attn").read_text(encoding="utf-8")
-    _SOURCES[PRELUDE_FILENAME] = text
+    remember_source(PRELUDE_FILENAME, text)
     return parse(text, PRELUDE_FILENAME)
 
 
@@ -48,15 +53,15 @@ def compile(source: str, filename: str = "<string>") -> Program:  # noqa: A001 -
     """Compile .attn source text into a Program; raises AttnError on any error in it."""
     if not isinstance(source, str):
         raise AttnCallError("compile() takes the source text as a str")
-    _SOURCES[filename] = source
-    try:
-        sink, broken = ErrorSink(source), set()
-        decls = parse(source, filename, sink, broken)
-        _dump("ast", decls, lambda ds: "\n".join(map(repr, ds)))
-        patterns = Checker(decls, source, prelude_decls(), sink, broken).check()
-    except RecursionError:
-        raise AttnSyntaxError("expression nested too deeply", Span(filename, 1, 1, 1, 1),
-                              source) from None
+    if not isinstance(filename, str):
+        raise AttnCallError(f"compile(): filename must be a str, got {type(filename).__name__}")
+    remember_source(filename, source)
+    # no pass recurses without bound: the parser and the checker reject nesting beyond
+    # limits.MAX_DEPTH and files beyond limits.MAX_SOURCE_CHARS, at the offending node
+    sink, broken = ErrorSink(source), set()
+    decls = parse(source, filename, sink, broken)
+    _dump("ast", decls, lambda ds: "\n".join(map(repr, ds)))
+    patterns = Checker(decls, source, prelude_decls(), sink, broken).check()
     _dump("ir", patterns, lambda ps: "\n".join(print_pattern(p) for p in ps.values()))
     return Program(filename, {name: Pattern(ir, source) for name, ir in patterns.items()})
 
@@ -85,6 +90,9 @@ class Program:
         return list(self._patterns)
 
     def __getitem__(self, name: str) -> Pattern:
+        if not isinstance(name, str):
+            raise AttnCallError(f"a pattern name must be a str, got {type(name).__name__} "
+                                f"{short_repr(name)}")
         try:
             return self._patterns[name]
         except KeyError:
@@ -92,7 +100,7 @@ class Program:
             raise AttnCallError(f"no pattern '{name}' in {self.filename} (patterns: {known})") from None
 
     def __contains__(self, name: str) -> bool:
-        return name in self._patterns
+        return isinstance(name, str) and name in self._patterns
 
     def __iter__(self):
         return iter(self._patterns.values())
@@ -116,10 +124,14 @@ def _bind_value(param, value):
     if t is Type.FLOAT and isinstance(value, (int, float, np.integer, np.floating)) \
             and not isinstance(value, (bool, np.bool_)):
         try:
-            return float(value)
+            out = float(value)
         except OverflowError:
-            raise AttnCallError(f"parameter '{param.name}' is float, got {value!r}, which is out of "
-                                "range") from None
+            out = math.inf
+        if math.isinf(out) and not (isinstance(value, (float, np.floating)) and np.isinf(value)):
+            # a huge int, or a longdouble beyond float64's range
+            raise AttnCallError(f"parameter '{param.name}' is float, got {short_repr(value)}, which "
+                                "is out of range")
+        return out
     raise AttnCallError(f"parameter '{param.name}' is {t.value}, got {type(value).__name__} "
                         f"{value!r}")
 
@@ -171,19 +183,40 @@ class Pattern:
     def uses_selectors(self) -> bool:
         return any(r.uses(*DATA_SELECTOR_OPS) for r in self.ir.roots())
 
+    def without_selectors(self) -> Pattern:
+        """The static part: data-dependent selectors relaxed away from the mask, and a score
+        clause that reads them dropped (a superset of the allowed pairs that reads no query or
+        key vectors); the pattern itself when it has none."""
+        if not self.uses_selectors():
+            return self
+        score = self.ir.score
+        if score is not None and score.uses(*DATA_SELECTOR_OPS):
+            score = None
+        ir = replace(self.ir, mask=relaxed_mask(self.ir.mask), score=score)
+        return Pattern(ir, self.source, self.values)
+
     def grid(self, q_len, kv_len, heads, kv_heads, tensors, query=None, key=None, scale=None):
         return ref.CallGrid(self.ir, self._values(), q_len, kv_len, heads, kv_heads, tensors,
                             query, key, scale)
 
     # ------------------------------------------------------------------ the interpreter
     def dense_mask(self, q_len: int, kv_len: int, heads: int = 1, kv_heads: int | None = None,
-                   query=None, key=None, **tensor_inputs_) -> np.ndarray:
-        """numpy bool [heads, q_len, kv_len]: the mask clause at every (h, i, j)."""
+                   query=None, key=None, rows=None, cols=None, **tensor_inputs_) -> np.ndarray:
+        """numpy bool [heads, q_len, kv_len]: the mask clause at every (h, i, j); with ``rows``
+        and/or ``cols`` (``range(start, stop)`` or ``(start, stop)``) only that window of query
+        rows and key columns, [heads, len(rows), len(cols)] (a window of a call of any length)."""
         kv_heads = heads if kv_heads is None else kv_heads
-        check_lengths(q_len, kv_len, heads, kv_heads)
+        q_len, kv_len, heads, kv_heads = check_lengths(q_len, kv_len, heads, kv_heads)
+        window = check_window("rows", rows, q_len) + check_window("cols", cols, kv_len)
+        check_dense_size(heads, window[1] - window[0], window[3] - window[2])
         tensors = tensor_inputs(self.ir, tensor_inputs_, None)[0]
         query, key = self._selector_inputs(query, key, q_len, kv_len, heads, kv_heads)
-        return ref.dense_mask(self.grid(q_len, kv_len, heads, kv_heads, tensors, query, key))
+        try:
+            return ref.dense_mask(self.grid(q_len, kv_len, heads, kv_heads, tensors, query, key),
+                                  *window)
+        except MemoryError:
+            raise out_of_memory("the dense mask", {"heads": heads, "q_len": q_len,
+                                                   "kv_len": kv_len}) from None
 
     def _selector_inputs(self, query, key, q_len, kv_len, heads, kv_heads):
         if query is None and key is None:
@@ -193,23 +226,24 @@ class Pattern:
                                     "[kv_heads, kv_len, D]")
             return None, None
         if query is None or key is None:
-            raise AttnCallError("pass both query= and key=, or neither")
-        query, key = to_numpy(query, "query"), to_numpy(key, "key")
+            raise AttnCallError("arguments 'query' and 'key' go together: pass both, or neither")
+        query, key = real_array(query, "query"), real_array(key, "key")
         if query.ndim != 3 or query.shape[:2] != (heads, q_len):
             raise AttnCallError(f"argument 'query' must have shape [heads={heads}, q_len={q_len}, D], "
                                 f"got {list(query.shape)}")
         if key.ndim != 3 or key.shape[:2] != (kv_heads, kv_len) or key.shape[2] != query.shape[2]:
             raise AttnCallError(f"argument 'key' must have shape [kv_heads={kv_heads}, kv_len="
                                 f"{kv_len}, D={query.shape[2]}], got {list(key.shape)}")
-        return query.astype(np.float64), key.astype(np.float64)
+        return as_float64(query, "query"), as_float64(key, "key")
 
     def reference(self, q, k, v, scale: float | None = None, **tensor_inputs_):
         """The interpreter of LANGUAGE.md section 1: float64 (out [B,H,Lq,Dv], lse [B,H,Lq])."""
         from .runtime import check_qkv  # one validation for every entry point
 
-        q, k, v = (to_numpy(x, n).astype(np.float64) for x, n in ((q, "q"), (k, "k"), (v, "v")))
+        q, k, v = (real_array(x, n) for x, n in ((q, "q"), (k, "k"), (v, "v")))
         shapes = check_qkv(q.shape, k.shape, v.shape)
-        scale = _scale(scale, q.shape[-1])
+        q, k, v = (as_float64(x, n) for x, n in ((q, "q"), (k, "k"), (v, "v")))
+        scale = check_scale(scale, q.shape[-1])
         grids = self.grids(shapes, q, k, scale, tensor_inputs_)
         return ref.reference_attention(grids, q, k, v, scale)
 
@@ -231,14 +265,22 @@ class Pattern:
         """
         from .analysis import api
 
-        return api.block_map(self, q_len, kv_len, heads, block, kv_heads, tensor_inputs_)
+        try:
+            return api.block_map(self, q_len, kv_len, heads, block, kv_heads, tensor_inputs_)
+        except MemoryError:
+            raise out_of_memory("the block map", {"q_len": q_len, "kv_len": kv_len,
+                                                  "heads": heads}) from None
 
     def describe(self, q_len: int, kv_len: int, heads: int = 1, block=(128, 128),
                  kv_heads: int | None = None, **tensor_inputs_):
         """The kernel-facing Description (block map, tile lists, key intervals) of a call."""
         from .analysis import api
 
-        return api.describe(self, q_len, kv_len, heads, block, kv_heads, tensor_inputs_)
+        try:
+            return api.describe(self, q_len, kv_len, heads, block, kv_heads, tensor_inputs_)
+        except MemoryError:
+            raise out_of_memory("the description", {"q_len": q_len, "kv_len": kv_len,
+                                                    "heads": heads}) from None
 
     # ------------------------------------------------------------------ torch
     def __call__(self, q, k, v, return_lse: bool = False, scale: float | None = None,
@@ -262,11 +304,3 @@ class Pattern:
     def __repr__(self) -> str:
         vals = ", ".join(f"{k}={v!r}" for k, v in self.values.items())
         return f"<attndsl.Pattern {self.name}({vals})>"
-
-
-def _scale(scale, head_dim: int) -> float:
-    if scale is None:
-        return 1.0 / math.sqrt(head_dim) if head_dim else 1.0
-    if isinstance(scale, bool) or not isinstance(scale, (int, float, np.integer, np.floating)):
-        raise AttnCallError(f"argument 'scale' must be a number, got {type(scale).__name__}")
-    return float(scale)

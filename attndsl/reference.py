@@ -73,15 +73,20 @@ def row_chunks(n_rows: int, n_cols: int, n_heads: int = 1):
         yield np.arange(start, min(n_rows, start + step))
 
 
-def dense_mask(grid: CallGrid) -> np.ndarray:
-    out = np.empty((grid.heads, grid.q_len, grid.kv_len), dtype=bool)
+def dense_mask(grid: CallGrid, row0: int = 0, row1: int | None = None, col0: int = 0,
+               col1: int | None = None) -> np.ndarray:
+    """bool [heads, row1 - row0, col1 - col0]: the mask on query rows [row0, row1) and key
+    columns [col0, col1) (by default the whole call)."""
+    row1 = grid.q_len if row1 is None else row1
+    col1 = grid.kv_len if col1 is None else col1
+    out = np.empty((grid.heads, row1 - row0, col1 - col0), dtype=bool)
     heads = np.arange(grid.heads)
-    cols = np.arange(grid.kv_len)
-    if grid.kv_len == 0:
+    cols = np.arange(col0, col1)
+    if col1 == col0:
         return out
     use = heads if grid.mask_per_head else heads[:1]
-    for rows in row_chunks(grid.q_len, grid.kv_len, len(use)):
-        out[:, rows[0]:rows[-1] + 1] = grid.mask(heads, rows, cols)
+    for rows in row_chunks(row1 - row0, col1 - col0, len(use)):
+        out[:, rows[0]:rows[-1] + 1] = grid.mask(heads, rows + row0, cols)
     return out
 
 
@@ -100,21 +105,52 @@ def reference_attention(grids: list[CallGrid], q: np.ndarray, k: np.ndarray, v: 
         for h in range(heads):
             kh = h // group
             for rows in row_chunks(q_len, kv_len):
-                s0 = scale * (q[b, h, rows] @ k[b, kh].T)[None]
+                with np.errstate(all="ignore"):
+                    s0 = scale * (q[b, h, rows] @ k[b, kh].T)[None]
                 allowed = grid.mask([h], rows, cols)
                 s = grid.score([h], rows, cols, s0)
-                allowed = allowed & (s != -np.inf)
-                with np.errstate(all="ignore"):
-                    top = np.max(np.where(allowed, s, -np.inf), axis=-1, keepdims=True)
-                    safe_top = np.where(np.isfinite(top), top, 0.0)
-                    w = np.where(allowed, np.exp(s - safe_top), 0.0)
-                    total = w.sum(axis=-1)
-                    row_has = allowed.any(axis=-1)
-                    p = w / np.where(row_has, total, 1.0)[..., None]
-                out[b, h, rows] = (p @ v[b, kh])[0]
-                lse[b, h, rows] = np.where(row_has, np.log(np.where(row_has, total, 1.0))
-                                           + safe_top[..., 0], -np.inf)[0]
+                out[b, h, rows], lse[b, h, rows] = attend(allowed[0], s[0], v[b, kh])
     return out, lse
+
+
+def attend(allowed: np.ndarray, s: np.ndarray, v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """One head's rows: (out [R, Dv], lse [R]) from the mask [R, Lkv], the scores [R, Lkv] and V
+    [Lkv, Dv], with the non-finite rules of docs/language.md.
+
+    A pair is allowed when the mask holds and its score is not -inf. A NaN or +inf score at an
+    allowed pair makes the row's output NaN and its lse NaN (any NaN) or +inf; otherwise the
+    softmax runs over the allowed pairs. V is read at allowed keys only: a non-finite V entry
+    at an allowed key makes that output entry NaN (a NaN, or both infinities) or that
+    infinity, as in exact arithmetic, where every allowed key's weight is positive.
+    """
+    allowed = allowed & (s != -np.inf)
+    with np.errstate(all="ignore"):
+        nan_row = (allowed & np.isnan(s)).any(-1)
+        inf_row = (allowed & (s == np.inf)).any(-1)
+        finite = allowed & np.isfinite(s)
+        top = np.max(np.where(finite, s, -np.inf), axis=-1, keepdims=True)
+        safe_top = np.where(np.isfinite(top), top, 0.0)
+        w = np.where(finite, np.exp(s - safe_top), 0.0)
+        total = w.sum(axis=-1)
+        row_has = finite.any(axis=-1)
+        p = w / np.where(row_has, total, 1.0)[..., None]
+        lse = np.where(row_has, np.log(np.where(row_has, total, 1.0)) + safe_top[..., 0], -np.inf)
+        bad_keys = np.flatnonzero(~np.isfinite(v).all(axis=-1))
+        out = p @ (np.where(np.isfinite(v), v, 0.0) if len(bad_keys) else v)
+        if len(bad_keys):
+            out = _poison(out, allowed[:, bad_keys].astype(np.float64), v[bad_keys])
+    lse = np.where(nan_row, np.nan, np.where(inf_row, np.inf, lse))
+    out = np.where((nan_row | inf_row)[:, None], np.nan, out)
+    return out, lse
+
+
+def _poison(out: np.ndarray, allowed: np.ndarray, v_bad: np.ndarray) -> np.ndarray:
+    """``out`` with the entries whose allowed keys (``allowed`` [R, n] over the keys of V rows
+    ``v_bad`` [n, Dv] that hold a non-finite value) hold a non-finite value made NaN or inf."""
+    pos = allowed @ (v_bad == np.inf) > 0
+    neg = allowed @ (v_bad == -np.inf) > 0
+    nan = (allowed @ np.isnan(v_bad) > 0) | (pos & neg)
+    return np.where(nan, np.nan, np.where(pos, np.inf, np.where(neg, -np.inf, out)))
 
 
 def check_indices(grids: list[CallGrid]) -> None:

@@ -106,8 +106,8 @@ class SelectorTables:
         """Pooled block scores S [heads, query blocks, nkb] and the first query block."""
         qpos = np.arange(self.q_len) + self.offset
         qblock = qpos // b
-        first = int(qblock.min())
-        nqb = int(qblock.max()) - first + 1
+        first = int(qblock.min()) if self.q_len else self.offset // b
+        nqb = int(qblock.max()) - first + 1 if self.q_len else 0
         nkb = -(-self.kv_len // b)
         pq = _pooled(np.asarray(self.query, np.float64), qblock - first, nqb)
         pk = _pooled(np.asarray(self.key, np.float64), np.arange(self.kv_len) // b, nkb)
@@ -138,6 +138,8 @@ class SelectorTables:
         cand = self._candidates(b, causal, first, s.shape[1])
         scale = self.scale if self.scale is not None else 1.0 / np.sqrt(self.query.shape[-1])
         logits = np.where(cand[None], scale * s, -np.inf)
+        if logits.size == 0:            # no query row or no key block: nothing to select
+            return np.zeros(s.shape, dtype=bool), first
         top = np.max(logits, axis=-1, keepdims=True)
         with np.errstate(invalid="ignore"):
             w = np.where(cand[None], np.exp(logits - np.where(np.isfinite(top), top, 0.0)), 0.0)
@@ -153,9 +155,9 @@ class SelectorTables:
     def _route(self, node: Expr):
         c = np.asarray(self.tensors[node.value], np.float64)
         d = self.query.shape[-1]
-        if c.ndim != 3 or c.shape[0] != self.heads or c.shape[2] != d:
+        if c.ndim != 3 or c.shape[0] != self.heads or c.shape[2] != d or c.shape[1] == 0:
             raise AttnCallError(f"route: tensor input '{node.value}' must have shape [heads="
-                                f"{self.heads}, C, head_dim={d}], got {list(c.shape)}")
+                                f"{self.heads}, C >= 1, head_dim={d}], got {list(c.shape)}")
         cq = np.argmax(np.einsum("hid,hmd->him", np.asarray(self.query, np.float64), c), axis=-1)
         keys = np.asarray(self.key, np.float64)[self.kv_head()]
         ck = np.argmax(np.einsum("hjd,hmd->hjm", keys, c), axis=-1)

@@ -13,7 +13,7 @@ How:
    of the non-empty tiles that does not depend on the tensors. It is the block map of a relaxed
    pattern: the upper bound of the allowed pairs (:func:`attndsl.analysis.allowed.allowed_bounds`,
    the mask and the score clause's position-dependent ``-inf`` branches) with every atom that
-   reads a tensor relaxed away (:func:`codegen.tables.relax`: ``true`` under positive polarity,
+   reads a tensor relaxed away (:func:`attndsl.analysis.relax.relax`: ``true`` under positive polarity,
    ``false`` under negative). Tiles it proves empty are never evaluated.
 2. On the device, the classify kernel (codegen/classify.py) evaluates generated hooks of the
    two allowed-pair bounds on every pair of every candidate tile, per batch row when a tensor
@@ -40,6 +40,7 @@ import numpy as np
 import torch
 
 from attndsl.analysis.allowed import allowed_bounds
+from attndsl.analysis.relax import relax
 from attndsl.errors import AttnCallError
 from attndsl.ir import SELECTOR_OPS, Op
 from attndsl.program import Pattern
@@ -47,7 +48,7 @@ from attndsl.program import Pattern
 from . import cache
 from .kernel import Launch, _tensor_args
 from .lower import LoweringError, hook_source
-from .tables import relax, with_tables
+from .tables import with_tables
 from .tile_tables import DeviceTiles, index_lists
 
 _HELPERS = (Path(__file__).parent / "tlhelpers.py").read_text(encoding="utf-8")

@@ -14,20 +14,20 @@ interpreter.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from attndsl.analysis.call_tiles import block_maps, per_batch
 from attndsl.errors import AttnCallError
-from attndsl.ir import Op, Type
-from attndsl.program import Pattern
+from attndsl.ir import Type
 
 from . import autotune, cache, gather
 from .lower import MAX_RANK, MAX_TENSORS, LoweringError, hook_source
 from .narrow import fits_int32
-from .tables import relaxed_mask, table_values, with_tables
+from .tables import table_values, with_tables
 from .tile_tables import DeviceTiles, band_tables, from_block_maps
 
 _HELPERS = (Path(__file__).parent / "tlhelpers.py").read_text(encoding="utf-8")
@@ -71,7 +71,7 @@ def _narrow(pattern, q_len, kv_len, heads, kv_heads, given: dict, derived_values
     elif grids:
         users = [g.tensors for g in grids]
     else:
-        users = _per_batch(pattern, given)[0]
+        users = per_batch(pattern, given)[0]
     sets = []
     for b, user in enumerate(users):
         tables = {name: (np.asarray(derived_values[name])[min(b, len(derived_values[name]) - 1)]
@@ -125,55 +125,13 @@ def _slot_dtype(param, derived) -> torch.dtype:
     return torch.int8 if derived.kind in ("random", "blocks") else torch.int32
 
 
-def _per_batch(pattern, given: dict) -> tuple[list[dict], list[int]]:
-    """The NumPy tensor inputs of every distinct batch element (batch dimension removed), and
-    for each batch row the index of its element; one element when no tensor input has a batch
-    dimension with more than one row."""
-    numpy_tensors = {n: (t.detach().cpu().numpy() if isinstance(t, torch.Tensor) else np.asarray(t))
-                     for n, t in given.items()}
-    params = [p for p in pattern.ir.params if p.is_tensor]
-    batched = {p.name for p in params if np.ndim(numpy_tensors[p.name]) == p.type.rank + 1}
-    rows = max([len(numpy_tensors[n]) for n in batched], default=1)
-    out, seen, index = [], {}, []
-    for b in range(rows):
-        element = {p.name: (numpy_tensors[p.name][min(b, len(numpy_tensors[p.name]) - 1)]
-                            if p.name in batched else numpy_tensors[p.name]) for p in params}
-        key = tuple((n, t.shape, t.tobytes()) for n, t in element.items())
-        if key not in seen:
-            seen[key] = len(out)
-            out.append(element)
-        index.append(seen[key])
-    return out, index
-
-
-def _block_maps(pattern, q_len, kv_len, heads, kv_heads, given, block) -> list[np.ndarray]:
-    """Tile classes [H or 1, nQT, nKT] of the call, one per batch row (the same array where
-    rows share tensor inputs; one head where every head shares the map); for data-dependent
-    selectors, every tile the selectors could open is partial (the hooks read the selection)."""
-    elements, index = _per_batch(pattern, given)
-    if not pattern.uses_selectors():
-        maps = []
-        for t in elements:
-            desc = pattern.describe(q_len, kv_len, heads, block, kv_heads, **t)
-            maps.append(desc.block_map[:1] if len(desc.head_classes) == 1 else desc.block_map)
-        return [maps[i] for i in index]
-    relaxed = relaxed_mask(pattern.ir.mask)         # reads no query or key vectors
-    static = Pattern(replace(pattern.ir, mask=relaxed), pattern.source, pattern.values)
-    read = {x.value for x in relaxed.walk() if x.op is Op.INDEX}
-    maps = [np.minimum(static.block_map(
-        q_len, kv_len, heads, block, kv_heads,
-        **_all_inputs(static, {n: t for n, t in shared.items() if n in read})), 1).astype(np.int8)
-        for shared in elements]
-    return [maps[i] for i in index]
-
-
 def _device_tables(pattern, q_len, kv_len, heads, kv_heads, given, block, device) -> DeviceTiles:
     """The plain (one group) tables of a call; for patterns without tensor inputs they are kept
     per call size, so repeated calls upload nothing."""
     key = (q_len, kv_len, heads, kv_heads, tuple(block), str(device))
     holder = pattern.__dict__.setdefault("_device_tables", {})
     if given or key not in holder:
-        maps = _block_maps(pattern, q_len, kv_len, heads, kv_heads, given, block)
+        maps = block_maps(pattern, q_len, kv_len, heads, kv_heads, given, block)
         if len(maps) > 1 and all(m is maps[0] for m in maps):
             maps = maps[:1]
         tiles = from_block_maps([m[None] for m in maps], [(0, q_len, 0, kv_len)], device)
@@ -183,12 +141,6 @@ def _device_tables(pattern, q_len, kv_len, heads, kv_heads, given, block, device
             holder.pop(next(iter(holder)))
         holder[key] = tiles
     return holder[key]
-
-
-def _all_inputs(pattern, tensors: dict) -> dict:
-    """Tensor inputs for every declared tensor of a pattern (unused ones get a placeholder)."""
-    return {p.name: tensors.get(p.name, np.zeros((1,) * p.type.rank)) for p in pattern.ir.params
-            if p.is_tensor}
 
 
 @dataclass(frozen=True)
@@ -238,13 +190,15 @@ def plan(pattern, q, k, v, scale: float, given: dict, interpret: bool, grids=Non
     derived_values = table_values(derived, grids or [], q_len, kv_len) if derived else {}
     module = cache.load_module(module_source(pattern), interpret)
     out = torch.empty((batch, heads, q_len, dv), dtype=out_dtype or q.dtype, device=dev)
-    lse = torch.empty((batch, heads, q_len), dtype=torch.float32, device=dev)
+    lse = torch.empty((batch, heads, q_len), dtype=lse_dtype(q.dtype), device=dev)
     has_score = pattern.ir.score is not None
 
     def strides(t):         # (batch, group, head, query tile); 0 where a table broadcasts
         return [0 if n == 1 else st for n, st in zip(t.shape[:4], t.stride()[:4])]
 
-    args = [q, k, v, out, lse,
+    redo = torch.empty(tiles.n_query_tiles * batch * heads * tiles.n_groups, dtype=torch.int8,
+                       device=dev)
+    args = [q, k, v, out, lse, redo,
             *q.stride(), *k.stride(), *v.stride(), *out.stride(), lse.stride(0), lse.stride(1),
             q_len, kv_len, heads, kv_heads, float(scale),
             tiles.groups, tiles.full_num, tiles.full_idx, tiles.part_num, tiles.part_idx,
@@ -258,17 +212,22 @@ def plan(pattern, q, k, v, scale: float, given: dict, interpret: bool, grids=Non
                      HAS_SCORE=has_score, BLOCK_M=config.block_m, BLOCK_N=config.block_n,
                      D=d, DV=dv, D_PAD=_pad(d), DV_PAD=_pad(dv), NATIVE_DOT=not interpret,
                      STEP_Q=tiles.step_q, STEP_K=tiles.step_k, BAND=tiles.band,
-                     EVEN_N=tiles.even_keys(config.block_n), RUN_K=tiles.run_k)
+                     EVEN_N=tiles.even_keys(config.block_n), RUN_K=tiles.run_k, SAFE_V=False)
     grid = (tiles.n_query_tiles, batch * heads, tiles.n_groups)
     return Launch(grid, args, constants, dict(num_warps=config.num_warps, num_stages=config.num_stages))
 
 
 def run(launch: Launch, interpret: bool):
-    """Launch the skeleton; returns (out, lse)."""
-    out, lse = launch.args[3], launch.args[4]
+    """Launch the skeleton, then again with ``SAFE_V``: the programs whose rows met a
+    non-finite value redo them reading V at allowed keys only, the others exit at once (on a
+    GPU always launched, so nothing waits for the host; under the interpreter, whose launches
+    cost per program, only when a flag is set). Returns (out, lse)."""
+    out, lse, redo = launch.args[3], launch.args[4], launch.args[5]
     if out.shape[2] and launch.grid[0]:
-        cache.skeleton(interpret).attn_fwd[launch.grid](*launch.args, **launch.constants,
-                                                        **launch.options)
+        kernel = cache.skeleton(interpret).attn_fwd[launch.grid]
+        kernel(*launch.args, **launch.constants, **launch.options)
+        if not interpret or bool(redo.any()):
+            kernel(*launch.args, **{**launch.constants, "SAFE_V": True}, **launch.options)
     return out, lse
 
 
@@ -289,7 +248,7 @@ def strategy(pattern, q_len: int, kv_len: int, heads: int, kv_heads: int, block,
     parts = gather.components(pattern, q_len, kv_len, heads, kv_heads, tuple(block))
     launches = []
     if parts is None:
-        maps = _block_maps(pattern, q_len, kv_len, heads, kv_heads, tensors, tuple(block))
+        maps = block_maps(pattern, q_len, kv_len, heads, kv_heads, tensors, tuple(block))
         launches.append(({"kind": "tiles"}, np.stack(maps)))
     for part in parts or ():
         if part.gathered:
@@ -297,7 +256,7 @@ def strategy(pattern, q_len: int, kv_len: int, heads: int, kv_heads: int, block,
                     "step_k": part.step_k, "run": part.run_k}
             launches.append((info, gather.group_block_map(part, tuple(block))))
         else:
-            bm = _block_maps(part.pattern, q_len, kv_len, heads, kv_heads, {}, tuple(block))[0]
+            bm = block_maps(part.pattern, q_len, kv_len, heads, kv_heads, {}, tuple(block))[0]
             launches.append(({"kind": "tiles"}, bm))
     out = []
     for info, bm in launches:
@@ -307,14 +266,27 @@ def strategy(pattern, q_len: int, kv_len: int, heads: int, kv_heads: int, block,
     return out
 
 
+def lse_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The lse of a call: float64 for float64 inputs, else float32 (as the torch backend)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 def merge(parts: list, dtype: torch.dtype):
     """One attention result from results over disjoint key sets: the softmax of the union is
-    the lse-weighted sum of the parts (fp32), and its lse their log-sum-exp."""
-    lses = torch.stack([lse for _, lse in parts])
+    the lse-weighted sum of the parts (fp32, fp64 for float64), and its lse their log-sum-exp.
+
+    Non-finite values as one launch gives them: an lse of NaN or +inf in any part makes the
+    row NaN (lse NaN wins over +inf, as logsumexp gives); a part with allowed keys adds its
+    infinite output entries even when its weight underflows (weights are floored at the
+    smallest normal number, far below one ulp of the sum)."""
+    wide = torch.float64 if dtype == torch.float64 else torch.float32
+    lses = torch.stack([lse.to(wide) for _, lse in parts])
     lse = torch.logsumexp(lses, dim=0)
     finite = torch.isfinite(lse)
     weights = torch.where(finite, torch.exp(lses - torch.where(finite, lse, 0.0)), 0.0)
-    out = sum(w[..., None] * o.float() for w, (o, _) in zip(weights, parts))
+    weights = torch.where(lses > -torch.inf, weights.clamp_min(torch.finfo(wide).tiny), 0.0)
+    out = sum(w[..., None] * o.to(wide) for w, (o, _) in zip(weights, parts))
+    out = torch.where((torch.isnan(lse) | (lse == torch.inf))[..., None], torch.nan, out)
     return out.to(dtype), lse
 
 
@@ -326,7 +298,7 @@ def launches(pattern, q, k, v, scale: float, given: dict, interpret: bool, grids
     parts = gather.components(pattern, q_len, k.shape[2], heads, k.shape[1], config.block)
     if parts is None:
         return [plan(pattern, q, k, v, scale, given, interpret, grids, config)], _only
-    wide = torch.float32 if len(parts) > 1 else None
+    wide = lse_dtype(q.dtype) if len(parts) > 1 else None
     plans = [plan(part.pattern, q, k, v, scale, given, interpret, grids, config,
                   tiles=_component_tiles(part, config, q.device) if part.gathered else None,
                   out_dtype=wide) for part in parts]
@@ -342,6 +314,11 @@ def forward(pattern, q, k, v, scale: float, given: dict, interpret: bool, grids=
     """(out [B, H, Lq, Dv] in q's dtype, lse [B, H, Lq] float32); ``grids``: the call's
     CallGrids (their selector tables are read when the pattern has selectors); ``config``: the
     tile configuration, by default the autotuned one (codegen/autotune.py)."""
+    batch, heads, q_len, _ = q.shape
+    if batch * heads * q_len == 0 or k.shape[2] == 0:      # nothing to launch: every row is
+        out = q.new_zeros((batch, heads, q_len, v.shape[-1]))      # empty (output 0, lse -inf)
+        return out, torch.full((batch, heads, q_len), -torch.inf, dtype=lse_dtype(q.dtype),
+                               device=q.device)
     if config is None:
         config = autotune.choose_config(pattern, q, k, v, scale, given, interpret, grids)
     planned, finish = launches(pattern, q, k, v, scale, given, interpret, grids, config)

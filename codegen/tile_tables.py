@@ -4,8 +4,9 @@ Input: tile classes (0 empty, 1 partial, 2 full) ``[Bt, G, H, nQT, nKT]`` — fr
 (host block maps) or classified on the device (codegen/device_tiles.py). Output:
 :class:`DeviceTiles` — int32 tables ``[Bt, G, H, nQT]`` of counts and ``[Bt, G, H, nQT, W]``
 of key-tile indices for full and partial tiles (``Bt`` 1 when the batch shares them, ``G`` the
-program groups of codegen/skeleton.py, ``H`` 1 when every head shares them). The tables are
-built with torch on the device, so the host only moves the classes.
+program groups of codegen/skeleton.py, ``H`` 1 when every head shares them; int64 when a row
+has 2**31 key tiles or more). The tables are built with torch on the device, so the host only
+moves the classes.
 
 *Band form.* When, in every row of tiles, the full key tiles form at most two runs of
 consecutive tiles and the partial ones at most three, the tables hold run bounds instead of
@@ -60,12 +61,13 @@ class DeviceTiles:
 
 
 def index_lists(sel: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Counts [..., N] and ascending column indices [..., N, width] (int32, 0-padded) of a bool
-    [..., N, M] with at most ``width`` true entries per row."""
-    num = sel.sum(dim=-1, dtype=torch.int32)
+    """Counts [..., N] and ascending column indices [..., N, width] (:func:`index_dtype`,
+    0-padded) of a bool [..., N, M] with at most ``width`` true entries per row."""
+    kind = index_dtype(sel.shape[-1])
+    num = sel.sum(dim=-1, dtype=kind)
     pos = torch.where(sel, torch.cumsum(sel, dim=-1) - 1, width).to(torch.int64)
-    cols = torch.arange(sel.shape[-1], dtype=torch.int32, device=sel.device).expand(sel.shape)
-    idx = torch.zeros(sel.shape[:-1] + (width + 1,), dtype=torch.int32, device=sel.device)
+    cols = torch.arange(sel.shape[-1], dtype=kind, device=sel.device).expand(sel.shape)
+    idx = torch.zeros(sel.shape[:-1] + (width + 1,), dtype=kind, device=sel.device)
     idx.scatter_(-1, pos, cols)         # unselected columns all land in the dropped last slot
     return num, idx[..., :width].contiguous()
 
@@ -76,9 +78,17 @@ def _run_starts(sel: torch.Tensor) -> torch.Tensor:
     return starts
 
 
+def index_dtype(n_tiles: int) -> torch.dtype:
+    """int32 for tile indices and counts, int64 when a row has 2**31 tiles or more."""
+    return torch.int32 if n_tiles < 2 ** 31 else torch.int64
+
+
 def _first(sel: torch.Tensor) -> torch.Tensor:
-    """Index of the first true entry of each row (0 when none), int32."""
-    return torch.where(sel.any(-1), sel.to(torch.int8).argmax(-1), 0).to(torch.int32)
+    """Index of the first true entry of each row (0 when none, or when rows are empty)."""
+    kind = index_dtype(sel.shape[-1])
+    if sel.shape[-1] == 0:
+        return torch.zeros(sel.shape[:-1], dtype=kind, device=sel.device)
+    return torch.where(sel.any(-1), sel.to(torch.int8).argmax(-1), 0).to(kind)
 
 
 FULL_RUNS = 2
@@ -87,13 +97,13 @@ PARTIAL_RUNS = 3
 
 def _run_bounds(sel: torch.Tensor, starts: torch.Tensor, runs: int) -> torch.Tensor:
     """(start 0, length 0, start 1, length 1, ..., start R-1) [..., 2R - 1] of the runs of each
-    row (int32; absent runs hold 0)."""
+    row (:func:`index_dtype`; absent runs hold 0)."""
     number = starts.to(torch.int8).cumsum(-1, dtype=torch.int8)        # run number 1..R
     cols = []
     for r in range(1, runs + 1):
         cols.append(_first(starts & (number == r)))
         if r < runs:
-            cols.append((sel & (number == r)).sum(-1, dtype=torch.int32))
+            cols.append((sel & (number == r)).sum(-1, dtype=index_dtype(sel.shape[-1])))
     return torch.stack(cols, dim=-1)
 
 
@@ -107,8 +117,9 @@ def band_tables(classes: torch.Tensor):
     n_part_runs = part_starts.sum(-1, dtype=torch.int32)
     if n_full_runs.numel() and bool(((n_full_runs > FULL_RUNS) | (n_part_runs > PARTIAL_RUNS)).any()):
         return None
-    return (full.sum(-1, dtype=torch.int32), _run_bounds(full, full_starts, FULL_RUNS),
-            part.sum(-1, dtype=torch.int32), _run_bounds(part, part_starts, PARTIAL_RUNS))
+    kind = index_dtype(classes.shape[-1])
+    return (full.sum(-1, dtype=kind), _run_bounds(full, full_starts, FULL_RUNS),
+            part.sum(-1, dtype=kind), _run_bounds(part, part_starts, PARTIAL_RUNS))
 
 
 def from_classes(classes: torch.Tensor, groups, step_q: int = 1, step_k: int = 1,

@@ -120,3 +120,29 @@ def qkv(rng, batch, heads, kv_heads, q_len, kv_len, d=8, dv=None):
 @pytest.fixture
 def rng():
     return np.random.default_rng(1234)
+
+
+def assert_same_values(ref: np.ndarray, got, tol: float = 2e-5) -> None:
+    """``got`` (array or tensor) is NaN where ``ref`` is NaN, holds the same infinities, and is
+    within ``tol * (max |ref| + 1)`` of the finite values (docs/language.md, non-finite values)."""
+    if hasattr(got, "detach"):
+        got = got.detach().double().cpu().numpy()
+    got = np.asarray(got, dtype=np.float64)
+    assert got.shape == ref.shape
+    np.testing.assert_array_equal(np.isnan(got), np.isnan(ref))
+    np.testing.assert_array_equal(np.isposinf(got), np.isposinf(ref))
+    np.testing.assert_array_equal(np.isneginf(got), np.isneginf(ref))
+    fin = np.isfinite(ref)
+    assert np.all(np.abs(got[fin] - ref[fin]) <= tol * (np.abs(ref[fin]).max(initial=0) + 1))
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """torch's CPU thread pool thrashes on a loaded 2-core machine; one thread is much faster
+    for the many small operations of these tests (``pytestmark = usefixtures("one_thread")``)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

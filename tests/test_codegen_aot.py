@@ -3,7 +3,8 @@ compiled for GPU targets without a GPU, in subprocesses without TRITON_INTERPRET
 
 With this environment's Triton: every pattern of every example for sm_90 in bf16 with head_dim
 128 (both dot products on tensor cores), a sample for sm_80, fp16, fp32, head_dim 64/80, a
-decoding call (sizes specialised to the constexpr 1) and residue-class steps; a sabotaged hook
+decoding call (sizes specialised to the constexpr 1), residue-class steps and the ``SAFE_V``
+launch that redoes rows which met a non-finite value; a sabotaged hook
 and a tile configuration that needs more shared memory than sm_80 has are reported as failures;
 the offsets of the operands' base pointers are int64 (read in the TTIR).
 With Triton 3.6 (``.venv-triton36``, ``make triton36``; skipped without it): every example for
@@ -53,6 +54,11 @@ CASES = [
      ["sm_90"], None, {}, SAMPLE[:2]),
     ("steps3", aot.Call(dtype="fp16", head_dim=64), ["sm_80"], None,
      {"STEP_Q": 3, "STEP_K": 3}, SAMPLE[:1]),
+    # the launch that redoes rows which met a non-finite value (a third dot per loop, on tensor
+    # cores for half types: the exact count of non-finite V entries at allowed pairs)
+    ("safe-v-bf16", BF16, ["sm_90", "sm_80"], None, {"SAFE_V": True}, SAMPLE[:3]),
+    ("fp32-safe-v", aot.Call(dtype="fp32", head_dim=64), ["sm_80"], None, {"SAFE_V": True},
+     SAMPLE[:1]),
 ]
 
 
@@ -207,7 +213,8 @@ def test_the_runner_needs_only_triton():
                                                   "(`make triton36` creates it)")
 def test_every_example_compiles_with_triton_3_6(triton_cache):
     cases = [("sm90-bf16-d128", BF16, ["sm_90"], None, {}, list(PATTERNS)),
-             ("sm80-fp16-d64", aot.Call(dtype="fp16", head_dim=64), ["sm_80"], None, {}, SAMPLE)]
+             ("sm80-fp16-d64", aot.Call(dtype="fp16", head_dim=64), ["sm_80"], None, {}, SAMPLE),
+             ("safe-v-bf16", BF16, ["sm_90"], None, {"SAFE_V": True}, SAMPLE[:2])]
     results = _compile(_jobs("triton36", cases), python=str(TRITON36))
     failed = [f"{key}:\n" + "\n".join(aot.report_lines(reports))
               for key, reports in results.items() if not all(r["ok"] for r in reports)]

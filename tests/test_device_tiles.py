@@ -11,10 +11,10 @@ import pytest
 import torch
 from attndsl.codegen import kernel
 from attndsl.codegen.device_tiles import candidates, device_tiles, tile_classes
-from attndsl.codegen.tables import relax, relaxed_mask
 from conftest import EXAMPLES, mask_pattern
 
 import attndsl
+from attndsl.analysis.relax import relax, relaxed_mask
 from attndsl.blocks import block_map_by_tiles
 from attndsl.inputs import tensor_inputs
 from attndsl.ir import DATA_SELECTOR_OPS, Op

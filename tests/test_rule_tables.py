@@ -22,7 +22,7 @@ from attndsl.ir import (
     TensorType,
     Type,
 )
-from attndsl.runtime import TorchOps
+from attndsl.torch_backend import TorchOps
 
 Ti, Tf, Tb = Type.INT, Type.FLOAT, Type.BOOL
 q = Expr(Op.Q, Ti)

@@ -14,16 +14,9 @@ from torch.overrides import TorchFunctionMode
 import attndsl
 from attndsl import AttnCallError
 from attndsl import reference as ref_module
-from attndsl.runtime import BLOCK_K, BLOCK_Q
+from attndsl.torch_backend import BLOCK_K, BLOCK_Q
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # torch's CPU thread pool thrashes on a loaded 2-core machine; one thread is much faster here
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 TOL = {torch.float64: 1e-10, torch.float32: 2e-5, torch.float16: 5e-3, torch.bfloat16: 3e-2}

@@ -19,7 +19,7 @@ import numpy as np
 
 from ..blocks import tile_shape
 from ..errors import AttnCallError
-from ..inputs import check_lengths, tensor_inputs
+from ..inputs import check_dense_size, check_lengths, tensor_inputs
 from ..ir import Expr, Type
 from ..reference import CallGrid
 from .allowed import allowed_bounds
@@ -59,8 +59,9 @@ def _static_call(pattern, q_len, kv_len, heads, kv_heads, block, given):
         raise AttnCallError(f"pattern '{pattern.name}' selects blocks from the query and key "
                             "vectors at run time; block maps describe static patterns only")
     kv_heads = heads if kv_heads is None else kv_heads
-    check_lengths(q_len, kv_len, heads, kv_heads)
+    q_len, kv_len, heads, kv_heads = check_lengths(q_len, kv_len, heads, kv_heads)
     block = tile_shape(block)
+    check_dense_size(heads, -(-q_len // block[0]), -(-kv_len // block[1]), "block map")
     tensors, runs = _with_runs(pattern, tensor_inputs(pattern.ir, given, None)[0])
     lower, upper = allowed_bounds(pattern.ir, pattern._values(), tensors)
     if pattern.ir.score is not None:            # constant conditions (2.0 != 0.0) drop out
@@ -167,7 +168,11 @@ def call_classes(pattern, q_len, kv_len, heads=1, block=(128, 128), kv_heads=Non
 
 
 def describe(pattern, q_len, kv_len, heads, block, kv_heads, given) -> Description:
-    key = (q_len, kv_len, heads, kv_heads, tuple(block))
+    # checked before the cache is looked up: True or 4.0 must not hit the entry of 1 or 4
+    q_len, kv_len, heads, kv_heads = check_lengths(q_len, kv_len, heads,
+                                                   heads if kv_heads is None else kv_heads)
+    block = tile_shape(block)
+    key = (q_len, kv_len, heads, kv_heads, block)
     cache = pattern.__dict__.setdefault("_descriptions", {})
     if not given and key in cache:
         return cache[key]

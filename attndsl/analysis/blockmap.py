@@ -28,6 +28,7 @@ from .solve import solve
 
 EMPTY, PARTIAL, FULL = 0, 1, 2
 REFINE_PAIRS = 1 << 24
+CHUNK_ELEMENTS = 1 << 22      # rows, or tiles, that one chunk of row_classes holds
 
 
 def _sets_bounds(pieces, grid: CallGrid, heads, rows, upper: bool):
@@ -47,17 +48,35 @@ def _sets_bounds(pieces, grid: CallGrid, heads, rows, upper: bool):
 
 
 def row_classes(sets: RowSets, grid: CallGrid, block):
-    """(may, must, certainly_partial, exact) per tile from the row solver."""
+    """(may, must, certainly_partial, exact) per tile from the row solver.
+
+    Rows are taken a chunk of row tiles at a time (:data:`CHUNK_ELEMENTS` per-row or per-tile
+    entries), so scratch memory stays within a constant times the tiles returned, however long
+    the call."""
     per_head = uses_head(sets.lower) or uses_head(sets.upper)
     heads = np.arange(grid.heads if per_head else 1)
-    rows = np.arange(grid.q_len)
-    up, unknown = _sets_bounds(sets.upper, grid, heads, rows, upper=True)
-    touched_u, covered_u = touch_and_cover(*up, grid, rows, block)
-    if sets.exact and not unknown and not any(p.residue for p in sets.upper):
-        return touched_u, covered_u, touched_u & ~covered_u, True
-    low, _ = _sets_bounds(sets.lower, grid, heads, rows, upper=False)
-    touched_l, covered_l = touch_and_cover(*low, grid, rows, block)
-    return touched_u, covered_l, touched_l & ~covered_u, False
+    bq, bk = block
+    n_qt, n_kt = -(-grid.q_len // bq), -(-grid.kv_len // bk)
+    shape = (len(heads), n_qt, n_kt)
+    may, must, partial = (np.zeros(shape, dtype=bool) for _ in range(3))
+    step = max(1, min(CHUNK_ELEMENTS // bq, CHUNK_ELEMENTS // (n_kt + 1)))
+    exact = sets.exact and not any(p.residue for p in sets.upper)
+    for t0 in range(0, n_qt, step):
+        t1 = min(n_qt, t0 + step)
+        rows = np.arange(t0 * bq, min(grid.q_len, t1 * bq))
+        up, unknown = _sets_bounds(sets.upper, grid, heads, rows, upper=True)
+        touched_u, covered_u = touch_and_cover(*up, grid, rows, block, t0, t1 - t0)
+        may[:, t0:t1] = touched_u
+        if exact and not unknown:
+            must[:, t0:t1] = covered_u
+            partial[:, t0:t1] = touched_u & ~covered_u
+            continue
+        exact = False
+        low, _ = _sets_bounds(sets.lower, grid, heads, rows, upper=False)
+        touched_l, covered_l = touch_and_cover(*low, grid, rows, block, t0, t1 - t0)
+        must[:, t0:t1] = covered_l
+        partial[:, t0:t1] = touched_l & ~covered_u
+    return may, must, partial, exact
 
 
 def _refine(grid: CallGrid, block, undecided: np.ndarray, may, must) -> None:

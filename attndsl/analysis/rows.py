@@ -165,11 +165,14 @@ def _range_counts(tile_rows, first, last, n_qt: int, n_kt: int):
     return np.cumsum(diff.reshape(n_heads, n_qt, width), axis=-1, dtype=np.int32)[..., :n_kt]
 
 
-def touch_and_cover(lo, hi, grid: CallGrid, rows: np.ndarray, block):
-    """touched, covered [H', nQT, nKT] from merged per-row intervals lo/hi [H', R, P]."""
+def touch_and_cover(lo, hi, grid: CallGrid, rows: np.ndarray, block, first_tile: int = 0,
+                    n_tiles: int | None = None):
+    """touched, covered [H', n_tiles, nKT] from merged per-row intervals lo/hi [H', R, P] of
+    ``rows``, for the row tiles ``first_tile ..`` (by default every row tile of the call)."""
     bq, bk = block
-    n_qt, n_kt = -(-grid.q_len // bq), -(-grid.kv_len // bk)
-    tile_rows = rows // bq
+    n_qt = -(-grid.q_len // bq) if n_tiles is None else n_tiles
+    n_kt = -(-grid.kv_len // bk)
+    tile_rows = rows // bq - first_tile
     nonempty = lo <= hi
     first_t = np.where(nonempty, lo // bk, 1)
     last_t = np.where(nonempty, hi // bk, 0)

@@ -10,7 +10,9 @@ Atoms that are linear in ``k`` (or in ``k // c``) with a constant coefficient ar
 exactly; ``abs``/``min``/``max``/``if`` inside comparisons are rewritten into and/or first;
 ``(linear in k) % m`` compared with a constant becomes a residue piece. Anything else
 (tensors indexed by ``k``, selectors, non-linear terms) is unknown: the empty set in ``lower``
-and every key in ``upper``. So ``exact`` (lower is upper) holds for the band family — causal,
+and every key in ``upper``; so is everything past :data:`MAX_SOLVE_STEPS` visited sub-expressions
+(rewrites double per level of nested ``abs``: the solve stays linear in the pattern's size). So
+``exact`` (lower is upper) holds for the band family — causal,
 windows, bands, sinks, globals, chunks, prefixes, dilation and strides and their and/or/not/if
 combinations — and the row sets are then exactly the mask.
 """
@@ -267,11 +269,13 @@ def solve(mask: Expr, params: dict, runs: frozenset = frozenset()) -> RowSets:
     # id -> (node, result): keeping the node alive keeps its id unique while the memo lives
     # (go() is also called on temporary trees built by the rewrites below).
     memo: dict[int, tuple] = {}
+    budget = [MAX_SOLVE_STEPS]
 
     def go(e: Expr) -> tuple:
         key = id(e)
         if key not in memo:
-            memo[key] = (e, _go(e))
+            budget[0] -= 1          # rewrites can double per level (nested abs): past the
+            memo[key] = (e, _go(e) if budget[0] >= 0 else unknown())    # budget, unknown
         return memo[key][1]
 
     def unknown():
@@ -325,6 +329,7 @@ def solve(mask: Expr, params: dict, runs: frozenset = frozenset()) -> RowSets:
 
 
 MAX_RANDOM = 8
+MAX_SOLVE_STEPS = 4096      # sub-expressions one solve visits; beyond, the rest is unknown (sound)
 RANDOM_TABLE = "#random"
 
 
