@@ -12,13 +12,13 @@ lse -inf. The tile lists come from the analysis (attndsl.analysis.descriptors.Ti
 
 Non-finite values (docs/language.md, "Non-finite values"): an infinite row maximum rescales by
 nothing, so a +inf score at an allowed pair leaves the row sum ``l_i`` at +inf and a NaN score
-(with or without +inf) at NaN; the row then ends with output NaN and lse ``l_i``. A program whose accumulator ends with a
-non-finite entry sets its ``REDO`` flag; the launch with ``SAFE_V`` (run after every launch by
-codegen/kernel.py) redoes exactly those programs, reading V at allowed keys only: non-finite
-entries are zeroed for the product and each (row, column) whose allowed keys hold one gets NaN,
-+inf or -inf added (counted exactly by one extra product of the allowed pairs with codes
-1 / 256 / 257 for +inf / -inf / NaN), so a disallowed key's value never reaches a row. All
-positions and offsets are int64.
+(with or without +inf) at NaN; the row then ends with output NaN and lse ``l_i``. A program
+whose accumulator ends with a non-finite entry sets its ``REDO`` flag; the launch with
+``SAFE_V`` (run after every launch by codegen/kernel.py) redoes exactly those programs, reading
+V at allowed keys only: non-finite entries are zeroed for the product and each (row, column)
+whose allowed keys hold one gets NaN, +inf or -inf added (counted exactly by one extra product
+of the allowed pairs with codes 1 / 256 / 257 for +inf / -inf / NaN), so a disallowed key's
+value never reaches a row. All positions and offsets are int64.
 
 A third program axis runs *groups*: a group is a set of query rows ``q_row0 + STEP_Q * i``
 against key rows ``k_row0 + STEP_K * j`` (``k_row0 + STEP_K * (j // RUN_K) + j % RUN_K`` for
