@@ -203,6 +203,8 @@ def run_case(fwd, n: int, args, timer, log) -> dict:
     desc = fresh.describe(n, n, H, config.block, **tensors)
     row["tile_list_mib"] = fc.tile_list_bytes(desc) / 2 ** 20
     row["tiles_nonempty"] = float((desc.block_map != 0).mean())
+    if planned is not None and not args.no_redo:
+        time_redo(row, planned, not cuda, timer, step)
     del desc, planned
 
     # FlexAttention: mask construction (the first call compiles it), then the compiled kernel
@@ -260,6 +262,30 @@ def run_case(fwd, n: int, args, timer, log) -> dict:
     if cuda:
         torch.cuda.empty_cache()
     return row
+
+
+def time_redo(row, planned, interpret: bool, timer, step) -> None:
+    """The cost of the non-finite machinery (docs/kernels.md, "Non-finite values"): the main
+    launches alone (``attndsl_main``), the SAFE_V launches whose programs read their flag and
+    exit (``attndsl_redo_none``: what every call adds), and the SAFE_V launches with every flag
+    set (``attndsl_redo_all``: a call whose every program met a non-finite value)."""
+    from attndsl.codegen import cache
+
+    fns = [cache.skeleton(interpret).attn_fwd[launch.grid] for launch in planned]
+
+    def launch_all(safe: bool):
+        for fn, launch in zip(fns, planned):
+            fn(*launch.args, **{**launch.constants, "SAFE_V": safe}, **launch.options)
+
+    def redo_all():
+        for launch in planned:
+            launch.args[5].fill_(1)
+        launch_all(True)
+
+    row["attndsl_main"] = step("attndsl main launches", lambda: timer(lambda: launch_all(False)))
+    row["attndsl_redo_none"] = step("attndsl redo launches (no flag)",
+                                    lambda: timer(lambda: launch_all(True)))
+    row["attndsl_redo_all"] = step("attndsl redo launches (every flag)", lambda: timer(redo_all))
 
 
 def record_config(row, pat, q, k, v, interpret: bool):
@@ -379,6 +405,7 @@ def parse(argv):
         help="don't time attndsl when its host index check is predicted longer (document mask)")
     add("--sdpa-max-n", type=int, default=32768, help="largest N for SDPA's dense mask")
     add("--no-sdpa", action="store_true", help="leave SDPA out")
+    add("--no-redo", action="store_true", help="don't time the non-finite machinery's launches")
     add("--seed", type=int, default=0, help="q, k, v are drawn with seed + N")
     args = ap.parse_args(argv)
     args.device, args.heads, args.head_dim = "cuda", 16, 128

@@ -405,7 +405,25 @@ def tables(rows) -> str:
                     f"{'—' if tsd is None else f'{tsd:.1f}'} | {'—' if diff is None else f'{diff:.2e}'} | "
                     f"{'—' if r.get('rel_l2') is None else format(r['rel_l2'], '.1e')} | "
                     f"{f_ms(ms(r, 'attndsl_cached'))} | {config_cell(r)} | {r.get('strategy', '—')} |")
-    return "\n".join(main) + "\n\nDetails and one-time costs:\n\n" + "\n".join(more)
+    text = "\n".join(main) + "\n\nDetails and one-time costs:\n\n" + "\n".join(more)
+    return text + redo_table(rows)
+
+
+def redo_table(rows) -> str:
+    """The non-finite machinery (docs/kernels.md): main launches, the SAFE_V launches every
+    call adds (programs read their flag and exit), and the SAFE_V launches with every flag set."""
+    lines = ["| pattern | N | main launches ms | redo launch, no flag ms | overhead | "
+             "redo launch, every flag ms |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        main, none, every = ms(r, "attndsl_main"), ms(r, "attndsl_redo_none"), ms(r, "attndsl_redo_all")
+        if main is None:
+            continue
+        share = f"{100 * none / main:.1f}%" if none is not None and main else "—"
+        lines.append(f"| {r['pattern']} | {r['n']} | {f_ms(main)} | {f_ms(none)} | {share} | "
+                     f"{f_ms(every)} |")
+    if len(lines) == 2:
+        return ""
+    return "\n\nNon-finite values (the redo launch; docs/kernels.md):\n\n" + "\n".join(lines)
 
 
 def summary(rows) -> list[str]:
@@ -459,6 +477,10 @@ Times are medians of CUDA-event timings after warm-up (the L2 flushed before eac
   `lists` (tile index lists).
   `host work cached` (a diagnostic, document mask only): the same call with `describe` memoised
   and the per-call index check skipped.
+- Non-finite values: the planned kernel launches timed alone (`main`), the second launch every
+  call adds (`SAFE_V`, its programs read their flag and exit: `overhead` is its share of `main`),
+  and that launch with every flag set (every row redone: a call whose rows all met a NaN or an
+  infinity).
 - Flex: `torch.compile(flex_attention)` with a BlockMask from `torch.compile(create_block_mask)(
   mask_mod, 1, 1, N, N, BLOCK_SIZE=128)` (H = 1, broadcast over heads) and the hand-written
   mask_mods of bench/cases.py; `torch._dynamo.reset()` before each case, so `Flex first call`
