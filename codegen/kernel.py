@@ -200,7 +200,7 @@ def plan(pattern, q, k, v, scale: float, given: dict, interpret: bool, grids=Non
                        device=dev)
     args = [q, k, v, out, lse, redo,
             *q.stride(), *k.stride(), *v.stride(), *out.stride(), lse.stride(0), lse.stride(1),
-            q_len, kv_len, heads, kv_heads, float(scale),
+            q_len, kv_len, heads, kv_heads, float(scale), tiles.n_query_tiles,
             tiles.groups, tiles.full_num, tiles.full_idx, tiles.part_num, tiles.part_idx,
             *strides(tiles.full_num), *strides(tiles.full_idx),
             *_tensor_args(pattern, given, derived_values, dev)]
@@ -213,8 +213,23 @@ def plan(pattern, q, k, v, scale: float, given: dict, interpret: bool, grids=Non
                      D=d, DV=dv, D_PAD=_pad(d), DV_PAD=_pad(dv), NATIVE_DOT=not interpret,
                      STEP_Q=tiles.step_q, STEP_K=tiles.step_k, BAND=tiles.band,
                      EVEN_N=tiles.even_keys(config.block_n), RUN_K=tiles.run_k, SAFE_V=False)
-    grid = (tiles.n_query_tiles, batch * heads, tiles.n_groups)
+    grid = launch_grid(tiles.n_query_tiles, batch * heads, tiles.n_groups)
     return Launch(grid, args, constants, dict(num_warps=config.num_warps, num_stages=config.num_stages))
+
+
+MAX_GRID = (2 ** 31 - 1, 65535)         # CUDA's limits on grid axes 0 and 1
+
+
+def launch_grid(n_query_tiles: int, batch_heads: int, n_groups: int) -> tuple[int, int, int]:
+    """The skeleton's grid: (query tiles x batch x heads, groups, 1); an AttnCallError naming
+    the arguments when a call needs more programs than CUDA launches on an axis."""
+    grid = (n_query_tiles * batch_heads, n_groups, 1)
+    if grid[0] > MAX_GRID[0] or grid[1] > MAX_GRID[1]:
+        raise AttnCallError(f"arguments 'q' and 'k': this call needs {grid[0]} x {grid[1]} kernel "
+                            f"programs (query tiles x batch x heads, residue groups), more than "
+                            f"a GPU launches ({MAX_GRID[0]} x {MAX_GRID[1]}); split the batch or "
+                            "use backend='torch'")
+    return grid
 
 
 def run(launch: Launch, interpret: bool):

@@ -1,11 +1,11 @@
 """The forward kernel skeleton: online-softmax attention over listed key tiles.
 
-One program per (query tile, batch x head). It walks the *full* key tiles of its query tile
-(no mask hook: only the ragged end of ``kv_len`` is masked) and then the *partial* ones (the
-generated ``MASK_FN`` hook decides each pair), with fp32 accumulators and exp2. With
-``NATIVE_DOT`` (compiled mode) fp16/bf16 inputs multiply in their own type (tensor cores) with
-fp32 accumulation; otherwise (fp32 inputs, and Triton's interpreter, whose bf16 products are
-not reliable) the products are exact fp32. The score hook
+One program per (query tile, batch x head) (grid axis 0, query tiles fastest). It walks the
+*full* key tiles of its query tile (no mask hook: only the ragged end of ``kv_len`` is masked)
+and then the *partial* ones (the generated ``MASK_FN`` hook decides each pair), with fp32
+accumulators and exp2. With ``NATIVE_DOT`` (compiled mode) fp16/bf16 inputs multiply in their
+own type (tensor cores) with fp32 accumulation; otherwise (fp32 inputs, and Triton's
+interpreter, whose bf16 products are not reliable) the products are exact fp32. The score hook
 ``SCORE_FN`` (if ``HAS_SCORE``) rewrites the scaled scores before the softmax; a pair whose
 score is -inf is dropped like a masked one. Rows without any allowed key end with output 0 and
 lse -inf. The tile lists come from the analysis (attndsl.analysis.descriptors.TileLists).
@@ -139,7 +139,7 @@ def _tile(acc, m_i, l_i, q, k_base, v_base, offs_m, offs_n, start_n, h, pos_q, k
 def attn_fwd(Q, K, V, O, LSE, REDO,  # noqa: E741 - the usual names of attention operands
              sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sob, soh, som, sod,
              slb, slh,
-             q_len, kv_len, heads, kv_heads, scale,
+             q_len, kv_len, heads, kv_heads, scale, n_qt,
              GROUPS, FULL_NUM, FULL_IDX, PART_NUM, PART_IDX,
              s_nb, s_ng, s_nh, s_nm, s_ib, s_ig, s_ih, s_im,
              t0, t0_n0, t0_n1, t0_n2, t0_s0, t0_s1, t0_s2, t0_sb,
@@ -152,9 +152,12 @@ def attn_fwd(Q, K, V, O, LSE, REDO,  # noqa: E741 - the usual names of attention
              NATIVE_DOT: tl.constexpr, STEP_Q: tl.constexpr, STEP_K: tl.constexpr,
              BAND: tl.constexpr, EVEN_N: tl.constexpr, RUN_K: tl.constexpr,
              SAFE_V: tl.constexpr):
-    pid_m = tl.program_id(0).to(tl.int64)     # int64: tile offsets pass 2**31 keys
-    bh = tl.program_id(1)
-    g = tl.program_id(2)
+    # axis 0: (batch x head, query tile), query tiles fastest (CUDA allows 2**31 - 1 programs
+    # there, 65535 on the other axes); axis 1: groups. int64: tile offsets pass 2**31 keys
+    pid = tl.program_id(0).to(tl.int64)
+    pid_m = pid % n_qt
+    bh = pid // n_qt
+    g = tl.program_id(1)
     # int64: with int32 sizes and strides, b * sqb (and h * sqh) would wrap around for
     # operands of 2**31 elements or more (the products stay scalars, so this costs nothing)
     b = (bh // heads).to(tl.int64)
@@ -216,7 +219,7 @@ def attn_fwd(Q, K, V, O, LSE, REDO,  # noqa: E741 - the usual names of attention
     # zeroed for p @ v and counted exactly by _poison), so a disallowed key's value never
     # reaches a row. The first launch carries no trace of the check but one reduction at the
     # end, and its registers are not those of the check; the second exits at once elsewhere.
-    flag = REDO + (g * tl.num_programs(1) + bh) * tl.num_programs(0) + pid_m
+    flag = REDO + g * tl.num_programs(0) + pid
     go = 1
     if SAFE_V:
         go = tl.load(flag)
