@@ -19,14 +19,7 @@ from .constants import check_constants, is_constant
 from .decls import cycles, parse_type, walk_surface
 from .errors import AttnError, AttnNameError, AttnTypeError, ErrorSink, Span
 from .ir import BUILTIN_LEAVES, UNARY_FLOAT_FUNCS, Expr, Op, Param, PatternIR, TensorType, Type
-from .limits import (
-    MAX_DEPTH,
-    Heights,
-    depth_message,
-    logic_chain,
-    surface_operands,
-    tree_size,
-)
+from .limits import MAX_DEPTH, Heights, depth_message, logic_chain, surface_operands, tree_size
 from .parser import HUGE_INT, DefDecl, Node, PatternDecl
 from .reserved import BUILTIN_NAMES, why_reserved
 

@@ -68,6 +68,8 @@ class TorchOps:
 
 
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The accumulation type of a call, and its lse's: float64 for float64 inputs, else float32
+    (both backends)."""
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 

@@ -23,6 +23,7 @@ import torch
 from attndsl.analysis.call_tiles import block_maps, per_batch
 from attndsl.errors import AttnCallError
 from attndsl.ir import Type
+from attndsl.torch_backend import acc_dtype
 
 from . import autotune, cache, gather
 from .lower import MAX_RANK, MAX_TENSORS, LoweringError, hook_source
@@ -190,7 +191,7 @@ def plan(pattern, q, k, v, scale: float, given: dict, interpret: bool, grids=Non
     derived_values = table_values(derived, grids or [], q_len, kv_len) if derived else {}
     module = cache.load_module(module_source(pattern), interpret)
     out = torch.empty((batch, heads, q_len, dv), dtype=out_dtype or q.dtype, device=dev)
-    lse = torch.empty((batch, heads, q_len), dtype=lse_dtype(q.dtype), device=dev)
+    lse = torch.empty((batch, heads, q_len), dtype=acc_dtype(q.dtype), device=dev)
     has_score = pattern.ir.score is not None
 
     def strides(t):         # (batch, group, head, query tile); 0 where a table broadcasts
@@ -281,11 +282,6 @@ def strategy(pattern, q_len: int, kv_len: int, heads: int, kv_heads: int, block,
     return out
 
 
-def lse_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The lse of a call: float64 for float64 inputs, else float32 (as the torch backend)."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def merge(parts: list, dtype: torch.dtype):
     """One attention result from results over disjoint key sets: the softmax of the union is
     the lse-weighted sum of the parts (fp32, fp64 for float64), and its lse their log-sum-exp.
@@ -294,7 +290,7 @@ def merge(parts: list, dtype: torch.dtype):
     row NaN (lse NaN wins over +inf, as logsumexp gives); a part with allowed keys adds its
     infinite output entries even when its weight underflows (weights are floored at the
     smallest normal number, far below one ulp of the sum)."""
-    wide = torch.float64 if dtype == torch.float64 else torch.float32
+    wide = acc_dtype(dtype)
     lses = torch.stack([lse.to(wide) for _, lse in parts])
     lse = torch.logsumexp(lses, dim=0)
     finite = torch.isfinite(lse)
@@ -313,7 +309,7 @@ def launches(pattern, q, k, v, scale: float, given: dict, interpret: bool, grids
     parts = gather.components(pattern, q_len, k.shape[2], heads, k.shape[1], config.block)
     if parts is None:
         return [plan(pattern, q, k, v, scale, given, interpret, grids, config)], _only
-    wide = lse_dtype(q.dtype) if len(parts) > 1 else None
+    wide = acc_dtype(q.dtype) if len(parts) > 1 else None
     plans = [plan(part.pattern, q, k, v, scale, given, interpret, grids, config,
                   tiles=_component_tiles(part, config, q.device) if part.gathered else None,
                   out_dtype=wide) for part in parts]
@@ -332,7 +328,7 @@ def forward(pattern, q, k, v, scale: float, given: dict, interpret: bool, grids=
     batch, heads, q_len, _ = q.shape
     if batch * heads * q_len == 0 or k.shape[2] == 0:      # nothing to launch: every row is
         out = q.new_zeros((batch, heads, q_len, v.shape[-1]))      # empty (output 0, lse -inf)
-        return out, torch.full((batch, heads, q_len), -torch.inf, dtype=lse_dtype(q.dtype),
+        return out, torch.full((batch, heads, q_len), -torch.inf, dtype=acc_dtype(q.dtype),
                                device=q.device)
     if config is None:
         config = autotune.choose_config(pattern, q, k, v, scale, given, interpret, grids)
