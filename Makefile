@@ -12,7 +12,7 @@ PY36    := $(VENV36)/bin/python
 STAMP36 := $(VENV36)/.attndsl-installed
 TRITON36 ?= triton==3.6.0
 
-.PHONY: setup test lint demo clean triton36 aot aot36
+.PHONY: setup test test-fast lint demo clean triton36 aot aot36
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -39,9 +39,15 @@ aot36: $(STAMP) $(STAMP36)
 lint: $(STAMP)
 	$(PY) -m ruff check attndsl codegen grammar tests bench
 
-# tests/test_codegen_aot.py also compiles the kernels with Triton 3.6 from $(VENV36)
+# the full suite (what CI runs): every test, every hypothesis example; tests/test_codegen_aot.py
+# also compiles the kernels with Triton 3.6 from $(VENV36)
 test: lint $(STAMP36)
-	$(PY) -m pytest
+	ATTNDSL_TEST_LANE=full $(PY) -m pytest
+
+# the edit loop (~2 minutes on 2 cores): no tests marked `slow` (the ahead-of-time compiles, the
+# Triton 3.6 check among them), a sixth of the property tests' examples (tests/conftest.py)
+test-fast: lint
+	ATTNDSL_TEST_LANE=fast $(PY) -m pytest -m "not slow"
 
 demo: $(STAMP)
 	$(VENV)/bin/attndsl run examples/longformer.attn --q-len 1024 --kv-len 1024 --heads 4 --head-dim 64

@@ -6,10 +6,11 @@
     out = pat(q, k, v)
 """
 
+from . import caches
 from .errors import AttnCallError, AttnError, AttnNameError, AttnSyntaxError, AttnTypeError
 from .program import Pattern, Program, compile, load
 
 __version__ = "0.1.0"
 
 __all__ = ["AttnError", "AttnSyntaxError", "AttnNameError", "AttnTypeError", "AttnCallError",
-           "Pattern", "Program", "compile", "load", "__version__"]
+           "Pattern", "Program", "caches", "compile", "load", "__version__"]

@@ -9,6 +9,7 @@ most; all clauses are visited).
 Scoping: a def sees its own parameters, the other defs, the prelude and the builtins; a
 pattern's clauses also see its parameters and the earlier lets. Defs are macros: their bodies
 are checked when inlined at a call, with the call's argument IR substituted for parameters.
+Each op is typed by its rule in :data:`TYPING` (signatures and spellings: :mod:`attndsl.ops`).
 """
 
 from __future__ import annotations
@@ -18,8 +19,9 @@ from dataclasses import dataclass
 from .constants import check_constants, is_constant
 from .decls import cycles, parse_type, walk_surface
 from .errors import AttnError, AttnNameError, AttnTypeError, ErrorSink, Span
-from .ir import BUILTIN_LEAVES, UNARY_FLOAT_FUNCS, Expr, Op, Param, PatternIR, TensorType, Type
+from .ir import BUILTIN_LEAVES, Expr, Op, Param, PatternIR, TensorType, Type, const
 from .limits import MAX_DEPTH, Heights, depth_message, logic_chain, surface_operands, tree_size
+from .ops import NUM, OPS
 from .parser import HUGE_INT, DefDecl, Node, PatternDecl
 from .reserved import BUILTIN_NAMES, why_reserved
 
@@ -27,24 +29,18 @@ PRELUDE_FILENAME = "<prelude>"
 MAX_TREE_SIZE = 200_000
 INT_MIN, INT_MAX = -(2 ** 63), 2 ** 63 - 1     # ints are int64 in the reference and the kernels
 
-_BINARY = {"+": Op.ADD, "-": Op.SUB, "*": Op.MUL, "/": Op.DIV, "//": Op.FLOORDIV, "%": Op.MOD,
-           "**": Op.POW}
-_COMPARE = {"<": Op.LT, "<=": Op.LE, ">": Op.GT, ">=": Op.GE, "==": Op.EQ, "!=": Op.NE}
-_UNARY_FUNCS = {op.value: op for op in UNARY_FLOAT_FUNCS}
-FUNCTIONS = {"abs", "min", "max", "clamp", "float"} | set(_UNARY_FUNCS)
-
+# surface syntax -> op, from the registry (attndsl.ops)
+_INFIX = {i.spelling: op for op, i in OPS.items() if i.form == "infix"}
+_SURFACE = _INFIX | {"neg": Op.NEG, "not": Op.NOT, "if": Op.IF}     # (and, or: see _BY_KIND)
+_FUNCTIONS = {i.spelling: op for op, i in OPS.items() if i.form == "call" and not i.selector}
+FUNCTIONS = set(_FUNCTIONS) | {"clamp"}         # clamp(x, lo, hi) is min(max(x, lo), hi)
 # selector signatures: (parameter name, type, default or None when required)
-SELECTORS: dict[str, tuple[Op, tuple[tuple[str, object, object], ...]]] = {
-    "topk_blocks": (Op.TOPK_BLOCKS, (("n", Type.INT, None), ("b", Type.INT, None),
-                                     ("causal", Type.BOOL, True))),
-    "topp_blocks": (Op.TOPP_BLOCKS, (("p", Type.FLOAT, None), ("b", Type.INT, None),
-                                     ("causal", Type.BOOL, True))),
-    "random_blocks": (Op.RANDOM_BLOCKS, (("r", Type.INT, None), ("b", Type.INT, None),
-                                         ("seed", Type.INT, 0))),
-    "route": (Op.ROUTE, (("c", TensorType(Type.FLOAT, 3), None),)),
-}
+SELECTORS = {i.spelling: (op, i.params) for op, i in OPS.items() if i.selector}
 RESERVED = set(BUILTIN_LEAVES) | {"score", "inf"} | FUNCTIONS | set(SELECTORS)   # names in scope
 _BUILTIN = RESERVED | set(BUILTIN_NAMES)       # cannot be declared (builtins to come included)
+# ops whose operands are type-checked one by one, each before the next is checked (_t_operand)
+_EARLY = {Op.NOT, Op.AND, Op.OR, Op.IF, Op.INDEX, Op.TOPK_BLOCKS, Op.TOPP_BLOCKS, Op.RANDOM_BLOCKS}
+_HINTS = {Op.DIV: " (write float(x), or use '//' for floor division)", Op.POW: " (write float(x))"}
 
 
 class _Reported(Exception):
@@ -63,10 +59,6 @@ class _Scope:
     params: dict[str, Param]           # pattern parameters (empty inside a def)
     allow_score: bool
     def_stack: tuple[str, ...] = ()
-
-
-def _type_word(t) -> str:
-    return str(t) if isinstance(t, TensorType) else t.value
 
 
 class Checker:
@@ -95,9 +87,8 @@ class Checker:
                               d.span)
                 continue
             if d.name in seen:
-                first = seen[d.name]
-                self.sink.add(AttnNameError, f"'{d.name}' is already declared at line {first.line}",
-                              d.span)
+                self.sink.add(AttnNameError, f"'{d.name}' is already declared at line "
+                              f"{seen[d.name].line}", d.span)
                 continue
             seen[d.name] = d.span
             if isinstance(d, DefDecl):
@@ -110,7 +101,6 @@ class Checker:
         self._find_recursion()
 
     def _check_def_names(self, d: DefDecl) -> None:
-        params = [p.name for p in d.params or ()]
         seen: set[str] = set()
         for p in d.params or ():
             if p.name in _BUILTIN:
@@ -121,23 +111,19 @@ class Checker:
             seen.add(p.name)
             if p.default is not None:
                 self._check_names(p.default, set())
-        self._check_names(d.body, set(params))
+        self._check_names(d.body, {p.name for p in d.params or ()})
 
     def _check_names(self, node: Node, local: set[str]) -> None:
         """Report unknown names in a def body (types are checked when the def is used)."""
         for n in walk_surface(node):
-            if n.value in self.broken:
+            if n.value in self.broken or n.value in local:
                 continue
-            if n.kind == "name" and n.value not in local and n.value not in self.defs \
-                    and n.value not in RESERVED:
+            if n.kind in ("name", "call") and n.value not in self.defs and n.value not in \
+                    (RESERVED if n.kind == "name" else FUNCTIONS | set(SELECTORS)):
                 self.sink.add(AttnNameError, f"unknown name '{n.value}'", n.span)
-            elif n.kind == "call" and n.value not in local and n.value not in self.defs \
-                    and n.value not in FUNCTIONS and n.value not in SELECTORS:
-                self.sink.add(AttnNameError, f"unknown name '{n.value}'", n.span)
-            elif n.kind == "index" and n.value not in local:
-                self.sink.add(AttnNameError,
-                              f"'{n.value}' is not a tensor input here: a def cannot index "
-                              "a pattern's tensors", n.span)
+            elif n.kind == "index":
+                self.sink.add(AttnNameError, f"'{n.value}' is not a tensor input here: a def cannot "
+                              "index a pattern's tensors", n.span)
 
     def _find_recursion(self) -> None:
         graph: dict[str, list[tuple[str, Span]]] = {}
@@ -176,7 +162,7 @@ class Checker:
                 continue
             if p.type_name is None:
                 v = p.default
-                kind = Type.BOOL if isinstance(v, bool) else Type.INT if isinstance(v, int) else Type.FLOAT
+                kind = const(v).type
                 if kind is Type.INT and not INT_MIN <= v <= INT_MAX:
                     self.sink.add(AttnTypeError, f"the default of '{p.name}' is out of range (ints are "
                                   "64-bit)", p.span)
@@ -236,11 +222,9 @@ class Checker:
                                         "(the mask uses it through a let)", use.span)
                 else:
                     score = self._expect(expr, Type.FLOAT, "the score", clause.expr.span)
-            except AttnError as err:
-                self.sink.errors.append(err)
-                if clause.kind == "let":
-                    lets[clause.name] = None
-            except _Reported:
+            except (AttnError, _Reported) as err:     # (_Reported: an error reported before)
+                if isinstance(err, AttnError):
+                    self.sink.errors.append(err)
                 if clause.kind == "let":
                     lets[clause.name] = None
         if mask is None and "mask" not in clause_names:
@@ -249,9 +233,7 @@ class Checker:
             return None
         ir = PatternIR(decl.name, tuple(params.values()), mask, score, decl.span)
         if tree_size(ir.roots()) > MAX_TREE_SIZE:
-            self.sink.add(AttnTypeError, f"pattern '{decl.name}' is too large after inlining its defs "
-                          f"(over {MAX_TREE_SIZE} nodes)", decl.span)
-            return None
+            raise _TooLarge()
         try:
             check_constants(ir, {p.name: p.default for p in ir.params if p.default is not None},
                             self.sink.source, partial=True)
@@ -262,8 +244,7 @@ class Checker:
 
     def _expect(self, expr: Expr, want: Type, what: str, span: Span) -> Expr:
         if expr.type is not want:
-            raise AttnTypeError(f"{what} must be {want.value}, got {expr.type.value}", span,
-                                self.sink.source)
+            raise self._err(AttnTypeError, f"{what} must be {want.value}, got {expr.type.value}", span)
         return expr
 
     # ------------------------------------------------------------------ expressions
@@ -293,54 +274,33 @@ class Checker:
 
     def _expr(self, node: Node, scope: _Scope) -> Expr:
         kind = node.kind
-        if kind == "int":
-            if not INT_MIN <= node.value <= INT_MAX:
+        if kind in ("int", "float", "bool"):
+            if kind == "int" and not INT_MIN <= node.value <= INT_MAX:
                 shown = "" if node.value == HUGE_INT else f" {node.value}"
                 raise self._err(AttnTypeError, f"integer literal{shown} is out of range (ints are "
                                 "64-bit)", node.span)
-            return Expr(Op.CONST, Type.INT, (), node.value, node.span)
-        if kind == "float":
-            return Expr(Op.CONST, Type.FLOAT, (), node.value, node.span)
-        if kind == "bool":
-            return Expr(Op.CONST, Type.BOOL, (), node.value, node.span)
-        if kind == "name":
-            return self._name(node, scope)
-        if kind == "neg":
-            x = self.expr(node.children[0], scope)
-            self._numeric(x, "unary '-'", node.span)
-            return Expr(Op.NEG, x.type, (x,), None, node.span)
-        if kind == "not":
-            x = self._bool(self.expr(node.children[0], scope), "'not'", node.children[0].span)
-            return Expr(Op.NOT, Type.BOOL, (x,), None, node.span)
-        if kind in ("and", "or"):
-            return self._logic(node, scope)
-        if kind in _BINARY:
-            return self._binary(node, scope)
-        if kind == "chain":
-            return self._chain(node, scope)
-        if kind == "if":
-            test = self._bool(self.expr(node.children[0], scope), "the condition of 'if'",
-                              node.children[0].span)
-            a = self.expr(node.children[1], scope)
-            b = self.expr(node.children[2], scope)
-            if a.type is not b.type:
-                raise self._err(AttnTypeError, f"both branches of 'if' must have one type, got "
-                                f"{a.type.value} and {b.type.value}", node.children[2].span)
-            return Expr(Op.IF, a.type, (test, a, b), None, node.span)
-        if kind == "call":
-            return self._call(node, scope)
-        if kind == "index":
-            return self._index(node, scope)
-        raise self._err(AttnTypeError, "unsupported expression", node.span)  # pragma: no cover
+            return self._typed(Op.CONST, [], [], node.span, node.value)
+        if kind in _BY_KIND:                # names, and/or, comparisons, calls, indexing
+            return _BY_KIND[kind](self, node, scope)
+        if kind not in _SURFACE:
+            raise self._err(AttnTypeError, "unsupported expression", node.span)  # pragma: no cover
+        op = _SURFACE[kind]                 # -x, not x, if and the binary operators
+        return self._typed(op, self._operands(op, node.children, scope),
+                           [c.span for c in node.children], node.span)
 
-    def _numeric(self, x: Expr, what: str, span: Span) -> None:
-        if x.type not in (Type.INT, Type.FLOAT):
-            raise self._err(AttnTypeError, f"{what} needs an int or float, got {x.type.value}", span)
+    def _operands(self, op: Op, nodes, scope: _Scope) -> list[Expr]:
+        """The checked operands of ``op`` (a loop, no comprehension: on the recursive path)."""
+        args = []
+        for c in nodes:
+            x = self.expr(c, scope)
+            if op in _EARLY:
+                self._t_operand(op, len(args), x, c.span)
+            args.append(x)
+        return args
 
-    def _bool(self, x: Expr, what: str, span: Span) -> Expr:
-        if x.type is not Type.BOOL:
-            raise self._err(AttnTypeError, f"{what} needs a bool, got {x.type.value}", span)
-        return x
+    def _typed(self, op: Op, args: list, spans: list, span: Span, value=None) -> Expr:
+        """The node of ``op`` over checked operands, by its typing rule (see TYPING)."""
+        return TYPING[op](self, op, args, spans, span, value)
 
     def _name(self, node: Node, scope: _Scope) -> Expr:
         name = node.value
@@ -350,19 +310,15 @@ class Checker:
                 raise _Reported()
             return value
         if name in scope.params:
-            p = scope.params[name]
-            if p.is_tensor:
-                raise self._err(AttnTypeError, f"'{name}' is a tensor input ({p.type}); index it, "
-                                f"as in {name}[q]", node.span)
-            return Expr(Op.PARAM, p.type, (), name, node.span)
+            return self._typed(Op.PARAM, [], [], node.span, scope.params[name])
         if name in BUILTIN_LEAVES:
-            return Expr(BUILTIN_LEAVES[name], Type.INT, (), None, node.span)
+            return self._typed(BUILTIN_LEAVES[name], [], [], node.span)
         if name == "score":
             if not scope.allow_score:
                 raise self._err(AttnTypeError, "'score' may only be used in the score clause", node.span)
-            return Expr(Op.SCORE, Type.FLOAT, (), None, node.span)
+            return self._typed(Op.SCORE, [], [], node.span)
         if name == "inf":
-            return Expr(Op.CONST, Type.FLOAT, (), float("inf"), node.span)
+            return self._typed(Op.CONST, [], [], node.span, float("inf"))
         if name in self.defs:
             return self._inline(self.defs[name], (), node, scope)
         if name in FUNCTIONS or name in SELECTORS:
@@ -371,71 +327,29 @@ class Checker:
             raise _Reported()
         raise self._err(AttnNameError, f"unknown name '{name}'", node.span)
 
-    def _binary(self, node: Node, scope: _Scope) -> Expr:
-        op = _BINARY[node.kind]
-        a = self.expr(node.children[0], scope)   # no comprehensions on the recursive paths:
-        b = self.expr(node.children[1], scope)   # each adds a frame per level
-        if op in (Op.DIV, Op.POW):
-            for x, c in ((a, node.children[0]), (b, node.children[1])):
-                if x.type is not Type.FLOAT:
-                    hint = " (write float(x), or use '//' for floor division)" if op is Op.DIV else \
-                        " (write float(x))"
-                    raise self._err(AttnTypeError, f"'{node.kind}' needs float operands, got "
-                                    f"{x.type.value}{hint}", c.span)
-            return Expr(op, Type.FLOAT, (a, b), None, node.span)
-        if op in (Op.FLOORDIV, Op.MOD):
-            for x, c in ((a, node.children[0]), (b, node.children[1])):
-                if x.type is not Type.INT:
-                    raise self._err(AttnTypeError, f"'{node.kind}' needs int operands, got "
-                                    f"{x.type.value}", c.span)
-            if not is_constant(b):
-                raise self._err(AttnTypeError, f"the divisor of '{node.kind}' must be a compile-time "
-                                "constant (a literal or a scalar parameter)", node.children[1].span)
-            return Expr(op, Type.INT, (a, b), None, node.span)
-        self._numeric(a, f"'{node.kind}'", node.children[0].span)
-        if a.type is not b.type:
-            raise self._err(AttnTypeError, f"operands of '{node.kind}' must have one type, got "
-                            f"{a.type.value} and {b.type.value} (convert with float(x))",
-                            node.children[1].span)
-        return Expr(op, a.type, (a, b), None, node.span)
-
-    def _compare(self, op_text: str, a: Expr, b: Expr, span: Span) -> Expr:
-        op = _COMPARE[op_text]
-        if a.type is not b.type:
-            raise self._err(AttnTypeError, f"cannot compare {a.type.value} with {b.type.value} "
-                            f"using '{op_text}'", span)
-        if a.type is Type.BOOL and op not in (Op.EQ, Op.NE):
-            raise self._err(AttnTypeError, f"'{op_text}' does not order bools", span)
-        return Expr(op, Type.BOOL, (a, b), None, a.span)
-
     def _chain(self, node: Node, scope: _Scope) -> Expr:
-        operands = []
-        for c in node.children:
-            operands.append(self.expr(c, scope))
-        cmps = [self._compare(op_text, operands[i], operands[i + 1], node.children[i + 1].span)
+        operands = self._operands(None, node.children, scope)
+        cmps = [self._typed(_INFIX[op_text], [operands[i], operands[i + 1]],
+                            [node.children[i].span, node.children[i + 1].span], node.span)
                 for i, op_text in enumerate(node.value)]
 
         def left_deep():
             result = cmps[0]
             for cmp in cmps[1:]:
-                result = Expr(Op.AND, Type.BOOL, (result, cmp), None, node.span)
+                result = self._typed(Op.AND, [result, cmp], [], node.span)
             return result
         return self._logic_ir(Op.AND, cmps, node.span, left_deep)
 
     def _logic(self, node: Node, scope: _Scope) -> Expr:
         """A chain of 'and' (or of 'or'), however long, in one call (see logic_chain)."""
-        kind = node.kind
-        operands = surface_operands(node)
-        checked = {}
-        for c in operands:
-            checked[id(c)] = self._bool(self.expr(c, scope), f"'{kind}'", c.span)
-        op = Op.AND if kind == "and" else Op.OR
+        kind, op, operands = node.kind, _INFIX[node.kind], surface_operands(node)
+        checked = dict(zip(map(id, operands), self._operands(op, operands, scope)))
 
         def as_written(n: Node = node) -> Expr:     # <= LOGIC_RUN operands: shallow
             if n.kind != kind:
                 return checked[id(n)]
             a, b = (as_written(c) for c in n.children)
-            return Expr(op, Type.BOOL, (a, b), None, n.span)
+            return self._typed(op, [a, b], [], n.span)
         return self._logic_ir(op, list(checked.values()), node.span, as_written)
 
     def _logic_ir(self, op: Op, items: list[Expr], span: Span, as_written) -> Expr:
@@ -457,13 +371,106 @@ class Checker:
             raise self._err(AttnTypeError, f"'{name}' has type {p.type} and takes {p.type.rank} "
                             f"index{'es' if p.type.rank > 1 else ''}, got {len(node.children)}",
                             node.span)
-        idx = []
-        for c in node.children:
-            x = self.expr(c, scope)
-            if x.type is not Type.INT:
-                raise self._err(AttnTypeError, f"an index must be int, got {x.type.value}", c.span)
-            idx.append(x)
-        return Expr(Op.INDEX, p.type.elem, tuple(idx), name, node.span)
+        return self._typed(Op.INDEX, self._operands(Op.INDEX, node.children, scope), [], node.span, p)
+
+    # ------------------------------------------------------------------ typing rules
+    # (op, operands, spans, node span, value: a literal's, or the Param of PARAM/INDEX/ROUTE)
+    def _fail(self, message: str, span: Span):
+        raise self._err(AttnTypeError, message, span)
+
+    def _numeric(self, x: Expr, what: str, span: Span) -> None:
+        if x.type not in (Type.INT, Type.FLOAT):
+            self._fail(f"{what} needs an int or float, got {x.type.value}", span)
+
+    def _one_type(self, name: str, args: list, spans: list) -> Type:      # abs, min, max, clamp
+        for a, a_span in zip(args, spans):
+            self._numeric(a, f"'{name}'", a_span)
+            if a.type is not args[0].type:
+                self._fail(f"the arguments of '{name}' must have one type, got "
+                           f"{args[0].type.value} and {a.type.value}", a_span)
+        return args[0].type
+
+    def _t_build(self, op, args, spans, span, value) -> Expr:     # the registry's result type
+        return Expr(op, OPS[op].result, tuple(args), None, span)
+
+    def _t_value(self, op, args, spans, span, value) -> Expr:
+        if op is Op.CONST:                      # a literal: the type of its value
+            return const(value, span)
+        if op is Op.INDEX:                      # value: the tensor input
+            return Expr(op, value.type.elem, tuple(args), value.name, span)
+        if op is Op.ROUTE:                      # value: the parameter named, or None
+            if value is None or value.type != parse_type(OPS[op].params[0][1]):
+                self._fail("route(c) needs a tensor input c of type float[][][] (centroids "
+                           "[heads, C, head_dim])", spans[0])
+            return Expr(op, Type.BOOL, (), value.name, span)
+        if value.is_tensor:
+            self._fail(f"'{value.name}' is a tensor input ({value.type}); index it, as in "
+                       f"{value.name}[q]", span)
+        return Expr(op, value.type, (), value.name, span)
+
+    def _t_negate(self, op, args, spans, span, value) -> Expr:
+        self._numeric(args[0], f"unary '{OPS[op].spelling}'", span)
+        return Expr(op, args[0].type, (args[0],), None, span)
+
+    def _t_arith(self, op, args, spans, span, value) -> Expr:     # +, -, *
+        sym, (a, b) = OPS[op].spelling, args
+        self._numeric(a, f"'{sym}'", spans[0])
+        if a.type is not b.type:
+            self._fail(f"operands of '{sym}' must have one type, got {a.type.value} and "
+                       f"{b.type.value} (convert with float(x))", spans[1])
+        return Expr(op, a.type, (a, b), None, span)
+
+    def _t_fixed(self, op, args, spans, span, value) -> Expr:     # /, **, //, %
+        info = OPS[op]
+        for x, want, x_span in zip(args, info.operands, spans):
+            if x.type is not want:
+                self._fail(f"'{info.spelling}' needs {want.value} operands, got {x.type.value}"
+                           f"{_HINTS.get(op, '')}", x_span)
+        for i in info.constant_args:
+            if not is_constant(args[i]):
+                self._fail(f"the divisor of '{info.spelling}' must be a compile-time constant (a "
+                           "literal or a scalar parameter)", spans[i])
+        return self._t_build(op, args, spans, span, value)
+
+    def _t_compare(self, op, args, spans, span, value) -> Expr:
+        sym, (a, b) = OPS[op].spelling, args
+        if a.type is not b.type:
+            self._fail(f"cannot compare {a.type.value} with {b.type.value} using '{sym}'", spans[1])
+        if a.type is Type.BOOL and OPS[op].operands[0] == NUM:
+            self._fail(f"'{sym}' does not order bools", spans[1])
+        return Expr(op, Type.BOOL, (a, b), None, a.span)
+
+    def _t_if(self, op, args, spans, span, value) -> Expr:
+        test, a, b = args
+        if a.type is not b.type:
+            self._fail(f"both branches of 'if' must have one type, got {a.type.value} and "
+                       f"{b.type.value}", spans[2])
+        return Expr(op, a.type, (test, a, b), None, span)
+
+    def _t_numeric(self, op, args, spans, span, value) -> Expr:   # abs, min, max
+        return Expr(op, self._one_type(OPS[op].spelling, args, spans), tuple(args), None, span)
+
+    def _t_function(self, op, args, spans, span, value) -> Expr:  # float(), exp, log, ...
+        t, want = args[0].type, OPS[op].operands[0]
+        if op is Op.FLOAT and t is Type.FLOAT:
+            return args[0]                      # float() of a float is that float
+        if t is not want:
+            self._fail(f"float() takes an int, got {t.value}" if op is Op.FLOAT else
+                       f"'{OPS[op].spelling}' takes a float, got {t.value} (write float(x))", spans[0])
+        return self._t_build(op, args, spans, span, value)
+
+    def _t_operand(self, op, i, x, span) -> None:
+        """The check of operand ``i`` of an op in _EARLY (done before the next operand is
+        checked, so its error comes first), by its kind in the registry."""
+        info, want, got = OPS[op], OPS[op].kind(i), x.type.value
+        if isinstance(want, Type) and x.type is not want:
+            what = "the condition of 'if'" if op is Op.IF else f"'{info.spelling}'"
+            self._fail(f"an index must be int, got {got}" if op is Op.INDEX else
+                       f"argument '{info.params[i][0]}' of '{info.spelling}' must be {want.value}, "
+                       f"got {got}" if info.selector else f"{what} needs a bool, got {got}", span)
+        if info.selector and not is_constant(x):
+            self._fail(f"argument '{info.params[i][0]}' of '{info.spelling}' must be a compile-time "
+                       "constant (a literal or a scalar parameter)", span)
 
     # ------------------------------------------------------------------ calls
     def _split_args(self, node: Node) -> tuple[list[Node], list[Node]]:
@@ -513,35 +520,17 @@ class Checker:
         args = []
         for c in pos:
             args.append(self.expr(c, scope))
-        arity = {"min": None, "max": None, "clamp": 3}.get(name, 1)
-        if (arity is None and len(args) < 2) or (arity is not None and len(args) != arity):
-            want = "at least 2 arguments" if arity is None else \
-                f"{arity} argument{'s' if arity > 1 else ''}"
+        op = _FUNCTIONS.get(name)               # None: clamp
+        n, variadic = (3, False) if op is None else (OPS[op].arity, OPS[op].variadic)
+        if len(args) < n or (len(args) != n and not variadic):
+            want = f"at least {n} arguments" if variadic else f"{n} argument{'s' if n > 1 else ''}"
             raise self._err(AttnTypeError, f"'{name}' takes {want}, got {len(args)}", node.span)
-        if name == "float":
-            if args[0].type is Type.FLOAT:
-                return args[0]
-            if args[0].type is not Type.INT:
-                raise self._err(AttnTypeError, f"float() takes an int, got {args[0].type.value}",
-                                pos[0].span)
-            return Expr(Op.FLOAT, Type.FLOAT, (args[0],), None, node.span)
-        if name in _UNARY_FUNCS:
-            if args[0].type is not Type.FLOAT:
-                raise self._err(AttnTypeError, f"'{name}' takes a float, got {args[0].type.value} "
-                                "(write float(x))", pos[0].span)
-            return Expr(_UNARY_FUNCS[name], Type.FLOAT, (args[0],), None, node.span)
-        for a, c in zip(args, pos):
-            self._numeric(a, f"'{name}'", c.span)
-            if a.type is not args[0].type:
-                raise self._err(AttnTypeError, f"the arguments of '{name}' must have one type, got "
-                                f"{args[0].type.value} and {a.type.value}", c.span)
-        t = args[0].type
-        if name == "abs":
-            return Expr(Op.ABS, t, (args[0],), None, node.span)
-        if name == "clamp":
-            inner = Expr(Op.MAX, t, (args[0], args[1]), None, node.span)
-            return Expr(Op.MIN, t, (inner, args[2]), None, node.span)
-        return Expr(Op.MIN if name == "min" else Op.MAX, t, tuple(args), None, node.span)
+        spans = [c.span for c in pos]
+        if op is not None:
+            return self._typed(op, args, spans, node.span)
+        t = self._one_type(name, args, spans)                          # clamp
+        inner = Expr(Op.MAX, t, (args[0], args[1]), None, node.span)
+        return Expr(Op.MIN, t, (inner, args[2]), None, node.span)
 
     def _selector(self, node: Node, scope: _Scope) -> Expr:
         op, signature = SELECTORS[node.value]
@@ -551,27 +540,17 @@ class Checker:
         if op is Op.ROUTE:
             arg = bound["c"]
             p = scope.params.get(arg.value) if arg.kind == "name" else None
-            if p is None or p.type != TensorType(Type.FLOAT, 3):
-                raise self._err(AttnTypeError, "route(c) needs a tensor input c of type float[][][] "
-                                "(centroids [heads, C, head_dim])", arg.span)
-            return Expr(Op.ROUTE, Type.BOOL, (), arg.value, node.span)
+            return self._typed(op, [], [arg.span], node.span, p)
         args = []
         for pname, ptype, _default in signature:
             value = bound[pname]
             if isinstance(value, Node):
-                x = self.expr(value, scope)
-                span = value.span
+                x, span = self.expr(value, scope), value.span
             else:
-                x = Expr(Op.CONST, ptype, (), value, node.span)
-                span = node.span
-            if x.type is not ptype:
-                raise self._err(AttnTypeError, f"argument '{pname}' of '{node.value}' must be "
-                                f"{ptype.value}, got {x.type.value}", span)
-            if not is_constant(x):
-                raise self._err(AttnTypeError, f"argument '{pname}' of '{node.value}' must be a "
-                                "compile-time constant (a literal or a scalar parameter)", span)
+                x, span = Expr(Op.CONST, ptype, (), value, node.span), node.span
+            self._t_operand(op, len(args), x, span)
             args.append(x)
-        return Expr(op, Type.BOOL, tuple(args), None, node.span)
+        return self._typed(op, args, [], node.span)
 
     def _inline(self, d: DefDecl, arg_nodes: tuple, node: Node, scope: _Scope) -> Expr:
         if d.name in self.recursive:
@@ -602,3 +581,19 @@ class Checker:
             raise
         finally:
             self._level += 1
+
+
+_C = Checker
+_BY_KIND = {"name": _C._name, "and": _C._logic, "or": _C._logic, "chain": _C._chain,
+            "call": _C._call, "index": _C._index}
+TYPING = {                          # one typing rule per op (see "typing rules" in Checker)
+    **dict.fromkeys((Op.CONST, Op.PARAM, Op.INDEX, Op.ROUTE), _C._t_value),
+    **dict.fromkeys((Op.Q, Op.K, Op.H, Op.Q_LEN, Op.KV_LEN, Op.HEADS, Op.KV_HEADS, Op.SCORE), _C._t_build),
+    Op.NEG: _C._t_negate, Op.ADD: _C._t_arith, Op.SUB: _C._t_arith, Op.MUL: _C._t_arith,
+    **dict.fromkeys((Op.DIV, Op.FLOORDIV, Op.MOD, Op.POW), _C._t_fixed),
+    **dict.fromkeys((Op.LT, Op.LE, Op.GT, Op.GE, Op.EQ, Op.NE), _C._t_compare),
+    Op.NOT: _C._t_build, Op.AND: _C._t_build, Op.OR: _C._t_build, Op.IF: _C._t_if,
+    Op.ABS: _C._t_numeric, Op.MIN: _C._t_numeric, Op.MAX: _C._t_numeric,
+    **dict.fromkeys((Op.FLOAT, Op.EXP, Op.LOG, Op.SQRT, Op.TANH, Op.SIGMOID), _C._t_function),
+    **dict.fromkeys((Op.TOPK_BLOCKS, Op.TOPP_BLOCKS, Op.RANDOM_BLOCKS), _C._t_build),
+}

@@ -22,6 +22,12 @@ import time
 import numpy as np
 
 from . import __version__, render
+from .cli_analyze import add_parser as add_analyze
+from .cli_codegen import add_parsers as add_codegen
+from .cli_common import common_arguments as _common
+from .cli_common import count as _count
+from .cli_common import parse_assignment as parse_assignment  # re-exported: cli.parse_assignment
+from .cli_common import report, require_bound, select_patterns
 from .errors import AttnCallError, AttnError
 from .inputs import check_lengths
 from .ir import Op
@@ -74,66 +80,7 @@ def _out_of_memory(exc: BaseException) -> bool:
                                             or "out of memory" in text))
 
 
-def report(err: AttnError) -> None:
-    """Print a diagnostic on stderr, after whatever stdout holds, so the two interleave right."""
-    sys.stdout.flush()
-    print(err, file=sys.stderr, flush=True)
-
-
 # ----------------------------------------------------------------------------- arguments
-
-
-def _count(minimum: int):
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
-        return value
-    return parse
-
-
-def _seed(text: str) -> int:
-    """A seed both numpy and torch accept: an int in [0, 2**63)."""
-    value = _count(0)(text)
-    if value >= 1 << 63:
-        raise argparse.ArgumentTypeError(f"must be below 2**63, got {value}")
-    return value
-
-
-def parse_assignment(text: str):
-    """``NAME=VALUE`` -> (name, value) with the value an int, a float or true/false."""
-    name, sep, value = text.partition("=")
-    name, value = name.strip(), value.strip()
-    if not sep or not name.isidentifier():
-        raise argparse.ArgumentTypeError(f"expected NAME=VALUE, got {text!r}")
-    if value.lower() in ("true", "false"):
-        return name, value.lower() == "true"
-    for conv in (int, float):
-        try:
-            return name, conv(value)
-        except ValueError:
-            pass
-    raise argparse.ArgumentTypeError(f"{text!r}: the value must be an int, a float, true or false")
-
-
-def _common(p: argparse.ArgumentParser, q_len: int, heads_help: str) -> None:
-    p.add_argument("file", help="the .attn file")
-    p.add_argument("-p", "--pattern", action="append", metavar="PATTERN",
-                   help="pattern to use (repeatable; default: every pattern of the file)")
-    p.add_argument("--q-len", type=_count(0), default=q_len, metavar="N",
-                   help=f"number of query rows (default {q_len})")
-    p.add_argument("--kv-len", type=_count(0), metavar="N",
-                   help="number of keys (default: as many as --q-len)")
-    p.add_argument("--heads", type=_count(1), metavar="H", help=heads_help)
-    p.add_argument("--kv-heads", type=_count(1), metavar="H",
-                   help="key/value heads, dividing --heads (default: as many as --heads)")
-    p.add_argument("--set", action="append", type=parse_assignment, metavar="NAME=VALUE",
-                   help="bind a scalar parameter (int, float, true/false); repeatable")
-    p.add_argument("--seed", type=_seed, default=0,
-                   help="seed of the random demo inputs, in [0, 2**63) (default 0)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -186,41 +133,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="timed calls after one warm-up call; the median is reported (default 1)")
     p.set_defaults(func=cmd_run, heads=None)
 
-    from .cli_analyze import add_parser as add_analyze
-    add_analyze(sub, _common, _count)
-    from .cli_codegen import add_parsers as add_codegen
+    add_analyze(sub)
     add_codegen(sub)
     return parser
-
-
-# ----------------------------------------------------------------------------- patterns
-
-
-def select_patterns(prog, args) -> list:
-    """The chosen patterns of a file, with every --set value bound where the name exists."""
-    names = args.pattern or prog.patterns
-    if not names:
-        raise AttnCallError(f"{prog.filename}: the file has no patterns")
-    pats = [prog[n] for n in names]
-    sets = dict(args.set or [])
-    used = set()
-    out = []
-    for pat in pats:
-        mine = {n: v for n, v in sets.items() if any(p.name == n for p in pat.ir.params)}
-        used |= mine.keys()
-        out.append(pat.bind(**mine) if mine else pat)
-    unknown = [n for n in sets if n not in used]
-    if unknown:
-        raise AttnCallError(f"--set {unknown[0]}: no parameter '{unknown[0]}' in pattern"
-                            f"{'s' if len(pats) > 1 else ''} {', '.join(names)}")
-    return out
-
-
-def require_bound(pat) -> None:
-    for p in pat.ir.params:
-        if not p.is_tensor and p.name not in pat.values:
-            raise AttnCallError(f"pattern '{pat.name}' needs a value for parameter '{p.name}' "
-                                f"({p.type.value}): pass --set {p.name}=VALUE")
 
 
 # ----------------------------------------------------------------------------- check

@@ -15,18 +15,20 @@ import time
 import numpy as np
 
 from . import render
+from .cli_common import common_arguments, count, require_bound, select_patterns
 from .errors import AttnCallError
 from .inputs import check_lengths
 from .reference import head_dependent
 
 
-def add_parser(sub, common, count) -> None:
+def add_parser(sub) -> None:
+    """Register ``analyze`` on the subcommand parsers of :func:`attndsl.cli.build_parser`."""
     p = sub.add_parser("analyze", help="block sparsity, cost and graph properties of patterns",
                        description="Analyse each pattern at the given sizes: density, kept pairs, "
                                    "FLOPs against dense attention, wasted work in non-empty "
                                    "tiles, closed form of the kept pairs, receptive-field "
                                    "depth over stacked layers and warnings.")
-    common(p, 4096, "query heads (default 1, or 8 when the mask depends on the head)")
+    common_arguments(p, 4096, "query heads (default 1, or 8 when the mask depends on the head)")
     p.add_argument("--block", type=count(1), default=128, metavar="B",
                    help="tile size BxB of the block map (default 128)")
     p.add_argument("--head-dim", type=count(1), default=128, metavar="D",
@@ -60,13 +62,13 @@ def analyze_one(pat, args) -> dict:
     cost = cost_report(pat, q_len, kv_len, heads, block, args.head_dim, kv_heads, **tensors)
     graph = graph_report(pat, q_len, kv_len, heads, block=block, max_tokens=args.graph_tokens,
                          **tensors)
-    from .codegen.kernel import strategy
+    from .codegen.plan import strategy
 
     launches = strategy(pat, q_len, kv_len, heads, kv_heads, block, tensors)
     counts = np.bincount(desc.block_map.ravel(), minlength=3)
     kinds = sorted({k.kind if k is not None else "tiles" for k in desc.keys})
     return {
-        "pattern": pat.name, "params": pat.values, "q_len": q_len, "kv_len": kv_len,
+        "pattern": pat.name, "params": pat.params, "q_len": q_len, "kv_len": kv_len,
         "heads": heads, "kv_heads": kv_heads, "block": list(block), "notes": notes,
         "analysis_ms": round(1e3 * seconds, 3),
         "tiles": {"full": int(counts[2]), "partial": int(counts[1]), "empty": int(counts[0])},
@@ -95,7 +97,7 @@ def _fmt_int(n) -> str:
 
 
 def _launch_text(x: dict) -> str:
-    """One launch of the kernel plan (codegen.kernel.strategy) in words."""
+    """One launch of the kernel plan (codegen.plan.strategy) in words."""
     if x["kind"] == "gather":
         what = (f"gather: {x['groups']} residue group{'s' if x['groups'] > 1 else ''}, "
                 f"queries every {x['step_q']}, keys every {x['step_k']}"
@@ -178,7 +180,6 @@ def table_lines(r: dict) -> list[str]:
 
 
 def cmd_analyze(args) -> int:
-    from .cli import require_bound, select_patterns
     from .program import load
 
     prog = load(args.file)

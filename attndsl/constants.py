@@ -9,10 +9,9 @@ from __future__ import annotations
 
 from .errors import AttnError, AttnTypeError, ErrorSink
 from .ir import Expr, Op, PatternIR
+from .ops import CONSTANT_OPS  # pure ops: a node of one is constant when its operands are
 
-CONSTANT_OPS = {Op.CONST, Op.PARAM, Op.NEG, Op.ADD, Op.SUB, Op.MUL, Op.DIV, Op.FLOORDIV, Op.MOD,
-                Op.POW, Op.LT, Op.LE, Op.GT, Op.GE, Op.EQ, Op.NE, Op.NOT, Op.AND, Op.OR, Op.IF,
-                Op.ABS, Op.MIN, Op.MAX, Op.FLOAT, Op.EXP, Op.LOG, Op.SQRT, Op.TANH, Op.SIGMOID}
+__all__ = ["CONSTANT_OPS", "check_constants", "constant_sites", "is_constant"]
 
 
 def is_constant(expr: Expr) -> bool:

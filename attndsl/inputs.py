@@ -291,3 +291,33 @@ def check_scale(scale, head_dim: int) -> float:
     if not math.isfinite(value):
         raise AttnCallError(f"argument 'scale' must be a finite float64, got {short_repr(scale)}")
     return value
+
+
+def check_qkv(q_shape, k_shape, v_shape):
+    """Validate the shapes of q [B,H,Lq,D], k [B,KVH,Lkv,D], v [B,KVH,Lkv,Dv].
+
+    Returns (batch, heads, kv_heads, q_len, kv_len).
+    """
+    for name, shape in (("q", q_shape), ("k", k_shape), ("v", v_shape)):
+        if len(shape) != 4:
+            raise AttnCallError(f"argument '{name}' must have 4 dimensions [batch, heads, length, "
+                                f"head_dim], got shape {list(shape)}")
+    check_max_length("q", q_shape[2])
+    check_max_length("k", k_shape[2])
+    b, h, lq, d = q_shape
+    if k_shape[0] != b or v_shape[0] != b:
+        raise AttnCallError(f"arguments 'q', 'k' and 'v' must have one batch size, got {b}, "
+                            f"{k_shape[0]} and {v_shape[0]}")
+    if k_shape[1] != v_shape[1]:
+        raise AttnCallError(f"arguments 'k' and 'v' must have the same number of heads, got "
+                            f"{k_shape[1]} and {v_shape[1]}")
+    kvh = k_shape[1]
+    if kvh < 1 or h < 1 or h % kvh:
+        raise AttnCallError(f"argument 'q' has {h} heads, which must be a positive multiple of the "
+                            f"{kvh} heads of 'k' and 'v' (grouped-query attention)")
+    if k_shape[3] != d:
+        raise AttnCallError(f"argument 'k' must have the head_dim of 'q' ({d}), got {k_shape[3]}")
+    if k_shape[2] != v_shape[2]:
+        raise AttnCallError(f"arguments 'k' and 'v' must have one length, got {k_shape[2]} and "
+                            f"{v_shape[2]}")
+    return b, h, kvh, lq, k_shape[2]

@@ -1,32 +1,20 @@
 """The pretty-printer: IR -> .attn text that parses and checks back to the same IR.
 
 Deterministic: the output depends only on the IR (and parameter values), with the fewest
-parentheses the precedence table allows. Lets and defs are already inlined in the IR, so a
+parentheses the precedence levels allow. Lets and defs are already inlined in the IR, so a
 printed pattern is a single ``mask`` (and ``score``) clause.
+
+Input: an :class:`~attndsl.ir.Expr` or :class:`~attndsl.ir.PatternIR`; output: text. One rule
+per op in :data:`PRINT_RULES`, chosen by the op's printing form in the registry
+(:mod:`attndsl.ops`), which also gives its spelling and precedence.
 """
 
 from __future__ import annotations
 
 import math
 
-from .ir import Expr, Op, PatternIR, Type
-
-# precedence levels, lowest first (LANGUAGE.md section 3)
-IF, OR, AND, NOT, CMP, ADD, MUL, UNARY, POW, ATOM = range(10)
-
-_INFIX = {
-    Op.OR: ("or", OR, OR, AND), Op.AND: ("and", AND, AND, NOT),
-    Op.LT: ("<", CMP, ADD, ADD), Op.LE: ("<=", CMP, ADD, ADD), Op.GT: (">", CMP, ADD, ADD),
-    Op.GE: (">=", CMP, ADD, ADD), Op.EQ: ("==", CMP, ADD, ADD), Op.NE: ("!=", CMP, ADD, ADD),
-    Op.ADD: ("+", ADD, ADD, MUL), Op.SUB: ("-", ADD, ADD, MUL),
-    Op.MUL: ("*", MUL, MUL, UNARY), Op.DIV: ("/", MUL, MUL, UNARY),
-    Op.FLOORDIV: ("//", MUL, MUL, UNARY), Op.MOD: ("%", MUL, MUL, UNARY),
-    Op.POW: ("**", POW, ATOM, UNARY),
-}
-_LEAF_NAMES = {Op.Q: "q", Op.K: "k", Op.H: "h", Op.Q_LEN: "q_len", Op.KV_LEN: "kv_len",
-               Op.HEADS: "heads", Op.KV_HEADS: "kv_heads", Op.SCORE: "score"}
-_CALLS = {Op.ABS, Op.MIN, Op.MAX, Op.FLOAT, Op.EXP, Op.LOG, Op.SQRT, Op.TANH, Op.SIGMOID,
-          Op.TOPK_BLOCKS, Op.TOPP_BLOCKS, Op.RANDOM_BLOCKS}
+from .ir import Expr, PatternIR, Type
+from .ops import OPS, Prec
 
 
 def format_value(v) -> str:
@@ -44,34 +32,62 @@ def _wrap(text: str, level: int, min_level: int) -> str:
     return f"({text})" if level < min_level else text
 
 
-def print_expr(e: Expr, min_level: int = IF) -> str:
-    op = e.op
-    if op is Op.CONST:
-        text = format_value(e.value)
-        return _wrap(text, UNARY if text.startswith("-") else ATOM, min_level)
-    if op is Op.PARAM:
-        return str(e.value)
-    if op in _LEAF_NAMES:
-        return _LEAF_NAMES[op]
-    if op in _INFIX:
-        sym, level, left, right = _INFIX[op]
-        a, b = e.args
-        return _wrap(f"{print_expr(a, left)} {sym} {print_expr(b, right)}", level, min_level)
-    if op is Op.NEG:
-        return _wrap("-" + print_expr(e.args[0], UNARY), UNARY, min_level)
-    if op is Op.NOT:
-        return _wrap("not " + print_expr(e.args[0], NOT), NOT, min_level)
-    if op is Op.IF:
-        c, a, b = e.args
-        text = f"{print_expr(a, OR)} if {print_expr(c, OR)} else {print_expr(b, IF)}"
-        return _wrap(text, IF, min_level)
-    if op is Op.INDEX:
-        return f"{e.value}[{', '.join(print_expr(a) for a in e.args)}]"
-    if op is Op.ROUTE:
-        return f"route({e.value})"
-    if op in _CALLS:
-        return f"{op.value}({', '.join(print_expr(a) for a in e.args)})"
-    raise ValueError(f"no printer rule for {op}")  # pragma: no cover
+def print_expr(e: Expr, min_level: int = Prec.IF) -> str:
+    """The text of ``e``, parenthesised when its level is below ``min_level``."""
+    return PRINT_RULES[e.op](e, min_level)
+
+
+# one rule per printing form (attndsl.ops.FORMS); spelling and levels come from the registry
+
+
+def _literal(e: Expr, min_level: int) -> str:
+    text = format_value(e.value)
+    return _wrap(text, Prec.UNARY if text.startswith("-") else Prec.ATOM, min_level)
+
+
+def _param(e: Expr, min_level: int) -> str:
+    return str(e.value)
+
+
+def _name(e: Expr, min_level: int) -> str:
+    return OPS[e.op].spelling
+
+
+def _infix(e: Expr, min_level: int) -> str:
+    info = OPS[e.op]
+    a, b = e.args
+    return _wrap(f"{print_expr(a, info.left)} {info.spelling} {print_expr(b, info.right)}",
+                 info.level, min_level)
+
+
+def _prefix(e: Expr, min_level: int) -> str:
+    info = OPS[e.op]                        # a keyword ('not') is followed by a space
+    sep = " " if info.spelling.isalpha() else ""
+    return _wrap(info.spelling + sep + print_expr(e.args[0], info.right), info.level, min_level)
+
+
+def _if(e: Expr, min_level: int) -> str:
+    info = OPS[e.op]
+    c, a, b = e.args
+    text = f"{print_expr(a, info.left)} if {print_expr(c, info.left)} else {print_expr(b, info.right)}"
+    return _wrap(text, info.level, min_level)
+
+
+def _call(e: Expr, min_level: int) -> str:
+    return f"{OPS[e.op].spelling}({', '.join(print_expr(a) for a in e.args)})"
+
+
+def _index(e: Expr, min_level: int) -> str:
+    return f"{e.value}[{', '.join(print_expr(a) for a in e.args)}]"
+
+
+def _route(e: Expr, min_level: int) -> str:
+    return f"{OPS[e.op].spelling}({e.value})"
+
+
+_FORM_RULES = {"literal": _literal, "param": _param, "name": _name, "infix": _infix,
+               "prefix": _prefix, "if": _if, "call": _call, "index": _index, "route": _route}
+PRINT_RULES = {op: _FORM_RULES[info.form] for op, info in OPS.items()}    # one per op
 
 
 def _param_text(p, values: dict) -> str:

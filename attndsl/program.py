@@ -1,29 +1,39 @@
 """The compiler pipeline and the user-facing objects: :func:`compile`, :func:`load`,
 :class:`Program` and :class:`Pattern` (LANGUAGE.md section 6).
 
-``compile`` is the list of passes; ``ATTNDSL_DUMP=ast,ir`` prints a pass's output to stderr.
+``compile`` is the front end's list of stages: parse (text -> declarations), resolve (names,
+defs, recursion: the :class:`~attndsl.checker.Checker` built over the declarations), check and
+lower (types are checked while defs and lets are inlined into IR, in one walk: ``check()``);
+``ATTNDSL_DUMP=ast,ir`` prints a stage's output to stderr (attndsl/dump.py). A :class:`Pattern`
+with every scalar parameter bound holds its :class:`~attndsl.bound.BoundPattern`, the
+content-keyed value the analysis and both backends take; a call runs the backend pipeline of
+:func:`attndsl.runtime.run`.
 """
 
 from __future__ import annotations
 
 import math
 import os
-import sys
 from dataclasses import replace
 from functools import lru_cache
 from importlib import resources
+from types import MappingProxyType
 
 import numpy as np
 
 from . import reference as ref
+from .analysis import api
 from .analysis.relax import relaxed_mask
+from .bound import BoundPattern, call_grids
 from .checker import PRELUDE_FILENAME, Checker
 from .constants import check_constants
+from .dump import dump
 from .errors import AttnCallError, ErrorSink, remember_source
 from .inputs import (
     as_float64,
     check_dense_size,
     check_lengths,
+    check_qkv,
     check_scale,
     check_window,
     out_of_memory,
@@ -36,17 +46,19 @@ from .parser import parse
 from .printer import print_pattern
 
 
-def _dump(stage: str, value, render) -> None:
-    wanted = {s.strip() for s in os.environ.get("ATTNDSL_DUMP", "").split(",")}
-    if stage in wanted:
-        print(f"--- {stage} ---\n{render(value)}", file=sys.stderr)
-
-
 @lru_cache(maxsize=1)
 def prelude_decls() -> tuple:
     text = resources.files("attndsl.grammar").joinpath("prelude.attn").read_text(encoding="utf-8")
     remember_source(PRELUDE_FILENAME, text)
     return parse(text, PRELUDE_FILENAME)
+
+
+def _render_decls(decls) -> str:
+    return "\n".join(map(repr, decls))
+
+
+def _render_ir(patterns: dict) -> str:
+    return "\n".join(print_pattern(p) for p in patterns.values())
 
 
 def compile(source: str, filename: str = "<string>") -> Program:  # noqa: A001 - the API's name
@@ -56,13 +68,16 @@ def compile(source: str, filename: str = "<string>") -> Program:  # noqa: A001 -
     if not isinstance(filename, str):
         raise AttnCallError(f"compile(): filename must be a str, got {type(filename).__name__}")
     remember_source(filename, source)
-    # no pass recurses without bound: the parser and the checker reject nesting beyond
-    # limits.MAX_DEPTH and files beyond limits.MAX_SOURCE_CHARS, at the offending node
+    # every stage reports into one sink, so a file's errors come out together; no stage
+    # recurses without bound (nesting beyond limits.MAX_DEPTH and files beyond
+    # limits.MAX_SOURCE_CHARS are errors at the offending node)
     sink, broken = ErrorSink(source), set()
-    decls = parse(source, filename, sink, broken)
-    _dump("ast", decls, lambda ds: "\n".join(map(repr, ds)))
-    patterns = Checker(decls, source, prelude_decls(), sink, broken).check()
-    _dump("ir", patterns, lambda ps: "\n".join(print_pattern(p) for p in ps.values()))
+    # parse: text -> declarations (the AST)
+    decls = dump("ast", parse(source, filename, sink, broken), _render_decls)
+    # resolve: names, defs and recursion, over the file's declarations and the prelude's defs
+    scope = Checker(decls, source, prelude_decls(), sink, broken)
+    # check and lower: types are checked as defs and lets are inlined into IR (one walk)
+    patterns = dump("ir", scope.check(), _render_ir)
     return Program(filename, {name: Pattern(ir, source) for name, ir in patterns.items()})
 
 
@@ -142,8 +157,11 @@ class Pattern:
     def __init__(self, ir: PatternIR, source: str | None = None, values: dict | None = None):
         self.ir = ir
         self.source = source
-        self.values = dict(values) if values is not None else \
-            {p.name: p.default for p in ir.params if not p.is_tensor and p.default is not None}
+        self.values = MappingProxyType(dict(values) if values is not None else {
+            p.name: p.default for p in ir.params if not p.is_tensor and p.default is not None})
+        missing = [p.name for p in ir.params if not p.is_tensor and p.name not in self.values]
+        self._missing = missing[0] if missing else None
+        self._bound = None if missing else BoundPattern.make(ir, dict(self.values), source)
 
     @property
     def name(self) -> str:
@@ -173,12 +191,13 @@ class Pattern:
         check_constants(self.ir, new, self.source, partial=True)
         return Pattern(self.ir, self.source, new)
 
-    def _values(self) -> dict:
-        missing = [p.name for p in self.ir.params if not p.is_tensor and p.name not in self.values]
-        if missing:
-            raise AttnCallError(f"pattern '{self.name}' needs a value for parameter '{missing[0]}'; "
-                                f"bind it with pat.bind({missing[0]}=...)")
-        return self.values
+    def bound(self) -> BoundPattern:
+        """The content-keyed value of this pattern with its parameters (what the analysis and
+        the backends take); an AttnCallError when a required parameter has no value."""
+        if self._bound is None:
+            raise AttnCallError(f"pattern '{self.name}' needs a value for parameter "
+                                f"'{self._missing}'; bind it with pat.bind({self._missing}=...)")
+        return self._bound
 
     def uses_selectors(self) -> bool:
         return any(r.uses(*DATA_SELECTOR_OPS) for r in self.ir.roots())
@@ -196,8 +215,8 @@ class Pattern:
         return Pattern(ir, self.source, self.values)
 
     def grid(self, q_len, kv_len, heads, kv_heads, tensors, query=None, key=None, scale=None):
-        return ref.CallGrid(self.ir, self._values(), q_len, kv_len, heads, kv_heads, tensors,
-                            query, key, scale)
+        """The reference's evaluation grid of one call (one batch element)."""
+        return self.bound().grid(q_len, kv_len, heads, kv_heads, tensors, query, key, scale)
 
     # ------------------------------------------------------------------ the interpreter
     def dense_mask(self, q_len: int, kv_len: int, heads: int = 1, kv_heads: int | None = None,
@@ -238,8 +257,6 @@ class Pattern:
 
     def reference(self, q, k, v, scale: float | None = None, **tensor_inputs_):
         """The interpreter of LANGUAGE.md section 1: float64 (out [B,H,Lq,Dv], lse [B,H,Lq])."""
-        from .runtime import check_qkv  # one validation for every entry point
-
         q, k, v = (real_array(x, n) for x, n in ((q, "q"), (k, "k"), (v, "v")))
         shapes = check_qkv(q.shape, k.shape, v.shape)
         q, k, v = (as_float64(x, n) for x, n in ((q, "q"), (k, "k"), (v, "v")))
@@ -249,12 +266,7 @@ class Pattern:
 
     def grids(self, shapes, q, k, scale, given_tensors) -> list:
         """One CallGrid per batch element (q, k: NumPy float64, needed only by selectors)."""
-        batch, heads, kv_heads, q_len, kv_len = shapes
-        per_batch = tensor_inputs(self.ir, given_tensors, batch)
-        need_qk = self.uses_selectors()
-        return [self.grid(q_len, kv_len, heads, kv_heads, t,
-                          q[b] if need_qk else None, k[b] if need_qk else None, scale)
-                for b, t in enumerate(per_batch)]
+        return call_grids(self.bound(), shapes, q, k, scale, given_tensors)
 
     def block_map(self, q_len: int, kv_len: int, heads: int = 1, block=(128, 128),
                   kv_heads: int | None = None, **tensor_inputs_) -> np.ndarray:
@@ -263,39 +275,44 @@ class Pattern:
         Sound for every pattern (empty: no allowed pair; full: every in-bounds pair allowed),
         exact on the band family; see attndsl.analysis.
         """
-        from .analysis import api
-
-        try:
-            return api.block_map(self, q_len, kv_len, heads, block, kv_heads, tensor_inputs_)
-        except MemoryError:
-            raise out_of_memory("the block map", {"q_len": q_len, "kv_len": kv_len,
-                                                  "heads": heads}) from None
+        return api.block_map(self.bound(), q_len, kv_len, heads, block, kv_heads, tensor_inputs_)
 
     def describe(self, q_len: int, kv_len: int, heads: int = 1, block=(128, 128),
                  kv_heads: int | None = None, **tensor_inputs_):
         """The kernel-facing Description (block map, tile lists, key intervals) of a call."""
-        from .analysis import api
-
-        try:
-            return api.describe(self, q_len, kv_len, heads, block, kv_heads, tensor_inputs_)
-        except MemoryError:
-            raise out_of_memory("the description", {"q_len": q_len, "kv_len": kv_len,
-                                                    "heads": heads}) from None
+        return api.describe(self.bound(), q_len, kv_len, heads, block, kv_heads, tensor_inputs_)
 
     # ------------------------------------------------------------------ torch
     def __call__(self, q, k, v, return_lse: bool = False, scale: float | None = None,
                  backend: str | None = None, **tensor_inputs_):
-        from .runtime import run
+        from .runtime import run  # lazily: `import attndsl` does not load torch
 
-        return run(self, q, k, v, return_lse=return_lse, scale=scale, backend=backend,
+        return run(self.bound(), q, k, v, return_lse=return_lse, scale=scale, backend=backend,
                    tensors=tensor_inputs_)
 
-    def triton_source(self) -> str:
-        """The generated Triton module of this pattern: its mask and score hooks, which the
-        kernel skeleton (attndsl/codegen/skeleton.py) calls on each tile."""
-        from .codegen.kernel import module_source
+    def triton_source(self, q_len: int | None = None, kv_len: int | None = None, heads: int = 1,
+                      kv_heads: int | None = None, head_dim: int = 64, **tensor_inputs_) -> str:
+        """The complete generated Triton module of this pattern, as compiled: the language
+        helpers its hooks call, its mask and score hooks, and the kernel skeleton ``attn_fwd``
+        (attndsl/codegen/skeleton.py) that calls them on each tile.
 
-        return module_source(self)
+        With ``q_len`` (and optionally ``kv_len``, ``heads``, ``kv_heads``, ``head_dim``, tensor
+        inputs): the modules of every launch of a call at those sizes, under a
+        header comment with the call's plan (grid, tile tables, residue-class gathers, launches
+        and their merge); nothing is compiled or run."""
+        if q_len is None:
+            if kv_len is not None or tensor_inputs_:
+                raise AttnCallError("triton_source(): give q_len to see the plan of a call")
+            from .codegen.emit import module_source  # lazily, like torch
+
+            return module_source(self.bound())
+        from .runtime import planned_source
+
+        kv_len = q_len if kv_len is None else kv_len
+        kv_heads = heads if kv_heads is None else kv_heads
+        q_len, kv_len, heads, kv_heads = check_lengths(q_len, kv_len, heads, kv_heads)
+        return planned_source(self.bound(), q_len, kv_len, heads, kv_heads, head_dim, "float16",
+                              tensor_inputs_)
 
     # ------------------------------------------------------------------ display
     def __str__(self) -> str:

@@ -1,10 +1,14 @@
-"""The torch entry point ``pat(q, k, v, ...)`` (LANGUAGE.md section 6).
+"""The torch entry point ``pat(q, k, v, ...)`` (LANGUAGE.md section 6): the backend pipeline.
 
-Validates every argument (shapes, GQA divisibility, head_dim, dtypes, devices, tensor inputs),
-proves or checks the call's tensor indices in range, then runs a backend: ``"torch"``
+Input: a :class:`~attndsl.bound.BoundPattern` and the call's arguments. Output: out (and lse).
+:func:`run` reads as the list of stages: ``bind`` validates every argument (shapes, GQA
+divisibility, head_dim, dtypes, devices, tensor inputs) into a
+:class:`~attndsl.call.BoundCall` and its :class:`~attndsl.call.CallData`; the call's tensor
+indices are proved or checked in range; then a backend runs the rest: ``"torch"``
 (:mod:`attndsl.torch_backend`, blockwise over the analysis's tiles, differentiable) or the
 generated Triton kernels (``"triton"`` on CUDA, ``"triton-interpret"`` under Triton's CPU
-interpreter; :mod:`attndsl.codegen.kernel`).
+interpreter: analyse, plan, generate, compile, launch, merge in
+:func:`attndsl.codegen.backend.forward`).
 """
 
 from __future__ import annotations
@@ -15,10 +19,15 @@ import numpy as np
 import torch
 
 from .analysis.intervals import indices_in_range
+from .bound import BoundPattern, call_grids
+from .call import BoundCall, CallData, CallShape
+from .codegen import backend as triton_backend
+from .codegen.config import DEFAULT_CONFIG
+from .dump import dump
 from .errors import AttnCallError
 from .inputs import (
     call_tensor_inputs,
-    check_max_length,
+    check_qkv,
     check_scale,
     check_torch_tensor,
     short_repr,
@@ -28,36 +37,6 @@ from .torch_backend import blockwise_attention
 
 BACKENDS = ("torch", "triton", "triton-interpret")
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-
-
-def check_qkv(q_shape, k_shape, v_shape):
-    """Validate the shapes of q [B,H,Lq,D], k [B,KVH,Lkv,D], v [B,KVH,Lkv,Dv].
-
-    Returns (batch, heads, kv_heads, q_len, kv_len).
-    """
-    for name, shape in (("q", q_shape), ("k", k_shape), ("v", v_shape)):
-        if len(shape) != 4:
-            raise AttnCallError(f"argument '{name}' must have 4 dimensions [batch, heads, length, "
-                                f"head_dim], got shape {list(shape)}")
-    check_max_length("q", q_shape[2])
-    check_max_length("k", k_shape[2])
-    b, h, lq, d = q_shape
-    if k_shape[0] != b or v_shape[0] != b:
-        raise AttnCallError(f"arguments 'q', 'k' and 'v' must have one batch size, got {b}, "
-                            f"{k_shape[0]} and {v_shape[0]}")
-    if k_shape[1] != v_shape[1]:
-        raise AttnCallError(f"arguments 'k' and 'v' must have the same number of heads, got "
-                            f"{k_shape[1]} and {v_shape[1]}")
-    kvh = k_shape[1]
-    if kvh < 1 or h < 1 or h % kvh:
-        raise AttnCallError(f"argument 'q' has {h} heads, which must be a positive multiple of the "
-                            f"{kvh} heads of 'k' and 'v' (grouped-query attention)")
-    if k_shape[3] != d:
-        raise AttnCallError(f"argument 'k' must have the head_dim of 'q' ({d}), got {k_shape[3]}")
-    if k_shape[2] != v_shape[2]:
-        raise AttnCallError(f"arguments 'k' and 'v' must have one length, got {k_shape[2]} and "
-                            f"{v_shape[2]}")
-    return b, h, kvh, lq, k_shape[2]
 
 
 def _check_tensors(q, k, v):
@@ -91,20 +70,36 @@ def _check_backend(backend, q, needs_grad: list) -> str:
     return str(backend)
 
 
-def run(pattern, q, k, v, return_lse=False, scale=None, backend=None, tensors=None):
+def run(pattern: BoundPattern, q, k, v, return_lse=False, scale=None, backend=None,
+        tensors=None):
+    """``pat(q, k, v, ...)``: the backend pipeline of one call, stage by stage."""
+    call, data = dump("bind", bind(pattern, q, k, v, return_lse, scale, backend, tensors or {}),
+                      lambda cd: cd[0].describe())
+    check_call_indices(data)
+    if call.backend == "torch":
+        with _one_thread(q.device.type == "cpu"):
+            out, lse = blockwise_attention(call.pattern, data.grids, q, k, v, call.scale,
+                                           data.tensors)
+    else:
+        out, lse = triton_backend.forward(call, data, q, k, v)
+    return (out, lse) if return_lse else out
+
+
+def bind(pattern: BoundPattern, q, k, v, return_lse, scale, backend, tensors: dict):
+    """The bind stage: every argument checked; (BoundCall, CallData)."""
     _check_tensors(q, k, v)
     if not isinstance(return_lse, (bool, np.bool_)):
         raise AttnCallError(f"argument 'return_lse' must be a bool, got "
                             f"{type(return_lse).__name__} {short_repr(return_lse)}")
     shapes = check_qkv(tuple(q.shape), tuple(k.shape), tuple(v.shape))
-    for name, t in (tensors or {}).items():
+    for name, t in tensors.items():
         if isinstance(t, torch.Tensor) and t.device != q.device:
             raise AttnCallError(f"tensor input '{name}' is on {t.device}, but 'q' is on {q.device}")
     needs_grad = [n for n, t in (("q", q), ("k", k), ("v", v))
                   if t.requires_grad and torch.is_grad_enabled()]
     backend = _check_backend(backend, q, needs_grad)
     # readable, gradient-free tensor inputs; float32 range where the kernels store them so
-    tensors = call_tensor_inputs(pattern.ir, tensors or {}, float32=backend != "torch")
+    tensors = call_tensor_inputs(pattern.ir, tensors, float32=backend != "torch")
     if backend == "triton" and not q.is_cuda:
         raise AttnCallError("argument 'backend': 'triton' runs on CUDA tensors; on the CPU use "
                             "backend='triton-interpret' (Triton's interpreter) or 'torch'")
@@ -114,20 +109,53 @@ def run(pattern, q, k, v, return_lse=False, scale=None, backend=None, tensors=No
     need_qk = pattern.uses_selectors()
     qn = q.detach().float().cpu().numpy().astype(np.float64) if need_qk else None
     kn = k.detach().float().cpu().numpy().astype(np.float64) if need_qk else None
-    grids = pattern.grids(shapes, qn, kn, scale, tensors or {})
-    # before any tile runs (section 3): proved by intervals in O(length), else pair by pair
-    unproved = [g for g in grids if not indices_in_range(g)]
+    grids = call_grids(pattern, shapes, qn, kn, scale, tensors or {})
+    batch, heads, kv_heads, q_len, kv_len = shapes
+    shape = CallShape(batch, heads, kv_heads, q_len, kv_len, q.shape[-1], v.shape[-1])
+    call = BoundCall(pattern, shape, str(q.dtype).replace("torch.", ""), str(q.device), backend,
+                     float(scale))
+    return call, CallData(tensors or {}, tuple(grids))
+
+
+def launches(pattern: BoundPattern, q, k, v, scale=None, tensors=None, backend=None,
+             config=DEFAULT_CONFIG):
+    """(launches, finish): the kernel launches a Triton call would make and the function that
+    merges their results, every stage before ``launch`` done and nothing launched (for tools,
+    benchmarks and tests; ``codegen.kernel.run`` runs a launch)."""
+    backend = backend or ("triton" if q.is_cuda else "triton-interpret")
+    call, data = bind(pattern, q, k, v, False, scale, backend, tensors or {})
+    return triton_backend.prepare(call, data, q, k, v, config)
+
+
+def planned_source(pattern: BoundPattern, q_len: int, kv_len: int, heads: int, kv_heads: int,
+                   head_dim: int, dtype: str, tensors: dict, config=DEFAULT_CONFIG) -> str:
+    """The generated modules of a call at these sizes, each under a comment with the call's plan
+    (launches, grids, tile tables, gathers, merge): what ``Pattern.triton_source(q_len=...)``
+    and ``attndsl emit --q-len`` show. Nothing is compiled or launched; the tile configuration
+    is ``config`` (on a GPU, autotuning may choose another). Selector patterns are planned on
+    random query and key vectors (seed 0)."""
+    names = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+    if dtype not in names:
+        raise AttnCallError(f"argument 'dtype' must be one of {', '.join(names)}, got "
+                            f"{short_repr(dtype)}")
+    gen = torch.Generator().manual_seed(0)
+    q = torch.randn(1, heads, q_len, head_dim, generator=gen).to(names[dtype])
+    k = torch.randn(1, kv_heads, kv_len, head_dim, generator=gen).to(names[dtype])
+    call, data = bind(pattern, q, k, k, False, None, "triton-interpret", tensors)
+    planned, sources = triton_backend.generate(call, data, q, k, config)
+    parts = ["".join(f"# {line}\n" for line in planned.describe())]
+    for i, (lp, text) in enumerate(zip(planned.launches, sources)):
+        parts.append(f"# {'=' * 24} launch {i + 1} of {len(sources)}: {lp.kind} {'=' * 24}\n"
+                     + text)
+    return "\n".join(parts)
+
+
+def check_call_indices(data: CallData) -> None:
+    """Every tensor index of the call in range, before any tile runs (section 3): proved by
+    intervals in O(length), else checked pair by pair."""
+    unproved = [g for g in data.grids if not indices_in_range(g)]
     if unproved:
         check_indices(unproved)
-    if backend == "torch":
-        with _one_thread(q.device.type == "cpu"):
-            out, lse = blockwise_attention(pattern, grids, q, k, v, scale, tensors or {})
-    else:
-        from .codegen.kernel import forward
-
-        out, lse = forward(pattern, q, k, v, scale, tensors or {},
-                           interpret=backend == "triton-interpret", grids=grids)
-    return (out, lse) if return_lse else out
 
 
 @contextlib.contextmanager

@@ -1,9 +1,10 @@
 """The torch backend: blockwise online-softmax attention over the tiles the analysis keeps.
 
-Input: a bound pattern, the call's :class:`~attndsl.reference.CallGrid` per batch element,
-q [B, H, Lq, D] and k/v [B, KVH, Lkv, D/Dv] torch tensors, the scale and the tensor inputs.
-Output: (out [B, H, Lq, Dv] in q's dtype, lse [B, H, Lq] float32, float64 for float64
-inputs), differentiable through q, k, v and the score clause (autograd over the tile loop).
+Input: a :class:`~attndsl.bound.BoundPattern`, the call's :class:`~attndsl.reference.CallGrid`
+per batch element, q [B, H, Lq, D] and k/v [B, KVH, Lkv, D/Dv] torch tensors, the scale and the
+tensor inputs. Output: (out [B, H, Lq, Dv] in q's dtype, lse [B, H, Lq] float32, float64 for
+float64 inputs), differentiable through q, k, v and the score clause (autograd over the tile
+loop).
 
 * Tiles of ``BLOCK_Q x BLOCK_K`` pairs and their classes come from the analysis
   (:mod:`attndsl.analysis.call_tiles`): empty tiles are never visited, full tiles skip the mask,
@@ -25,7 +26,10 @@ import numpy as np
 import torch
 
 from .analysis.call_tiles import block_maps
+from .call import acc_dtype
+from .dump import dump
 from .interp import Env, Evaluator
+from .ir import Op
 
 BLOCK_Q = 64
 BLOCK_K = 256
@@ -67,10 +71,23 @@ class TorchOps:
         return bool(x.any())
 
 
-def acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The accumulation type of a call, and its lse's: float64 for float64 inputs, else float32
-    (both backends)."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
+# How the score clause computes each op (one entry per op; tests/test_op_registry.py checks
+# them): NUMPY, the node cannot depend on 'score' (a leaf other than score, or a selector of
+# constant arguments), so the Evaluator's NumPy delegate computes it; otherwise the interpreter's
+# rule (interp.EVAL_RULES) runs on torch tensors and calls the TorchOps functions named (none:
+# Python operators on tensors; an index that depends on the score is gathered in NumPy).
+NUMPY = None
+TORCH_RULES: dict[Op, tuple[str, ...] | None] = {
+    **dict.fromkeys((Op.CONST, Op.PARAM, Op.Q, Op.K, Op.H, Op.Q_LEN, Op.KV_LEN, Op.HEADS,
+                     Op.KV_HEADS, Op.TOPK_BLOCKS, Op.TOPP_BLOCKS, Op.ROUTE, Op.RANDOM_BLOCKS), NUMPY),
+    Op.SCORE: (),                               # the score tile itself (Env.score)
+    **dict.fromkeys((Op.NEG, Op.ADD, Op.SUB, Op.MUL, Op.DIV, Op.FLOORDIV, Op.MOD, Op.LT, Op.LE,
+                     Op.GT, Op.GE, Op.EQ, Op.NE, Op.NOT, Op.AND, Op.OR), ()),
+    Op.POW: ("power",), Op.IF: ("where",), Op.ABS: ("abs",), Op.MIN: ("minimum",),
+    Op.MAX: ("maximum",), Op.FLOAT: ("to_float",), Op.EXP: ("exp",), Op.LOG: ("log",),
+    Op.SQRT: ("sqrt",), Op.TANH: ("tanh",), Op.SIGMOID: ("sigmoid",),
+    Op.INDEX: ("to_numpy", "from_numpy"),
+}
 
 
 def blockwise_attention(pattern, grids, q, k, v, scale: float, given: dict,
@@ -82,7 +99,8 @@ def blockwise_attention(pattern, grids, q, k, v, scale: float, given: dict,
     if batch == 0 or q_len == 0:
         return (q.new_zeros((batch, heads, q_len, dv)),
                 q.new_zeros((batch, heads, q_len), dtype=wide))
-    maps = block_maps(pattern, q_len, kv_len, heads, kv_heads, given, (block_q, block_k))
+    maps = dump("analysis", block_maps(pattern, q_len, kv_len, heads, kv_heads, given,
+                                       (block_q, block_k)), _describe_maps)
     xp = TorchOps(q.device, wide)
     outs, lses = [], []
     for b, grid in enumerate(grids):
@@ -102,6 +120,13 @@ def blockwise_attention(pattern, grids, q, k, v, scale: float, given: dict,
         outs.append(torch.cat(row_outs, dim=1))
         lses.append(torch.cat(row_lses, dim=1))
     return torch.stack(outs).to(q.dtype), torch.stack(lses)
+
+
+def _describe_maps(maps) -> str:
+    bm = maps[0]
+    return (f"torch backend, tile {BLOCK_Q}x{BLOCK_K}: map {list(bm.shape)} per batch row; "
+            f"{int((bm > 0).sum())} tiles walked, {int((bm == FULL).sum())} full, "
+            f"{int((bm == 1).sum())} partial, {int((bm == 0).sum())} skipped (first batch row)")
 
 
 class _Batch:

@@ -5,7 +5,7 @@ For each pattern and length N (q_len = kv_len = N, B = 1, 16 heads, head_dim 128
 * attndsl: ``pat(q, k, v, backend="triton", **tensors)``, whose first call chooses the tile
   configuration (codegen/autotune.py; recorded per case); its analysis time is the host
   planning of the call on a freshly bound pattern with that configuration
-  (``codegen.kernel.launches``: analysis, residue-class gathers, tile tables on the device:
+  (``attndsl.runtime.launches``: analysis, residue-class gathers, tile tables on the device:
   what later calls of that size reuse), and its strategy is recorded per launch;
 * FlexAttention: ``torch.compile(flex_attention)`` with a BlockMask from
   ``torch.compile(create_block_mask)(mask_mod, 1, 1, N, N, BLOCK_SIZE=128)`` (the mask_mods of
@@ -108,27 +108,27 @@ def sync_time(fn, cuda: bool):
 
 @contextlib.contextmanager
 def host_work_cached(pat):
-    """Diagnostic only: while open, ``pat.describe`` is memoised and the per-call index check
-    (attndsl.reference.check_indices, O(N^2) on the CPU) is skipped, so that a call of a
+    """Diagnostic only: while open, the analysis of ``pat``'s calls (attndsl.analysis.api
+    ``describe``, not cached for calls with tensor inputs) is memoised and the per-call index
+    check (attndsl.runtime ``check_indices``, O(N^2) on the CPU) is skipped, so that a call of a
     pattern with tensor inputs costs about its kernel. The inputs never change inside it."""
-    import attndsl.reference as reference
+    import attndsl.runtime as runtime
+    from attndsl.analysis import api
 
     memo: dict = {}
-    original = pat.describe
+    original, check = api.describe, runtime.check_indices
 
-    def describe(*args, **kwargs):
-        key = (args, tuple(sorted(kwargs)))
+    def describe(pattern, *sizes, **kwargs):
+        key = (pattern.key, sizes[:5])              # the tensor inputs never change inside
         if key not in memo:
-            memo[key] = original(*args, **kwargs)
+            memo[key] = original(pattern, *sizes, **kwargs)
         return memo[key]
 
-    check = reference.check_indices
-    pat.describe, reference.check_indices = describe, (lambda grids: None)
+    api.describe, runtime.check_indices = describe, (lambda grids: None)
     try:
         yield
     finally:
-        del pat.describe
-        reference.check_indices = check
+        api.describe, runtime.check_indices = original, check
 
 
 def host_check_s(case, n: int, heads: int) -> float:
@@ -185,10 +185,12 @@ def run_case(fwd, n: int, args, timer, log) -> dict:
         out_a, row["attndsl_first_s"] = got
     config = record_config(row, pat, q, k, v, not cuda)
     fresh = case.load()
-    from attndsl.codegen import kernel
+    from attndsl import caches
+    from attndsl.runtime import launches
 
     def host_plan():        # analysis, gathers, tile tables on the device: all but the kernels
-        planned, _ = kernel.launches(fresh, q, k, v, D ** -0.5, given, not cuda, None, config)
+        caches.clear()                          # cold: analysed and planned again
+        planned, _ = launches(fresh.bound(), q, k, v, D ** -0.5, given, config=config)
         if cuda:
             torch.cuda.synchronize()
         return planned
@@ -269,9 +271,7 @@ def time_redo(row, planned, interpret: bool, timer, step) -> None:
     launches alone (``attndsl_main``), the SAFE_V launches whose programs read their flag and
     exit (``attndsl_redo_none``: what every call adds), and the SAFE_V launches with every flag
     set (``attndsl_redo_all``: a call whose every program met a non-finite value)."""
-    from attndsl.codegen import cache
-
-    fns = [cache.skeleton(interpret).attn_fwd[launch.grid] for launch in planned]
+    fns = [launch.kernel[launch.grid] for launch in planned]
 
     def launch_all(safe: bool):
         for fn, launch in zip(fns, planned):
@@ -292,12 +292,13 @@ def record_config(row, pat, q, k, v, interpret: bool):
     """The tile configuration attndsl's calls use (codegen/autotune.py), into the row:
     ``config`` (its label), ``config_source`` (tuned, or why the default) and, when tuned,
     ``autotune`` (ms per candidate, skipped ones). Returns the Config."""
-    from attndsl.codegen import autotune, kernel
+    from attndsl.codegen import autotune
+    from attndsl.codegen.config import DEFAULT_CONFIG
 
-    found = autotune.lookup(pat, q, k, v, interpret)
-    entry = autotune.stored_entry(pat, q, k, v, interpret)
+    found = autotune.lookup(pat.bound(), q, k, v, interpret)
+    entry = autotune.stored_entry(pat.bound(), q, k, v, interpret)
     if found is None:
-        found, source = kernel.DEFAULT_CONFIG, "default: not tuned (autotune not called?)"
+        found, source = DEFAULT_CONFIG, "default: not tuned (autotune not called?)"
     elif entry is not None and autotune.config_of(entry) == found:
         source = "tuned"
         row["autotune"] = {"ms": entry.get("ms", {}), "skipped": entry.get("skipped", {})}

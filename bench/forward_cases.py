@@ -471,7 +471,7 @@ Times are medians of CUDA-event timings after warm-up (the L2 flushed before eac
   the tile configuration autotuning chose for the case (`attndsl tiles`; codegen/autotune.py: on
   its first call a key times a few candidates, so `attndsl first call` includes the tuning).
   Analysis: the host planning of the call on a freshly bound pattern with that configuration
-  (`codegen.kernel.launches`: the analysis, residue-class gathers and the tile tables on the
+  (`attndsl.runtime.launches`, caches cleared: the analysis, residue-class gathers and the tile tables on the
   device); kernel calls reuse it for patterns without tensor inputs. `strategy`, per launch:
   `tiles` or `gather` (a residue-class group launch), with `band` (arithmetic tile runs) or
   `lists` (tile index lists).

@@ -1,9 +1,9 @@
 """The ahead-of-time compile check: a generated kernel compiled for GPU targets without a GPU.
 
 Input: a bound Pattern and a described call (:class:`Call`: dtype, head_dim, sizes), or a
-:class:`~codegen.kernel.Launch` from :func:`codegen.kernel.plan` (a call may make several:
-``kernel.launches``). Output: a *job* per launch (a JSON-ready
-dict: the real skeleton and hook module files, which constexpr arguments are hook functions, the
+:class:`~codegen.args.Launch` from :func:`codegen.backend.prepare` (a call may make several).
+Output: a *job* per launch (a JSON-ready dict: the generated module file, which holds the
+skeleton's ``attn_fwd`` and the hooks, which constexpr arguments are hook functions, the
 Triton signature, the constexpr values, launch options and targets) and, from
 :func:`compile_jobs`, one report per target (see codegen/aot_runner.py: ``ok``, ``error``,
 registers, spills, shared memory, tensor-core dots).
@@ -24,7 +24,7 @@ The signature is what Triton's launcher would specialise for the described call:
   compiles the kernel that a call of these sizes would launch; calls with more than ``2**31``
   elements in a tensor get i64 strides, a variant this check does not build;
 * Python floats -> ``fp32``, bools -> ``u1``;
-* the launch's ``constants`` -> constexpr, with ``NATIVE_DOT`` True (compiled mode; ``plan``
+* the launch's ``constants`` -> constexpr, with ``NATIVE_DOT`` True (compiled mode; the launch
   sets it to ``not interpret``, and the test suite's process plans in interpreter mode).
 """
 
@@ -42,9 +42,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from attndsl.bound import call_grids
+from attndsl.call import BoundCall, CallData, CallShape
 from attndsl.errors import AttnCallError
+from attndsl.inputs import check_qkv
+from attndsl.render import demo_inputs
 
-from . import kernel
+from .args import Launch
+from .backend import prepare
+from .config import DEFAULT_CONFIG, Config
 
 SKELETON = Path(__file__).absolute().parent / "skeleton.py"
 RUNNER = Path(__file__).absolute().parent / "aot_runner.py"
@@ -86,17 +92,15 @@ def _interpret_mode() -> bool:
     return "triton" in sys.modules and os.environ.get("TRITON_INTERPRET") in ("1", "true", "True")
 
 
-def describe(pattern, call: Call = Call(),
-             config: kernel.Config = kernel.DEFAULT_CONFIG) -> list[kernel.Launch]:
-    """The launches of ``pattern`` for ``call`` (``kernel.launches``: one, or one per gathered
-    component): q/k/v are CPU tensors that only describe the call, tensor inputs and selector
-    tables are demo values (attndsl.render.demo_inputs)."""
-    from attndsl.render import demo_inputs
-    from attndsl.runtime import check_qkv
-
+def describe(pattern, call: Call = Call(), config: Config = DEFAULT_CONFIG) -> list[Launch]:
+    """The launches of ``pattern`` (an :class:`attndsl.Pattern`) for ``call``: one, or one per
+    gathered component (codegen/backend.py ``prepare``). q/k/v are CPU tensors that only
+    describe the call; tensor inputs and selector tables are demo values
+    (attndsl.render.demo_inputs)."""
     dtype = DTYPES[call.dtype] if call.dtype in DTYPES else None
     if dtype is None:
         raise AttnCallError(f"dtype {call.dtype!r}: expected one of bf16, fp16, fp32")
+    bound = pattern.bound()
     kv_len = call.q_len if call.kv_len is None else call.kv_len
     kv_heads = call.kv_heads or call.heads
     dv = call.head_dim_v or call.head_dim
@@ -105,17 +109,19 @@ def describe(pattern, call: Call = Call(),
     k = torch.randn(call.batch, kv_heads, kv_len, call.head_dim, generator=gen).to(dtype)
     v = torch.randn(call.batch, kv_heads, kv_len, dv, generator=gen).to(dtype)
     shapes = check_qkv(tuple(q.shape), tuple(k.shape), tuple(v.shape))
-    selectors = pattern.uses_selectors()
+    selectors = bound.uses_selectors()
     qn, kn = (x.double().numpy() for x in (q, k)) if selectors else (None, None)
     tensors, _ = demo_inputs(pattern, (call.q_len, kv_len, call.heads, kv_heads), call.head_dim,
                              np.random.default_rng(0), qn[0] if selectors else None,
                              kn[0] if selectors else None)
     scale = 1.0 / float(np.sqrt(call.head_dim))
-    grids = pattern.grids(shapes, qn, kn, scale, tensors) if selectors else None
+    grids = call_grids(bound, shapes, qn, kn, scale, tensors) if selectors else []
     interpret = _interpret_mode()
-    if hasattr(kernel, "launches"):     # every launch forward makes (gathered components)
-        return kernel.launches(pattern, q, k, v, scale, tensors, interpret, grids, config)[0]
-    return [kernel.plan(pattern, q, k, v, scale, tensors, interpret, grids, config)]
+    bound_call = BoundCall(bound, CallShape(call.batch, call.heads, kv_heads, call.q_len, kv_len,
+                                            call.head_dim, dv),
+                           str(dtype).removeprefix("torch."), "cpu",
+                           "triton-interpret" if interpret else "triton", scale)
+    return prepare(bound_call, CallData(tensors, tuple(grids)), q, k, v, config)[0]
 
 
 def arg_type(value) -> tuple[str, bool]:
@@ -184,7 +190,7 @@ def check_targets(targets) -> list[str]:
     return names
 
 
-def make_job(launch: kernel.Launch, name: str, targets=DEFAULT_TARGETS,
+def make_job(launch: Launch, name: str, targets=DEFAULT_TARGETS,
              skeleton: Path = SKELETON) -> dict:
     """The job of one Launch (see the module docstring and codegen/aot_runner.py)."""
     names = kernel_arguments(skeleton)
@@ -211,14 +217,15 @@ def make_job(launch: kernel.Launch, name: str, targets=DEFAULT_TARGETS,
         else:
             constexprs[arg] = value.item() if isinstance(value, np.generic) else value
     constexprs["NATIVE_DOT"] = True
-    return {"format": 1, "name": name, "skeleton": str(skeleton), "kernel": "attn_fwd",
+    # the generated module holds the skeleton's attn_fwd next to its hooks
+    return {"format": 1, "name": name, "skeleton": module or str(skeleton), "kernel": "attn_fwd",
             "hooks_module": module, "hooks": hooks, "signature": signature,
             "constexprs": constexprs, "divisible_by_16": divisible,
             "options": dict(launch.options), "targets": list(targets)}
 
 
 def pattern_jobs(pattern, call: Call = Call(), targets=DEFAULT_TARGETS,
-                 config: kernel.Config = kernel.DEFAULT_CONFIG, name: str | None = None) -> list[dict]:
+                 config: Config = DEFAULT_CONFIG, name: str | None = None) -> list[dict]:
     """describe + make_job: one job per launch of the call; named ``name`` (default
     ``pattern label``), with ``[launch i/n]`` added when the call makes several launches."""
     name = name or f"{pattern.name} {call.label()}"

@@ -1,7 +1,8 @@
 """Per-GPU autotuning of the kernel's tile configuration, with a persistent cache.
 
-Input: one call (a bound pattern, torch q, k, v, scale, tensor inputs, the call's CallGrids).
-Output: the :class:`codegen.kernel.Config` to launch it with (:func:`choose_config`).
+Input: one call (a BoundPattern, torch q, k, v) and ``prepare(config)``, which makes the call's
+launches for a configuration and returns a function running them (codegen/backend.py).
+Output: the :class:`codegen.config.Config` to launch it with (:func:`choose_config`).
 
 On CUDA, the first call of a *tuning key* (the pattern's generated source, lengths rounded up to
 powers of two, batch, heads, head dims, dtype, device, Triton and codegen versions) runs each of a
@@ -39,7 +40,8 @@ import torch
 
 from attndsl.errors import AttnCallError
 
-from . import cache, kernel
+from . import cache, emit
+from .config import DEFAULT_CONFIG, Config, padded
 
 ENV = "ATTNDSL_AUTOTUNE"
 ENV_BUDGET = "ATTNDSL_AUTOTUNE_BUDGET"
@@ -56,7 +58,8 @@ _CHUNK = 1 << 24            # elements compared at once when candidate outputs a
 _SMEM_KIB = {(7, 0): 96, (7, 2): 96, (7, 5): 64, (8, 0): 163, (8, 6): 99, (8, 7): 163,
              (8, 9): 99, (9, 0): 227, (10, 0): 227, (12, 0): 99}
 
-Timer = Callable[["kernel.Config", Callable[[], object], float], float]
+Timer = Callable[[Config, Callable[[], object], float], float]
+Prepare = Callable[[Config], Callable[[], tuple]]
 
 _LOCK = threading.Lock()            # the stores and the file
 _TUNE_LOCK = threading.RLock()      # one tuning at a time in a process
@@ -97,12 +100,8 @@ def bucket(n: int) -> int:
 
 
 def pattern_id(pattern) -> str:
-    """Hash of the pattern's generated module (its hooks, with bound parameter values)."""
-    cached = pattern.__dict__.get("_autotune_id")
-    if cached is None:
-        cached = hashlib.sha256(kernel.module_source(pattern).encode()).hexdigest()[:20]
-        pattern.__dict__["_autotune_id"] = cached
-    return cached
+    """Hash of the pattern's generated module (hooks with bound parameter values, skeleton)."""
+    return hashlib.sha256(emit.module_source(pattern).encode()).hexdigest()[:20]
 
 
 def device_info(device, interpret: bool) -> tuple[str, str]:
@@ -127,7 +126,7 @@ def tuning_key(pattern, q, k, v, interpret: bool) -> str:
     parts = [("pattern", pattern_id(pattern)), ("q", bucket(q_len)), ("kv", bucket(k.shape[2])),
              ("batch", bucket(batch)), ("heads", heads), ("kv_heads", k.shape[1]), ("d", d),
              ("dv", v.shape[-1]), ("dtype", str(q.dtype).replace("torch.", "")), ("device", name),
-             ("arch", arch), ("triton", cache._triton_version()), ("codegen", cache.CODEGEN_VERSION)]
+             ("arch", arch), ("triton", cache.triton_version()), ("codegen", cache.CODEGEN_VERSION)]
     return "|".join(f"{k_}={v_}" for k_, v_ in parts)
 
 
@@ -147,15 +146,11 @@ def shared_memory_limit(device) -> int:
     return 1024 * _SMEM_KIB.get(cap, 99 if cap[0] >= 8 else 48)
 
 
-def _pad(d: int) -> int:            # the skeleton's padded head dim (kernel._pad)
-    return max(16, 1 << max(0, (d - 1).bit_length()))
-
-
 def shared_memory_estimate(config, d: int, dv: int, elem_size: int) -> int:
     """Bytes of shared memory a configuration needs, roughly: the query tile and ``num_stages``
     buffers of a key and a value tile."""
-    return (config.block_m * _pad(d)
-            + max(1, config.num_stages) * config.block_n * (_pad(d) + _pad(dv))) * elem_size
+    return (config.block_m * padded(d)
+            + max(1, config.num_stages) * config.block_n * (padded(d) + padded(dv))) * elem_size
 
 
 def candidates(q_len: int, kv_len: int, d: int, dv: int, dtype: torch.dtype,
@@ -185,11 +180,11 @@ def candidates(q_len: int, kv_len: int, d: int, dv: int, dtype: torch.dtype,
                 if warps == 8 and (bm < 64 or bm * bn < 8192):
                     continue                # too little work for 8 warps
                 # fp32 registers per thread: the accumulator and the query tile
-                if bm * (_pad(dv) + _pad(d) * elem / 4) / (32 * warps) > 256:
+                if bm * (padded(dv) + padded(d) * elem / 4) / (32 * warps) > 256:
                     continue
-                pref_w = 8 if bm * _pad(dv) >= 128 * 128 else 4
+                pref_w = 8 if bm * padded(dv) >= 128 * 128 else 4
                 for s in stages:
-                    c = kernel.Config(bm, bn, warps, s)
+                    c = Config(bm, bn, warps, s)
                     if shared_memory_estimate(c, d, dv, elem) > smem_limit:
                         continue
                     score = (abs(math.log2(bm / pref_m)) + abs(math.log2(bn / pref_n))
@@ -203,8 +198,8 @@ def candidates(q_len: int, kv_len: int, d: int, dv: int, dtype: torch.dtype,
     for c in ranked:
         shapes.setdefault(c.block, c)
     out = (list(shapes.values()) + [c for c in ranked if c not in shapes.values()])[:limit]
-    if kernel.DEFAULT_CONFIG not in out:
-        out.append(kernel.DEFAULT_CONFIG)
+    if DEFAULT_CONFIG not in out:
+        out.append(DEFAULT_CONFIG)
     return out
 
 
@@ -358,15 +353,15 @@ def forget() -> None:
         _STORES.clear()
 
 
-def config_of(entry) -> kernel.Config | None:
+def config_of(entry) -> Config | None:
     """The configuration an entry records, or None when the entry is malformed."""
     if not isinstance(entry, dict) or not isinstance(entry.get("config"), dict):
         return None
     raw = entry["config"]
-    names = {f.name for f in fields(kernel.Config)}
+    names = {f.name for f in fields(Config)}
     if set(raw) != names or not all(type(raw[n]) is int and raw[n] > 0 for n in names):
         return None
-    return kernel.Config(**raw)
+    return Config(**raw)
 
 
 # ---------------------------------------------------------------------------- choosing
@@ -382,21 +377,22 @@ def stored_entry(pattern, q, k, v, interpret: bool) -> dict | None:
     return entry if config_of(entry) is not None else None
 
 
-def lookup(pattern, q, k, v, interpret: bool, force: bool = False) -> kernel.Config | None:
+def lookup(pattern, q, k, v, interpret: bool, force: bool = False) -> Config | None:
     """The configuration a call would run with now, without tuning: the default one when
     tuning does not apply (off, interpreter or CPU unless ``force``), the stored one when this
     key was tuned, else None."""
     if not _tuning_applies(q, interpret, force) or q.shape[2] == 0 or k.shape[2] == 0:
-        return kernel.DEFAULT_CONFIG
+        return DEFAULT_CONFIG
     return config_of(_entries().get(tuning_key(pattern, q, k, v, interpret)))
 
 
-def choose_config(pattern, q, k, v, scale: float, given: dict, interpret: bool, grids=None, *,
+def choose_config(pattern, q, k, v, prepare: Prepare, interpret: bool, *,
                   force: bool = False, candidates: list | None = None, timer: Timer | None = None,
-                  budget_s: float | None = None) -> kernel.Config:
-    """The tile configuration for one call (the arguments of :func:`codegen.kernel.forward`).
+                  budget_s: float | None = None) -> Config:
+    """The tile configuration for one call (``prepare(config)``: a function running the call's
+    launches with that configuration, codegen/backend.py).
 
-    Returns ``kernel.DEFAULT_CONFIG`` when ``ATTNDSL_AUTOTUNE=0``, under the interpreter or on
+    Returns ``DEFAULT_CONFIG`` when ``ATTNDSL_AUTOTUNE=0``, under the interpreter or on
     the CPU (unless ``force``), and for empty calls; else the stored result for the call's
     tuning key, tuning it first when there is none. Keyword arguments for tests and tools:
     ``candidates`` (configurations to try, in order; default :func:`candidates_for`),
@@ -404,7 +400,7 @@ def choose_config(pattern, q, k, v, scale: float, given: dict, interpret: bool, 
     ``budget_s`` (default ``ATTNDSL_AUTOTUNE_BUDGET``). Raises AttnCallError when no candidate
     runs."""
     if not _tuning_applies(q, interpret, force) or q.shape[2] == 0 or k.shape[2] == 0:
-        return kernel.DEFAULT_CONFIG
+        return DEFAULT_CONFIG
     key = tuning_key(pattern, q, k, v, interpret)
     found = config_of(_entries().get(key))
     if found is not None:
@@ -420,17 +416,9 @@ def choose_config(pattern, q, k, v, scale: float, given: dict, interpret: bool, 
         budget = budget_seconds() if budget_s is None else budget_s
         on_gpu = q.device.type == "cuda"
         with torch.cuda.device(q.device) if on_gpu else contextlib.nullcontext():
-            entry = tune(pattern, q, k, v, scale, given, interpret, grids, candidates, timer, budget)
+            entry = tune(pattern, q, prepare, candidates, timer, budget)
         _save(key, entry)
     return config_of(entry)
-
-
-def _prepare(pattern, q, k, v, scale, given, interpret, grids, config) -> Callable[[], tuple]:
-    """A function that launches the call with ``config`` (every launch of
-    :func:`codegen.kernel.launches`, gathered components included) and returns (out, lse), its
-    host work (tile lists, tables) done here, so that only the kernels are timed."""
-    planned, finish = kernel.launches(pattern, q, k, v, scale, given, interpret, grids, config)
-    return lambda: finish([kernel.run(launch, interpret) for launch in planned])
 
 
 def _sync(q) -> None:
@@ -438,14 +426,14 @@ def _sync(q) -> None:
         torch.cuda.synchronize(q.device)
 
 
-def tune(pattern, q, k, v, scale, given, interpret, grids, configs: list, timer: Timer,
-         budget_s: float) -> dict:
-    """Run and time every configuration; returns the entry to store: ``config`` (the fastest),
-    ``ms`` (median milliseconds by :func:`label`), ``skipped`` (label -> why), ``pattern``,
-    ``tuned`` (UTC time). A configuration is skipped when it fails, when its output disagrees
-    with the first one that ran (with a RuntimeWarning: one of the two kernels is wrong), and,
-    once one has been timed, when ``DEADLINE_FACTOR`` budgets have passed. Raises AttnCallError
-    when none ran."""
+def tune(pattern, q, prepare: Prepare, configs: list, timer: Timer, budget_s: float) -> dict:
+    """Run and time every configuration (``prepare(config)`` does the host work of the call's
+    launches and returns a function that runs them, so only kernels are timed); returns the
+    entry to store: ``config`` (the fastest), ``ms`` (median milliseconds by :func:`label`),
+    ``skipped`` (label -> why), ``pattern``, ``tuned`` (UTC time). A configuration is skipped
+    when it fails, when its output disagrees with the first one that ran (with a RuntimeWarning:
+    one of the two kernels is wrong), and, once one has been timed, when ``DEADLINE_FACTOR``
+    budgets have passed. Raises AttnCallError when none ran."""
     if not configs:
         raise AttnCallError("autotune: no candidate tile configurations")
     share = budget_s / len(configs)
@@ -461,7 +449,7 @@ def tune(pattern, q, k, v, scale, given, interpret, grids, configs: list, timer:
             skipped[name] = "not tried: tuning deadline"
             continue
         try:
-            fn = _prepare(pattern, q, k, v, scale, given, interpret, grids, config)
+            fn = prepare(config)
         except AttnCallError:
             raise                           # about the call, not the configuration
         except Exception as exc:            # any failure skips the candidate

@@ -122,7 +122,7 @@ def _unusable(path: Path, reason: BaseException) -> Path:
         return _use_fallback(configured_dir(), reason)
 
 
-def _triton_version() -> str:
+def triton_version() -> str:
     import triton
 
     return triton.__version__
@@ -140,7 +140,7 @@ def device_tag(interpret: bool) -> str:
 
 
 def module_key(source: str, interpret: bool) -> str:
-    text = "\0".join([source, CODEGEN_VERSION, _triton_version(), device_tag(interpret)])
+    text = "\0".join([source, CODEGEN_VERSION, triton_version(), device_tag(interpret)])
     return hashlib.sha256(text.encode()).hexdigest()[:32]
 
 
@@ -239,14 +239,8 @@ def load_module(body: str, interpret: bool, prefix: str = "attndsl_gen"):
         return module
 
 
-def skeleton(interpret: bool):
-    """The kernel skeleton module for the mode (its own copy per mode, from its real file)."""
-    source = (Path(__file__).parent / "skeleton.py").read_text(encoding="utf-8")
-    return load_module(source, interpret, prefix="attndsl_skeleton")
-
-
 def classifier(interpret: bool):
     """The tile classification kernel module (codegen/classify.py) for the mode, loaded like
-    the skeleton from its real file."""
+    a generated module from the text of its real file."""
     source = (Path(__file__).parent / "classify.py").read_text(encoding="utf-8")
     return load_module(source, interpret, prefix="attndsl_classify")

@@ -1,8 +1,8 @@
 """Residue-class gathers: a dilated or strided pattern run over dense tiles of live keys.
 
-Input: a bound Pattern (no tensor inputs, no selectors) and a call's sizes. Output: a list of
-:class:`Component` — disjoint pieces of the allowed pairs, each run as one launch of the
-skeleton — or ``None`` when the plain table-driven kernel is the strategy.
+Input: a :class:`~attndsl.bound.BoundPattern` (no tensor inputs, no selectors) and a call's
+sizes. Output: a list of :class:`Component` — disjoint pieces of the allowed pairs, each run as
+one launch of the skeleton — or ``None`` when the plain table-driven kernel is the strategy.
 
 The analysis gives every row's exact key set as a union of pieces (attndsl.analysis
 descriptors). A piece ``k in [lo, hi], (k - offset) mod m == l`` whose offset follows the query
@@ -28,13 +28,15 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
+from attndsl.analysis import api
 from attndsl.analysis.api import call_classes
 from attndsl.analysis.descriptors import TileLists, tile_lists
 from attndsl.analysis.pieces import b_and, b_not, b_or
 from attndsl.analysis.rows import merge, piece_bounds, touch_and_cover
+from attndsl.bound import BoundPattern
+from attndsl.caches import LRUCache
 from attndsl.interp import Evaluator
 from attndsl.ir import SELECTOR_OPS, Expr, Op, Type, const
-from attndsl.program import Pattern
 
 MIN_MODULUS = 2
 
@@ -46,14 +48,14 @@ class Component:
     steps ``step_q``/``step_k``; ``derived``: the pattern over the compressed indices whose
     tile lists are the launch's (None for a plain component: the pattern's own)."""
 
-    pattern: Pattern
+    pattern: BoundPattern
     step_q: int = 1
     step_k: int = 1
     groups: tuple[tuple[int, int, int, int], ...] = ()
-    derived: Pattern | None = None
+    derived: BoundPattern | None = None
     derived_sizes: tuple[int, int] = (0, 0)
     # what the fast tile lists of a gathered component read (see group_lists)
-    source: Pattern | None = None
+    source: BoundPattern | None = None
     call: tuple[int, int, int, int] = (0, 0, 0, 0)      # q_len, kv_len, heads, kv_heads
     head: int = 0
     own: tuple = ()                                     # its pieces (one residue class)
@@ -181,8 +183,8 @@ def key_rows(first, step: int, run: int, j):
     return first + step * (j // run) + j % run
 
 
-def _derived(pattern: Pattern, mask: Expr, kind, value: int, m: int, run: int, q_len: int,
-             kv_len: int, head: int, groups) -> tuple[Pattern, tuple[int, int]]:
+def _derived(pattern: BoundPattern, mask: Expr, kind, value: int, m: int, run: int, q_len: int,
+             kv_len: int, head: int, groups) -> tuple[BoundPattern, tuple[int, int]]:
     """The component over compressed indices: ``h`` is the group ``g``; query ``i`` and key
     ``j`` stand for positions ``pos_q(g, i)`` and ``pos_k(g, j)``."""
     off = kv_len - q_len
@@ -210,11 +212,10 @@ def _derived(pattern: Pattern, mask: Expr, kind, value: int, m: int, run: int, q
     def over_groups(e: Expr | None) -> Expr | None:
         return None if e is None else substitute(substitute(e, fixed), moved)
 
-    ir = replace(pattern.ir, mask=over_groups(mask), score=over_groups(pattern.ir.score))
-    return Pattern(ir, pattern.source, pattern.values), (d_q, d_kv)
+    return pattern.with_clauses(over_groups(mask), over_groups(pattern.ir.score)), (d_q, d_kv)
 
 
-def _applicable(pattern: Pattern) -> bool:
+def _applicable(pattern: BoundPattern) -> bool:
     ir = pattern.ir
     roots = [ir.mask] + ([ir.score] if ir.score is not None else [])
     if any(p.is_tensor for p in ir.params) or any(r.uses(*SELECTOR_OPS) for r in roots):
@@ -222,16 +223,18 @@ def _applicable(pattern: Pattern) -> bool:
     return ir.score is None or not ir.score.uses(Op.H)
 
 
-def components(pattern: Pattern, q_len: int, kv_len: int, heads: int, kv_heads: int,
+COMPONENTS = LRUCache("codegen.gather_components", 64)
+GROUP_MAPS = LRUCache("codegen.group_block_maps", 64)
+
+
+def components(pattern: BoundPattern, q_len: int, kv_len: int, heads: int, kv_heads: int,
                block: tuple[int, int]) -> list[Component] | None:
-    """The components of a call, or None for the plain kernel (cached per call size)."""
+    """The components of a call, or None for the plain kernel (kept per pattern and size)."""
     if not enabled() or not _applicable(pattern) or q_len == 0 or kv_len == 0:
         return None
-    key = (q_len, kv_len, heads, kv_heads, tuple(block))
-    cache = pattern.__dict__.setdefault("_gather_plans", {})
-    if key not in cache:
-        cache[key] = _components(pattern, q_len, kv_len, heads, kv_heads, block)
-    return cache[key]
+    key = (pattern.key, q_len, kv_len, heads, kv_heads, tuple(block))
+    return COMPONENTS.get(key, lambda: _components(pattern, q_len, kv_len, heads, kv_heads,
+                                                   block))
 
 
 def _components(pattern, q_len, kv_len, heads, kv_heads, block):
@@ -278,19 +281,24 @@ def _union(pieces) -> Expr:
     return out
 
 
-def _restricted(pattern: Pattern, mask: Expr) -> Pattern:
-    return Pattern(replace(pattern.ir, mask=mask), pattern.source, pattern.values)
+def _restricted(pattern: BoundPattern, mask: Expr) -> BoundPattern:
+    return pattern.with_clauses(mask, pattern.ir.score)
 
 
 def group_block_map(component: Component, block: tuple[int, int]) -> np.ndarray:
     """Tile classes [G, nQT, nKT] of a gathered component over its compressed indices, from the
     row intervals of its pieces where they decide every tile (:func:`_fast_block_map`), else
-    from the analysis of the derived pattern (its head axis is the group)."""
-    bm = _fast_block_map(component, block)
-    if bm is None:
-        d_q, d_kv = component.derived_sizes
-        bm = component.derived.describe(d_q, d_kv, len(component.groups), block, 1).block_map
-    return bm
+    from the analysis of the derived pattern (its head axis is the group); kept per component."""
+    def compute():
+        bm = _fast_block_map(component, block)
+        if bm is None:
+            d_q, d_kv = component.derived_sizes
+            bm = api.describe(component.derived, d_q, d_kv, len(component.groups), block,
+                              1).block_map
+        return bm
+
+    key = (component.derived.key, component.groups, component.derived_sizes, tuple(block))
+    return GROUP_MAPS.get(key, compute)
 
 
 def group_lists(component: Component, block: tuple[int, int]) -> TileLists:

@@ -11,12 +11,19 @@ One rule per op in :data:`TRITON_RULES`. The source comes from the IR only: para
 become literals, tensors become slots, and no user identifier is ever written out. Constant
 subexpressions are folded by the interpreter (its int64 / float64 semantics), never left to
 Triton's typing of Python numbers.
-Sub-expressions shared in the IR are computed once (one local per node).
+Equal sub-expressions are computed once: the IR is hash-consed first (:func:`share_equal`), then
+each node gets one local.
+
+:func:`module_hooks` gives a pattern's hooks (``mask_hook``, ``mask_hook32`` and, with a score
+clause, ``score_hook``, ``score_hook32``) preceded by the helpers of codegen/tlhelpers.py they
+call (and those call), copied as written: no import lines, no other module-level names.
 """
 
 from __future__ import annotations
 
+import ast
 import math
+from pathlib import Path
 
 from attndsl.constants import CONSTANT_OPS
 from attndsl.interp import evaluate_scalar
@@ -147,6 +154,36 @@ TRITON_RULES = {
 }
 
 
+def share_equal(root: Expr) -> Expr:
+    """``root`` with its structurally equal sub-expressions made one node (common-subexpression
+    elimination by hash-consing, bottom-up and iterative: trees may be deep, and DAGs whose
+    expansion is exponential cost their number of distinct nodes).
+
+    Two nodes are equal when op, type, value (with its Python type: ``1``, ``1.0`` and ``True``
+    differ, and ``-0.0`` is not ``0.0``) and children are; spans are ignored. The result means
+    the same as ``root`` and has one node object per distinct sub-expression: the first one met,
+    left to right and children first, keeps its span.
+    """
+    canonical: dict[int, Expr] = {}     # id(node of root) -> its canonical node
+    table: dict[tuple, Expr] = {}       # key -> canonical node (keeps them alive: ids stay unique)
+    stack = [(root, False)]
+    while stack:
+        node, ready = stack.pop()
+        if id(node) in canonical:
+            continue
+        if not ready:
+            stack.append((node, True))
+            stack.extend((c, False) for c in reversed(node.args) if id(c) not in canonical)
+            continue
+        args = tuple(canonical[id(c)] for c in node.args)
+        key = (node.op, node.type, type(node.value), repr(node.value), tuple(map(id, args)))
+        if key not in table:
+            same = all(a is c for a, c in zip(args, node.args))
+            table[key] = node if same else Expr(node.op, node.type, args, node.value, node.span)
+        canonical[id(node)] = table[key]
+    return canonical[id(root)]
+
+
 def _narrowed(line: str) -> str:
     for wide, narrow in _NARROW.items():
         line = line.replace(wide, narrow)
@@ -207,6 +244,7 @@ def hook_source(name: str, expr: Expr, values: dict, slots: dict, narrow: bool =
     """
     if len(slots) > MAX_TENSORS:
         raise LoweringError(f"the Triton backend takes at most {MAX_TENSORS} tensor inputs")
+    expr = share_equal(expr)
     ctx = _Context(values, slots)
     result = _emit(ctx, expr)
     if narrow:
@@ -222,3 +260,55 @@ def hook_source(name: str, expr: Expr, values: dict, slots: dict, narrow: bool =
     body = "\n".join(ctx.lines + [f"    return {result}"])
     return f"@triton.jit\ndef {name}(\n        {args}):\n{body}\n"
 
+
+def _read_helpers() -> dict[str, tuple[str, frozenset]]:
+    """name -> (text, names of the helpers it calls) of each function in codegen/tlhelpers.py,
+    in file order; the text runs from the decorator to the end of the function."""
+    text = (Path(__file__).parent / "tlhelpers.py").read_text(encoding="utf-8")
+    lines = text.splitlines(keepends=True)
+    funcs = [n for n in ast.parse(text).body if isinstance(n, ast.FunctionDef)]
+    names = {f.name for f in funcs}
+    out = {}
+    for f in funcs:
+        first = min([d.lineno for d in f.decorator_list] + [f.lineno])
+        out[f.name] = ("".join(lines[first - 1:f.end_lineno]), frozenset(_called(f) & names))
+    return out
+
+
+def _called(tree) -> set[str]:
+    """The plain names called in ``tree`` (``f(...)``, not ``tl.f(...)``)."""
+    return {n.func.id for n in ast.walk(tree) if isinstance(n, ast.Call) and isinstance(n.func, ast.Name)}
+
+
+HELPERS = _read_helpers()
+
+
+def used_helpers(source: str) -> list[str]:
+    """The helpers that the code ``source`` calls, directly or through other helpers, in the
+    order of codegen/tlhelpers.py."""
+    todo, used = list(_called(ast.parse(source)) & set(HELPERS)), set()
+    while todo:
+        name = todo.pop()
+        if name not in used:
+            used.add(name)
+            todo.extend(HELPERS[name][1])
+    return [name for name in HELPERS if name in used]
+
+
+def module_hooks(mask_ir: Expr, score_ir: Expr | None, values: dict, slots: dict) -> str:
+    """The helpers and hooks of a pattern's module: ``mask_hook`` and ``mask_hook32`` (int32,
+    see :func:`hook_source`), and ``score_hook`` / ``score_hook32`` when ``score_ir`` is not None,
+    preceded by the helpers they call (no import lines: the module imports ``triton`` and
+    ``triton.language as tl``). Raises LoweringError as :func:`hook_source` does."""
+    hooks = []
+    for suffix, narrow in (("", False), ("32", True)):     # int64, and int32 where proved
+        hooks.append(hook_source(f"mask_hook{suffix}", mask_ir, values, slots, narrow))
+        if score_ir is not None:
+            hooks.append(hook_source(f"score_hook{suffix}", score_ir, values, slots, narrow))
+    return with_helpers(hooks)
+
+
+def with_helpers(hooks: list[str]) -> str:
+    """Hook sources preceded by the helpers they call (no import lines)."""
+    helpers = [HELPERS[name][0] for name in used_helpers("\n".join(hooks))]
+    return "\n\n".join(helpers + hooks)

@@ -2,7 +2,7 @@
 computed per call on the host (by attndsl.selectors, the reference's own code) and read by the
 generated hooks as derived tensor inputs.
 
-Input: a bound pattern's IR. Output (:func:`with_tables`): the mask and score IR with every
+Input: a :class:`~attndsl.bound.BoundPattern`. Output (:func:`with_tables`): the mask and score IR with every
 selector replaced by reads of derived tensors, the tensor slots (user inputs first) and a
 description of each derived tensor; :func:`table_values` computes them for a call. Derived names
 start with '#', which no user identifier can.
@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from attndsl.caches import LRUCache
 from attndsl.interp import evaluate_scalar
 from attndsl.ir import Expr, Op, Type
 from attndsl.selectors import random_block_table
@@ -46,18 +47,18 @@ def _const(v: int) -> Expr:
     return Expr(Op.CONST, Type.INT, (), v)
 
 
+WITH_TABLES = LRUCache("codegen.with_tables", 128)
+
+
 def with_tables(pattern):
-    """(mask, score, slots, {name: Derived}) with the selectors read from derived tensors;
-    computed once per pattern (a Pattern's IR and values never change)."""
-    cached = pattern.__dict__.get("_with_tables")
-    if cached is None:
-        cached = pattern.__dict__["_with_tables"] = _with_tables(pattern)
-    return cached
+    """(mask, score, slots, {name: Derived}) with the selectors of a BoundPattern read from
+    derived tensors (kept per pattern: its IR and values never change)."""
+    return WITH_TABLES.get(pattern.key, lambda: _with_tables(pattern))
 
 
 def _with_tables(pattern):
     ir = pattern.ir
-    values = pattern._values()
+    values = dict(pattern.values)
     slots = {p.name: i for i, p in enumerate(p for p in ir.params if p.is_tensor)}
     derived: dict[str, Derived] = {}
     memo: dict[int, Expr] = {}

@@ -3,12 +3,13 @@
 Triton's integer ``//`` and ``%`` truncate like C; the language floors like Python. Divisors are
 compile-time constants greater than 0, which the helpers rely on. ``tanh`` and ``pow`` are
 written with exp2/log2 so that they exist on every Triton version and in the interpreter.
+
+Only functions are defined here (no other module-level name): codegen/lower.py copies the
+helpers a pattern's hooks call, each function's text as it is, into the generated module.
 """
 
 import triton
 import triton.language as tl
-
-LOG2E = tl.constexpr(1.4426950408889634)
 
 
 @triton.jit
@@ -24,8 +25,9 @@ def floordiv(a, c):
 
 @triton.jit
 def tanh(x):
-    # 1 - 2 / (exp(2x) + 1): exact limits at +-inf, no overflow to NaN
-    return 1.0 - 2.0 / (tl.exp2(x * (2.0 * LOG2E)) + 1.0)
+    # 1 - 2 / (exp(2x) + 1): exact limits at +-inf, no overflow to NaN; 1.4426950408889634 is
+    # log2(e), so exp(2x) = exp2(x * 2 * log2(e))
+    return 1.0 - 2.0 / (tl.exp2(x * (2.0 * 1.4426950408889634)) + 1.0)
 
 
 @triton.jit

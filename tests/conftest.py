@@ -21,12 +21,30 @@ if not _cuda:
 
 import numpy as np
 import pytest
+from hypothesis import settings
 
 import attndsl
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples"
 PRELUDE = ROOT / "grammar" / "prelude.attn"
+
+# The test lane: "full" (``make test``, CI: every test, every property example) or "fast"
+# (``make test-fast``, the edit loop: ``-m "not slow"`` and fewer hypothesis examples).
+LANE = os.environ.get("ATTNDSL_TEST_LANE", "full")
+if LANE not in ("full", "fast"):
+    raise ValueError(f"ATTNDSL_TEST_LANE must be 'full' or 'fast', got {LANE!r}")
+# the profile sets the defaults of tests without their own max_examples; tests with their own
+# count pass it through examples()
+settings.register_profile("full", settings.get_profile("default"))
+settings.register_profile("fast", max_examples=20)
+settings.load_profile(LANE)
+
+
+def examples(n: int) -> int:
+    """``max_examples`` of a hypothesis test that runs ``n`` in the full lane: a sixth of them
+    (at least 10) in the fast lane."""
+    return n if LANE == "full" else max(10, n // 6)
 
 
 def example_files() -> list[pathlib.Path]:

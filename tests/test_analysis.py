@@ -80,7 +80,7 @@ def key_mask(pat, pieces, q_len, kv_len, heads=(0,), **tensors):
 
 
 def assert_exact_sets(pat, q_len=40, kv_len=40):
-    sets = api.row_sets(pat)
+    sets = api.row_sets(pat.bound())
     assert sets.exact
     dense = pat.dense_mask(q_len, kv_len)[0]
     assert (key_mask(pat, sets.lower, q_len, kv_len) == dense).all()
@@ -159,7 +159,7 @@ def test_not_equal_is_the_complement():
 @pytest.mark.parametrize("mask, params", [("k * k <= q", ""), ("doc[k] > 3", "doc: int[]"),
                                           ("q * k == 4", ""), ("float(k) < 2.5", "")])
 def test_unknown_atoms_are_empty_below_and_everything_above(mask, params):
-    sets = api.row_sets(compile_mask(mask, params))
+    sets = api.row_sets(compile_mask(mask, params).bound())
     assert not sets.exact
     assert sets.lower == ()
     assert sets.upper == ALL
@@ -168,10 +168,10 @@ def test_unknown_atoms_are_empty_below_and_everything_above(mask, params):
 def test_unknown_atoms_inside_and_or(no_refine):
     causal = compile_mask("causal").dense_mask(30, 30)[0]
     pat = compile_mask("causal and k * k <= q")
-    both = api.row_sets(pat)
+    both = api.row_sets(pat.bound())
     assert both.lower == () and (key_mask(pat, both.upper, 30, 30) == causal).all()
     pat = compile_mask("causal or k * k <= q")
-    either = api.row_sets(pat)
+    either = api.row_sets(pat.bound())
     assert not either.exact and (key_mask(pat, either.lower, 30, 30) == causal).all()
     assert either.upper == ALL
     for mask in ("causal and k * k <= q", "causal or k * k <= q", "not (causal and k * k <= q)"):
@@ -194,7 +194,7 @@ def test_overflowing_max_pieces_falls_back_soundly(no_refine):
     n = MAX_PIECES + 7
     mask = " or ".join(f"k == {2 * i}" for i in range(n))            # n disjoint single keys
     pat = compile_mask(mask)
-    sets = api.row_sets(pat)
+    sets = api.row_sets(pat.bound())
     assert not sets.exact
     assert len(sets.lower) <= MAX_PIECES and len(sets.upper) <= MAX_PIECES
     dense = pat.dense_mask(30, 2 * n + 5)[0]
@@ -204,7 +204,7 @@ def test_overflowing_max_pieces_falls_back_soundly(no_refine):
         assert_sound(pat.block_map(30, 2 * n + 5, block=block), brute(pat, 30, 2 * n + 5, block=block))
     # and below the budget the same union is exact
     pat = compile_mask(" or ".join(f"k == {2 * i}" for i in range(MAX_PIECES)))
-    assert api.row_sets(pat).exact
+    assert api.row_sets(pat.bound()).exact
 
 
 def test_small_budget_falls_back_soundly(monkeypatch, no_refine):
@@ -459,7 +459,7 @@ def test_documents_in_single_runs_are_exact(doc, q_len, block, no_refine):
     pat = compile_mask(PACKED, "doc: int[]")
     doc = np.array(doc)
     runs = frozenset({"doc"})
-    assert api.row_sets(pat, runs=runs).exact
+    assert api.row_sets(pat.bound(), runs=runs).exact
     bm = pat.block_map(q_len, 40, block=block, doc=doc)
     assert (bm == brute(pat, q_len, 40, block=block, doc=doc)).all()
     desc = pat.describe(q_len, 40, block=block, doc=doc)
@@ -480,7 +480,7 @@ def test_documents_repeating_in_two_runs_stay_sound(doc, block, no_refine):
     pat = compile_mask(PACKED, "doc: int[]")
     doc = np.array(doc)
     assert run_tensors("doc", doc) == {}
-    assert not api.row_sets(pat).exact
+    assert not api.row_sets(pat.bound()).exact
     bm = pat.block_map(40, 40, block=block, doc=doc)
     assert_sound(bm, brute(pat, 40, 40, block=block, doc=doc))
     assert pat.describe(40, 40, block=block, doc=doc).keys_of_head(0) is None
@@ -577,7 +577,7 @@ def test_examples_block_maps_are_sound(filename, name, no_refine):
         bm = pat.block_map(q_len, kv_len, heads=4, kv_heads=2, block=block, **inputs)
         ref = brute(pat, q_len, kv_len, heads=4, kv_heads=2, block=block, **inputs)
         assert_sound(bm, ref)
-        call = api.call_classes(pat, q_len, kv_len, 4, block, 2, inputs)
+        call = api.call_classes(pat.bound(), q_len, kv_len, 4, block, 2, inputs)
         if call.exact and all(c.sets.exact and not any(p.residue for p in c.sets.upper)
                               for c in call.classes):
             assert (bm == ref).all(), "exactly solved, yet the map differs from brute force"
@@ -642,7 +642,7 @@ def test_pieces_are_well_formed():
     """Row-set pieces are k-free IR (what descriptors hand to kernels)."""
     for mask in ["causal and (sinks(4) or sliding(64))", "dilated(8, 2) or band(3)",
                  "not (chunked(8) and k % 4 == 1)"]:
-        sets = api.row_sets(compile_mask(mask))
+        sets = api.row_sets(compile_mask(mask).bound())
         for p in sets.lower + sets.upper:
             assert isinstance(p, Piece)
             for e in (p.guard, p.lo, p.hi) + ((p.residue.offset,) if p.residue else ()):

@@ -26,6 +26,7 @@ import os
 
 import numpy as np
 import pytest
+from conftest import examples
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
@@ -39,6 +40,7 @@ from attndsl.ir import Op
 
 # CI runs a fixed, derandomized sample; ATTNDSL_PROPERTY_SCALE=N runs N times as many random examples
 # (a soak run: new seeds every time, to look for bugs rather than to gate a commit).
+# `make test-fast` runs a sixth of each count (conftest.examples).
 SCALE = max(1, int(os.environ.get("ATTNDSL_PROPERTY_SCALE", "1")))
 SETTINGS = dict(deadline=None, derandomize=SCALE == 1,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
@@ -98,7 +100,7 @@ def assert_sound(bm, ref, case) -> None:
 
 def classes_of(pat, case):
     """[(expr, heads, row sets, sub grid)] exactly as the analysis forms them."""
-    call = api.call_classes(pat, case.q_len, case.kv_len, case.heads, case.block, case.kv_heads,
+    call = api.call_classes(pat.bound(), case.q_len, case.kv_len, case.heads, case.block, case.kv_heads,
                             tensors_of(case))
     assert call.exact            # no score clause: the classes describe the mask itself
     return [(c.mask, c.heads, c.sets, c.grid) for c in call.classes]
@@ -350,7 +352,7 @@ def cases(draw, expr=None, allow_doc: bool = True):
 # ----------------------------------------------------------------------------- soundness
 
 
-@settings(max_examples=300 * SCALE, **SETTINGS)
+@settings(max_examples=examples(300) * SCALE, **SETTINGS)
 @given(cases())
 def test_block_map_sound_with_refinement(case):
     pat = case.pattern()
@@ -358,7 +360,7 @@ def test_block_map_sound_with_refinement(case):
     assert_sound(analysed(pat, case), ref, case)
 
 
-@settings(max_examples=500 * SCALE, **SETTINGS)
+@settings(max_examples=examples(500) * SCALE, **SETTINGS)
 @given(cases(), st.sampled_from([None, None, 4, 1]))
 def test_symbolic_analysis_sound(case, max_pieces):
     """Refinement off (and sometimes a tiny piece budget, to force the overflow fallbacks):
@@ -379,7 +381,7 @@ def test_symbolic_analysis_sound(case, max_pieces):
                 assert (bm[heads] == ref[heads]).all(), "exact solve, inexact map" + describe(case, bm, ref)
 
 
-@settings(max_examples=300 * SCALE, **SETTINGS)
+@settings(max_examples=examples(300) * SCALE, **SETTINGS)
 @given(cases())
 def test_tile_interval_analysis_sound(case):
     """classify_tiles alone (the pass block_map skips when the solve is exact)."""
@@ -403,13 +405,13 @@ def test_tile_interval_analysis_sound(case):
 
 def check_band_exact(case) -> None:
     pat = case.pattern()
-    assert api.row_sets(pat).exact, f"band-family pattern not solved exactly\n{case}"
+    assert api.row_sets(pat.bound()).exact, f"band-family pattern not solved exactly\n{case}"
     ref, _ = brute(pat, case)
     bm = analysed(pat, case)
     assert (bm == ref).all(), "band family: block map differs from brute force" + describe(case, bm, ref)
 
 
-@settings(max_examples=500 * SCALE, **SETTINGS)
+@settings(max_examples=examples(500) * SCALE, **SETTINGS)
 @given(cases(expr=band_expr(3), allow_doc=False))
 def test_band_family_exact(case):
     """Nested and/or/not/if combinations. The solver's piece budget (MAX_PIECES) is a
@@ -438,7 +440,7 @@ def three_atoms(draw) -> str:
     return outer.format(m=m, c=c)
 
 
-@settings(max_examples=500 * SCALE, **SETTINGS)
+@settings(max_examples=examples(500) * SCALE, **SETTINGS)
 @given(cases(expr=three_atoms(), allow_doc=False))
 def test_band_family_exact_default_budget(case):
     with patched(refine=0):
@@ -518,14 +520,14 @@ def check_description(pat, case, require_keys: bool) -> None:
             assert (rows == dense[h]).all(), f"key intervals differ from the mask at head {h}\n{case}"
 
 
-@settings(max_examples=300 * SCALE, **SETTINGS)
+@settings(max_examples=examples(300) * SCALE, **SETTINGS)
 @given(cases(expr=describable(), allow_doc=False))
 def test_descriptors_reproduce_mask(case):
     with patched(refine=0):
         check_description(case.pattern(), case, require_keys=True)
 
 
-@settings(max_examples=200 * SCALE, **SETTINGS)
+@settings(max_examples=examples(200) * SCALE, **SETTINGS)
 @given(cases())
 def test_descriptors_of_random_patterns(case):
     check_description(case.pattern(), case, require_keys=False)
@@ -550,7 +552,7 @@ RESIDUE_FAMILY = {
 }
 
 
-@settings(max_examples=150 * SCALE, **SETTINGS)
+@settings(max_examples=examples(150) * SCALE, **SETTINGS)
 @given(st.sampled_from(sorted(RESIDUE_FAMILY)), st.integers(0, 6), st.integers(2, 7),
        sizes(doc=False))
 def test_residue_descriptors(name, a, b, size):
@@ -615,7 +617,7 @@ def float_expr(draw, depth: int, doc: bool) -> str:
     return f"{kind}({a})"
 
 
-@settings(max_examples=400 * SCALE, **SETTINGS)
+@settings(max_examples=examples(400) * SCALE, **SETTINGS)
 @example(("float", "(float(q - k)) * (inf)"), (56, 56, 1, 1, (3, 5)), [0] * 56, [0.0] * 56)  # 0 * inf inside
 @given(st.one_of(int_expr(3, doc=True).map(lambda x: ("int", x)),
                  st.builds(lambda x: ("int", x), st.sampled_from(

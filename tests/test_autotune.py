@@ -5,18 +5,22 @@ present) and a fake timer; every candidate against the reference; the persistent
 from __future__ import annotations
 
 import json
+from functools import partial
 
 import numpy as np
 import pytest
 import torch
-from attndsl.codegen import autotune, kernel
+from attndsl.codegen import autotune, backend
+from attndsl.codegen.config import DEFAULT_CONFIG, Config
 
 import attndsl
+from attndsl.runtime import bind
 
 CUDA = torch.cuda.is_available()
 INTERPRET = not CUDA
 DEVICE = "cuda" if CUDA else "cpu"
-C = kernel.Config
+C = Config
+BACKEND = "triton" if CUDA else "triton-interpret"
 TINY = [C(16, 16), C(32, 16), C(16, 32), C(32, 32)]
 SLIDING = "pattern p(w = 9):\n    mask = causal and (sinks(2) or sliding(w))\n"
 DOCS = ("pattern d(doc: int[]):\n    mask = causal and doc[q] == doc[k]\n"
@@ -67,8 +71,15 @@ def never(config, fn, seconds):
 
 def _choose(pat, qkv, timer, configs=TINY, given=None, **kwargs):
     q, k, v = qkv
-    return autotune.choose_config(pat, q, k, v, 0.25, given or {}, INTERPRET, None, force=True,
+    call, data = bind(pat.bound(), q, k, v, False, 0.25, BACKEND, given or {})
+    prepare = partial(backend._runner, call, data, q, k, v)     # every launch of the call
+    return autotune.choose_config(call.pattern, q, k, v, prepare, INTERPRET, force=True,
                                   candidates=configs, timer=timer, **kwargs)
+
+
+def _forward(pat, q, k, v, given, config):
+    call, data = bind(pat.bound(), q, k, v, False, 0.25, BACKEND, given)
+    return backend.forward(call, data, q, k, v, config=config)
 
 
 def _stored() -> dict:
@@ -84,7 +95,7 @@ def test_every_candidate_configuration_matches_the_reference(src):
     ref, ref_lse = pat.reference(q.double().cpu().numpy(), k.double().cpu().numpy(),
                                  v.double().cpu().numpy(), scale=0.25, **given)
     for config in TINY:
-        out, lse = kernel.forward(pat, q, k, v, 0.25, given, INTERPRET, None, config=config)
+        out, lse = _forward(pat, q, k, v, given, config)
         out, lse = out.double().cpu().numpy(), lse.double().cpu().numpy()
         assert np.array_equal(np.isneginf(lse), np.isneginf(ref_lse)), config
         assert np.abs(out - ref).max() <= 2e-5 * (np.abs(ref).max() + 1), config
@@ -98,7 +109,7 @@ def test_the_tuned_configuration_serves_the_call_correctly():
     config = _choose(pat, qkv, FakeTimer({"32x16 w4 s1": 1.0}), given=given)
     assert config == C(32, 16)
     q, k, v = qkv
-    out = kernel.forward(pat, q, k, v, 0.25, given, INTERPRET, None, config=config)[0]
+    out = _forward(pat, q, k, v, given, config)[0]
     ref = pat.reference(*(x.double().cpu().numpy() for x in qkv), scale=0.25, **given)[0]
     assert np.abs(out.double().cpu().numpy() - ref).max() <= 2e-5 * (np.abs(ref).max() + 1)
 
@@ -107,11 +118,11 @@ def test_the_tuned_configuration_serves_the_call_correctly():
 def test_picks_the_fastest_by_the_timer_and_times_each_candidate_once():
     timer = FakeTimer({"16x32 w4 s1": 1.0, "32x32 w4 s1": 2.0})
     pat, qkv = _pattern(), _qkv()
-    assert autotune.lookup(pat, *qkv, INTERPRET, force=True) is None       # lookup never tunes
+    assert autotune.lookup(pat.bound(), *qkv, INTERPRET, force=True) is None       # lookup never tunes
     assert _choose(pat, qkv, timer) == C(16, 32)
     assert sorted(timer.seen) == sorted(autotune.label(c) for c in TINY)
     assert _choose(pat, qkv, never) == C(16, 32)          # in memory: no second tuning
-    entry = _stored()[autotune.tuning_key(pat, *qkv, INTERPRET)]
+    entry = _stored()[autotune.tuning_key(pat.bound(), *qkv, INTERPRET)]
     assert entry["config"] == {"block_m": 16, "block_n": 32, "num_warps": 4, "num_stages": 1}
     assert entry["ms"]["16x32 w4 s1"] == 1.0 and len(entry["ms"]) == 4 and entry["pattern"] == "p"
 
@@ -126,7 +137,7 @@ def test_results_are_written_and_read_back_in_a_new_process():
     path = autotune.store_path()
     assert path.is_file() and not any(p.name.startswith(".tmp-") for p in path.parent.iterdir())
     autotune.forget()                       # as a new process: only the file is left
-    assert autotune.lookup(pat, *qkv, INTERPRET, force=True) == C(32, 16)
+    assert autotune.lookup(pat.bound(), *qkv, INTERPRET, force=True) == C(32, 16)
     autotune.forget()
     assert _choose(pat, qkv, never) == C(32, 16)
     # the same key from a fresh compile of the same source
@@ -141,8 +152,8 @@ def test_writes_keep_entries_that_another_process_wrote():
                                                   "num_stages": 2}}
     autotune.store_path().write_text(json.dumps(data))
     _choose(pat, _qkv(q_len=100), FakeTimer())             # another key, tuned and written
-    assert {"someone-else", autotune.tuning_key(pat, *qkv, INTERPRET),
-            autotune.tuning_key(pat, *_qkv(q_len=100), INTERPRET)} <= set(_stored())
+    assert {"someone-else", autotune.tuning_key(pat.bound(), *qkv, INTERPRET),
+            autotune.tuning_key(pat.bound(), *_qkv(q_len=100), INTERPRET)} <= set(_stored())
 
 
 @pytest.mark.parametrize("text", ["{not json", "[1, 2]", '{"format": 99, "entries": {}}', "\udcff"],
@@ -156,7 +167,7 @@ def test_a_corrupt_cache_file_is_ignored_and_rewritten(text):
     pat, qkv = _pattern(), _qkv()
     timer = FakeTimer({"32x32 w4 s1": 1.0})
     assert _choose(pat, qkv, timer) == C(32, 32) and timer.seen
-    assert autotune.config_of(_stored()[autotune.tuning_key(pat, *qkv, INTERPRET)]) == C(32, 32)
+    assert autotune.config_of(_stored()[autotune.tuning_key(pat.bound(), *qkv, INTERPRET)]) == C(32, 32)
 
 
 @pytest.mark.parametrize("config", [{"block_m": "16"}, {"block_m": 16, "block_n": 16, "num_warps": 4},
@@ -164,7 +175,7 @@ def test_a_corrupt_cache_file_is_ignored_and_rewritten(text):
                                     None])
 def test_a_malformed_entry_is_tuned_again(config):
     pat, qkv = _pattern(), _qkv()
-    key = autotune.tuning_key(pat, *qkv, INTERPRET)
+    key = autotune.tuning_key(pat.bound(), *qkv, INTERPRET)
     autotune.store_path().write_text(json.dumps({"format": 1, "entries": {key: {"config": config}}}))
     timer = FakeTimer({"16x16 w4 s1": 9.0})
     assert _choose(pat, qkv, timer) == C(32, 16) and len(timer.seen) == 4
@@ -176,7 +187,7 @@ def test_a_failing_candidate_is_skipped():
                       fail={"32x32 w4 s1"})
     pat, qkv = _pattern(), _qkv()
     assert _choose(pat, qkv, timer, [C(24, 16), C(16, 16), C(32, 32)]) == C(16, 16)
-    entry = _stored()[autotune.tuning_key(pat, *qkv, INTERPRET)]
+    entry = _stored()[autotune.tuning_key(pat.bound(), *qkv, INTERPRET)]
     assert set(entry["ms"]) == {"16x16 w4 s1"}
     assert "power of 2" in entry["skipped"]["24x16 w4 s1"]
     assert "timer failed" in entry["skipped"]["32x32 w4 s1"]
@@ -191,7 +202,7 @@ def test_all_candidates_failing_is_a_clear_error():
 
 
 def test_a_candidate_whose_output_disagrees_is_skipped(monkeypatch):
-    prepare = autotune._prepare
+    prepare = backend._runner
 
     def wrong_for_32x32(*args):
         fn = prepare(*args)
@@ -203,27 +214,28 @@ def test_a_candidate_whose_output_disagrees_is_skipped(monkeypatch):
             return out + 0.5, lse
         return run
 
-    monkeypatch.setattr(autotune, "_prepare", wrong_for_32x32)
+    monkeypatch.setattr(backend, "_runner", wrong_for_32x32)
     timer = FakeTimer({"32x32 w4 s1": 0.1, "32x16 w4 s1": 1.0})
     pat, qkv = _pattern(), _qkv()
     with pytest.warns(RuntimeWarning, match="32x32 w4 s1 output disagrees with 16x16 w4 s1"):
         assert _choose(pat, qkv, timer) == C(32, 16)
-    entry = _stored()[autotune.tuning_key(pat, *qkv, INTERPRET)]
+    entry = _stored()[autotune.tuning_key(pat.bound(), *qkv, INTERPRET)]
     assert "disagrees with 16x16 w4 s1: out differs" in entry["skipped"]["32x32 w4 s1"]
 
 
-def test_the_launches_of_kernel_py_are_timed_where_it_has_them(monkeypatch):
-    # kernel.launches(...) -> (launches, finish): every launch of a call (gathered components)
+def test_every_launch_of_a_call_is_timed(monkeypatch):
+    # backend.prepare(...) -> (launches, finish): every launch of a call (gathered components)
     seen = []
+    real = backend.prepare
 
-    def launches(pattern, q, k, v, scale, given, interpret, grids, config):
+    def prepare(call, data, q, k, v, config):
         seen.append(config)
-        first = kernel.plan(pattern, q, k, v, scale, given, interpret, grids, config=config)
-        again = kernel.plan(pattern, q, k, v, scale, given, interpret, grids, config=config)
+        (first,), _ = real(call, data, q, k, v, config)
+        (again,), _ = real(call, data, q, k, v, config)
         return [first, again], lambda results: (results[0][0] + 0.5 * (config.block_m == 32),
                                                 results[1][1])
 
-    monkeypatch.setattr(kernel, "launches", launches, raising=False)
+    monkeypatch.setattr(backend, "prepare", prepare)
     timer = FakeTimer({"32x32 w4 s1": 0.1, "16x32 w4 s1": 1.0})
     with pytest.warns(RuntimeWarning, match="disagrees"):
         assert _choose(_pattern(), _qkv(), timer) == C(16, 32)    # 32-row tiles disagree
@@ -254,7 +266,7 @@ def test_the_deadline_stops_trying_once_one_candidate_is_timed():
     pat, qkv = _pattern(), _qkv()
     assert _choose(pat, qkv, timer, budget_s=1e-9) == TINY[0]
     assert timer.seen == ["16x16 w4 s1"]
-    skipped = _stored()[autotune.tuning_key(pat, *qkv, INTERPRET)]["skipped"]
+    skipped = _stored()[autotune.tuning_key(pat.bound(), *qkv, INTERPRET)]["skipped"]
     assert set(skipped) == {autotune.label(c) for c in TINY[1:]}
 
 
@@ -262,7 +274,7 @@ def test_the_default_timer_measures_something(monkeypatch):
     monkeypatch.setattr(autotune, "DEADLINE_FACTOR", 1e6)      # first calls may be slow here
     pat, qkv = _pattern(), _qkv()
     config = _choose(pat, qkv, None, TINY[:2], budget_s=0.05)
-    ms = _stored()[autotune.tuning_key(pat, *qkv, INTERPRET)]["ms"]
+    ms = _stored()[autotune.tuning_key(pat.bound(), *qkv, INTERPRET)]["ms"]
     assert config in TINY[:2] and len(ms) == 2 and all(t > 0 for t in ms.values())
     assert ms[autotune.label(config)] == min(ms.values())
 
@@ -271,8 +283,8 @@ def test_the_default_timer_measures_something(monkeypatch):
 def test_autotune_off_gives_the_default_configuration(monkeypatch):
     monkeypatch.setenv("ATTNDSL_AUTOTUNE", "0")
     pat, qkv = _pattern(), _qkv()
-    assert _choose(pat, qkv, never) == kernel.DEFAULT_CONFIG
-    assert autotune.lookup(pat, *qkv, INTERPRET) == kernel.DEFAULT_CONFIG
+    assert _choose(pat, qkv, never) == DEFAULT_CONFIG
+    assert autotune.lookup(pat.bound(), *qkv, INTERPRET) == DEFAULT_CONFIG
     assert not autotune.store_path().exists()
     monkeypatch.setenv("ATTNDSL_AUTOTUNE", "maybe")
     with pytest.raises(attndsl.AttnCallError, match="ATTNDSL_AUTOTUNE must be 0"):
@@ -290,14 +302,14 @@ def test_the_interpreter_and_the_cpu_are_not_tuned_unless_forced():
     pat = _pattern()
     q, k, v = (x.cpu() for x in _qkv())
     for interpret in (True, False):
-        assert autotune.choose_config(pat, q, k, v, 0.25, {}, interpret, None, candidates=TINY,
-                                      timer=never) == kernel.DEFAULT_CONFIG
-        assert autotune.lookup(pat, q, k, v, interpret) == kernel.DEFAULT_CONFIG
+        assert autotune.choose_config(pat.bound(), q, k, v, lambda config: never, interpret,
+                                      candidates=TINY, timer=never) == DEFAULT_CONFIG
+        assert autotune.lookup(pat.bound(), q, k, v, interpret) == DEFAULT_CONFIG
     assert not autotune.store_path().exists()
 
 
 def test_empty_calls_are_not_tuned():
-    assert _choose(_pattern(), _qkv(q_len=0), never) == kernel.DEFAULT_CONFIG
+    assert _choose(_pattern(), _qkv(q_len=0), never) == DEFAULT_CONFIG
 
 
 # ----------------------------------------------------------------------------------- keys
@@ -305,7 +317,7 @@ def test_the_key_follows_buckets_dtype_shapes_and_parameter_values():
     pat = _pattern()
 
     def key(p=pat, **kw):
-        return autotune.tuning_key(p, *_qkv(**kw), INTERPRET)
+        return autotune.tuning_key(p.bound(), *_qkv(**kw), INTERPRET)
 
     base = key()
     assert key(q_len=33, kv_len=64) == base == key(p=_pattern(w=9))   # one bucket, same values
@@ -329,7 +341,7 @@ def test_candidates_fit_the_shared_memory_and_start_with_the_prior(q_len, d, dv,
     found = autotune.candidates(q_len, 8192, d, dv, dtype, cap, limit)
     elem = torch.empty((), dtype=dtype).element_size()
     assert 2 <= len(found) <= autotune.MAX_CANDIDATES + 1 and len(set(found)) == len(found)
-    assert found[-1] == kernel.DEFAULT_CONFIG
+    assert found[-1] == DEFAULT_CONFIG
     for c in found[:-1]:
         assert autotune.shared_memory_estimate(c, d, dv, elem) <= limit, c
         assert c.block_m >= 16 and c.block_n >= 32 and (cap >= (8, 0) or c.num_stages <= 2)
@@ -344,4 +356,4 @@ def test_candidates_prefer_large_half_precision_tiles_and_prune_wide_heads():
     narrow = autotune.candidates(8192, 8192, 256, 256, torch.bfloat16, (8, 6), 99 * 1024)
     assert all(c.block_m <= 64 for c in narrow)
     tiny = autotune.candidates(8192, 8192, 128, 128, torch.bfloat16, (9, 0), 1024)
-    assert tiny == [kernel.DEFAULT_CONFIG]
+    assert tiny == [DEFAULT_CONFIG]

@@ -68,6 +68,12 @@ def test_emit_writes_no_user_identifier(tmp_path, capsys):
     assert main(["emit", path]) == 0
     header, body = capsys.readouterr().out.split("\n", 1)
     assert header.startswith("# pattern p(tl=3, torch=2, acc=1, BLOCK_M=4, doc: int[])")
+    # the module is what the IR generated (helpers, hooks), then the fixed kernel skeleton,
+    # which is the same text for every pattern (its own names, BLOCK_M among them, are not ours)
+    from attndsl.codegen.emit import SKELETON_MARKER, skeleton_text
+
+    body, skeleton = body.split(SKELETON_MARKER)
+    assert skeleton.strip("\n") == skeleton_text().strip("\n")
     names = _names(body)
     used = {n for n, _ in names}
     assert not used & {"torch", "acc", "BLOCK_M", "doc", "p"}
@@ -143,7 +149,7 @@ def test_generated_file_fails_against_a_sabotaged_backend(tmp_path):
     out = gen / "test_generated_local.py"
     assert main(["testgen", src, "-o", str(out)]) == 0
     (gen / "conftest.py").write_text(
-        "import attndsl.codegen.kernel as kernel\n\n"
+        "import attndsl.codegen.backend as kernel\n\n"
         "_forward = kernel.forward\n\n\n"
         "def _sabotaged(*args, **kwargs):\n"
         "    out, lse = _forward(*args, **kwargs)\n"

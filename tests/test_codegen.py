@@ -103,10 +103,8 @@ def test_user_identifiers_never_reach_the_source():
     src = ("pattern p(tl = 3, torch = 2, acc = 1, BLOCK_M = 4, doc: int[]):\n"
            "    mask = causal and q - k < tl + torch + acc + BLOCK_M and doc[q] == doc[k]\n")
     pat = attndsl.compile(src)["p"]
-    from attndsl.codegen.kernel import module_source
-
-    text = module_source(pat)
-    hook = text[text.index("def mask_hook"):]
+    text = pat.triton_source()
+    hook = text[text.index("def mask_hook"):text.index("the kernel skeleton")]
     for name in ("torch", "acc", "BLOCK_M", "doc"):
         assert name not in hook
     _check(pat, 1, 2, 2, 30, 30, 16)
@@ -120,11 +118,10 @@ def test_every_op_has_a_lowering_rule():
 
 def test_cache_writes_real_files_and_regenerates_corrupt_entries(tmp_path, monkeypatch):
     from attndsl.codegen import cache
-    from attndsl.codegen.kernel import module_source
 
     monkeypatch.setenv("ATTNDSL_CACHE_DIR", str(tmp_path))
     pat = attndsl.compile("pattern p:\n    mask = causal\n")["p"]
-    body = module_source(pat)
+    body = pat.triton_source()
     interpret = not CUDA
     module = cache.load_module(body, interpret)
     path = tmp_path / (module.__name__ + ".py")
@@ -134,6 +131,7 @@ def test_cache_writes_real_files_and_regenerates_corrupt_entries(tmp_path, monke
     cache._LOADED.pop(str(path))
     again = cache.load_module(body, interpret)
     assert path.read_text().endswith(body) and hasattr(again, "mask_hook")
+    assert hasattr(again, "attn_fwd")           # the whole kernel is in the module
     assert not any(p.name.startswith(".tmp-") for p in tmp_path.iterdir())
 
 

@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 from attndsl.codegen import aot
 from attndsl.codegen.aot_runner import SHARED_LIMITS
-from attndsl.codegen.kernel import Config
+from attndsl.codegen.config import Config
 from conftest import EXAMPLES, ROOT
 
 import attndsl
@@ -106,6 +106,8 @@ def triton_cache(tmp_path_factory):
         yield
 
 
+# one batch of every compile below (~40 s on 2 cores): the tests that read it are marked slow; the
+# CLI tests at the end compile one pattern each and stay in the fast lane
 @pytest.fixture(scope="module")
 def current(triton_cache, tmp_path_factory):
     """Reports of every case with this environment's Triton, plus the two negative controls."""
@@ -133,6 +135,7 @@ def _tensor_cores(r) -> bool:
         r["mma"])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(PATTERNS))
 def test_every_example_compiles_for_sm90_bf16_on_tensor_cores(current, name):
     reports = current[("sm90-bf16-d128", name)]
@@ -142,6 +145,7 @@ def test_every_example_compiles_for_sm90_bf16_on_tensor_cores(current, name):
         assert r["registers"] and r["spill_stores"] is not None and r["shared_bytes"] > 0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("label", [c[0] for c in CASES[1:]])
 def test_sampled_targets_dtypes_and_head_dims_compile(current, label):
     names = next(c[5] for c in CASES if c[0] == label)
@@ -155,6 +159,7 @@ def test_sampled_targets_dtypes_and_head_dims_compile(current, label):
                 assert _tensor_cores(r), r
 
 
+@pytest.mark.slow
 def test_operand_offsets_are_int64(current):
     """``Q + b * sqb + ...``: int32 products would wrap around for 2**31 elements or more."""
     (r,) = current[("sm90-bf16-d128", SAMPLE[0])]
@@ -163,6 +168,7 @@ def test_operand_offsets_are_int64(current):
     assert {bits for _, bits in adds} == {"i64"}, adds
 
 
+@pytest.mark.slow
 def test_a_broken_hook_is_reported_with_its_source(current):
     (r,) = current[("broken", SAMPLE[0])]
     assert not r["ok"]
@@ -170,12 +176,14 @@ def test_a_broken_hook_is_reported_with_its_source(current):
     assert "called from _tile" in r["error"]
 
 
+@pytest.mark.slow
 def test_tiles_that_need_more_shared_memory_than_the_target_fail(current):
     (r,) = current[("big-tiles", "causal:causal_lm")]
     assert not r["ok"] and r["shared_bytes"] > SHARED_LIMITS[80]
     assert "OutOfResources" in r["error"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", SELECTORS)
 def test_selector_tables_leave_room_for_large_pipelined_tiles(current, name):
     """128 x 64 tiles, 3 stages: the selector tables' tile-sized gathers are staged in shared
@@ -209,6 +217,7 @@ def test_the_runner_needs_only_triton():
                         "warnings", "triton"}, imported
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not TRITON36.exists(), reason=f"no Triton 3.6 environment at {TRITON36} "
                                                   "(`make triton36` creates it)")
 def test_every_example_compiles_with_triton_3_6(triton_cache):

@@ -38,6 +38,7 @@ from dataclasses import dataclass
 import numpy as np
 import pytest
 import torch
+from conftest import examples
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
@@ -53,7 +54,7 @@ DERANDOMIZE = SCALE == 1
 
 
 def _settings(n: int):
-    return settings(max_examples=n * SCALE, deadline=None, derandomize=DERANDOMIZE,
+    return settings(max_examples=examples(n) * SCALE, deadline=None, derandomize=DERANDOMIZE,
                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
                                            HealthCheck.filter_too_much])
 

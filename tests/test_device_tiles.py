@@ -5,11 +5,14 @@ reference. Triton's interpreter on CPU tensors (natively where a GPU is present)
 from __future__ import annotations
 
 from dataclasses import replace
+from unittest import mock
 
 import numpy as np
 import pytest
 import torch
 from attndsl.codegen import kernel
+from attndsl.codegen import plan as planning
+from attndsl.codegen.config import Config
 from attndsl.codegen.device_tiles import candidates, device_tiles, tile_classes
 from conftest import EXAMPLES, mask_pattern
 
@@ -19,10 +22,11 @@ from attndsl.blocks import block_map_by_tiles
 from attndsl.inputs import tensor_inputs
 from attndsl.ir import DATA_SELECTOR_OPS, Op
 from attndsl.program import Pattern
+from attndsl.runtime import launches
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
-MAPS = kernel.Config(block_m=16, block_n=16)
+MAPS = Config(block_m=16, block_n=16)
 
 
 @pytest.fixture(autouse=True)
@@ -70,7 +74,7 @@ def _classes_of(tiles, n_kt: int) -> np.ndarray:
 def _maps(pat, batch, heads, kv_heads, q_len, kv_len, given, config=MAPS):
     """(device, host, oracle) block maps [B, H, nQT, nKT] of a call."""
     q, k, _v = _qk(batch, heads, kv_heads, q_len, kv_len)
-    tiles = device_tiles(pat, q.to(DEVICE), k.to(DEVICE), _on_device(given), config, not CUDA)
+    tiles = device_tiles(pat.bound(), q.to(DEVICE), k.to(DEVICE), _on_device(given), config, not CUDA)
     dev = _classes_of(tiles, -(-kv_len // config.block_n))
     dev = np.broadcast_to(dev, (batch,) + dev.shape[1:])
     per = tensor_inputs(pat.ir, given, batch)
@@ -97,10 +101,9 @@ def _run(pat, batch, heads, kv_heads, q_len, kv_len, given, config, tol=2e-5, se
     """The kernel on device-built tables against the float64 reference."""
     q, k, v = _qk(batch, heads, kv_heads, q_len, kv_len, seed=seed)
     qd, kd, vd = q.to(DEVICE), k.to(DEVICE), v.to(DEVICE)
-    tiles = device_tiles(pat, qd, kd, _on_device(given), config, not CUDA)
-    assert tiles is not None
-    launch = kernel.plan(pat, qd, kd, vd, 0.25, _on_device(given), not CUDA, config=config,
-                         tiles=tiles)
+    assert device_tiles(pat.bound(), qd, kd, _on_device(given), config, not CUDA) is not None
+    with mock.patch.object(planning, "on_device", lambda call: True):   # also on the CPU
+        (launch,), _ = launches(pat.bound(), qd, kd, vd, 0.25, _on_device(given), config=config)
     out, lse = kernel.run(launch, not CUDA)
     ref, ref_lse = pat.reference(q.double().numpy(), k.double().numpy(), v.double().numpy(),
                                  scale=0.25, **given)
@@ -155,7 +158,7 @@ def test_per_head_tensors():
     dev = _exact(pat, 1, 3, 1, 40, 40, {"seg": seg, "win": win})
     assert len({dev[0, h].tobytes() for h in range(3)}) == 3
     q, k, _v = _qk(1, 3, 1, 40, 40)
-    assert tile_classes(pat, q, k, _on_device({"seg": seg, "win": win}), MAPS, not CUDA).shape[1] == 3
+    assert tile_classes(pat.bound(), q, k, _on_device({"seg": seg, "win": win}), MAPS, not CUDA).shape[1] == 3
 
 
 def test_score_clauses_that_forbid_pairs():
@@ -185,7 +188,7 @@ def test_float_tensor_holding_minus_inf_is_tested_per_pair():
 
 def test_candidates_are_a_tensor_free_superset():
     pat = attndsl.compile(PACKED)["p"]
-    cand = candidates(pat, 45, 45, 1, 1, MAPS.block)
+    cand = candidates(pat.bound(), 45, 45, 1, 1, MAPS.block)
     assert np.array_equal(cand[0], np.tril(np.ones((3, 3), dtype=bool)))  # causal tiles only
     rng = np.random.default_rng(7)
     for _ in range(5):
@@ -225,23 +228,24 @@ def test_relaxed_mask_drops_selectors_under_negation():
 def test_patterns_left_to_the_host_path():
     q, k, _v = _qk(1, 2, 2, 20, 20)
     causal = attndsl.compile("pattern p:\n    mask = causal\n")["p"]
-    assert device_tiles(causal, q, k, {}, MAPS, not CUDA) is None
+    assert device_tiles(causal.bound(), q, k, {}, MAPS, not CUDA) is None
     routing = attndsl.load(EXAMPLES / "routing.attn")["routing"]
     cents = torch.randn(2, 4, 16)
-    assert device_tiles(routing, q, k, {"c": cents}, MAPS, not CUDA) is None
+    assert device_tiles(routing.bound(), q, k, {"c": cents}, MAPS, not CUDA) is None
     mixed = mask_pattern("doc[q] == doc[k] and (causal or random_blocks(1, 4))", "doc: int[]")
-    assert device_tiles(mixed, q, k, {"doc": torch.zeros(20, dtype=torch.int64)}, MAPS, not CUDA) is None
+    doc = {"doc": torch.zeros(20, dtype=torch.int64)}
+    assert device_tiles(mixed.bound(), q, k, doc, MAPS, not CUDA) is None
 
 
 def test_a_batch_dimension_must_match_the_call():
     pat = attndsl.compile(PACKED)["p"]
     q, k, _v = _qk(2, 1, 1, 20, 20)
     with pytest.raises(attndsl.AttnCallError, match="batch dimension of size 3"):
-        device_tiles(pat, q, k, {"doc": np.zeros((3, 20), dtype=np.int64)}, MAPS, not CUDA)
+        device_tiles(pat.bound(), q, k, {"doc": np.zeros((3, 20), dtype=np.int64)}, MAPS, not CUDA)
 
 
 def test_kernel_on_device_tables_matches_the_reference():
-    config = kernel.Config(block_m=16, block_n=16)
+    config = Config(block_m=16, block_n=16)
     pat = attndsl.compile(PACKED)["p"]
     doc = np.stack([_docs([11, 20, 6]), _docs([2, 35])])
     _run(pat, 2, 2, 1, 37, 37, {"doc": doc}, config)                       # per batch element
@@ -257,8 +261,8 @@ def test_kernel_on_device_tables_matches_the_reference():
 def test_device_tables_are_reused_per_call_size():
     pat = attndsl.compile(PACKED)["p"]
     q, k, _v = _qk(1, 1, 1, 30, 30)
-    a = device_tiles(pat, q, k, {"doc": torch.as_tensor(_docs([16, 14]))}, MAPS, not CUDA)
-    b = device_tiles(pat, q, k, {"doc": torch.zeros(30, dtype=torch.int64)}, MAPS, not CUDA)
+    a = device_tiles(pat.bound(), q, k, {"doc": torch.as_tensor(_docs([16, 14]))}, MAPS, not CUDA)
+    b = device_tiles(pat.bound(), q, k, {"doc": torch.zeros(30, dtype=torch.int64)}, MAPS, not CUDA)
     assert a.groups is b.groups                     # the static part is cached, not uploaded again
     # the classes are not: tile (1, 0) lies between two documents, then inside one
     assert _classes_of(a, 2)[0, 0, 1, 0] == 0 and _classes_of(b, 2)[0, 0, 1, 0] == 2

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 from attndsl.codegen import gather, kernel
+from attndsl.codegen.config import DEFAULT_CONFIG
 from conftest import EXAMPLES
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -23,6 +24,11 @@ BLOCK = (8, 8)
 @pytest.fixture(autouse=True)
 def _kernel_cache(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("ATTNDSL_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "kernels"))
+
+
+def _api(bound) -> attndsl.Pattern:
+    """The user-facing Pattern of a component's BoundPattern (for its dense mask, description)."""
+    return attndsl.Pattern(bound.ir, bound.source, dict(bound.values))
 
 
 def _pattern(src: str, **values):
@@ -42,7 +48,7 @@ def _covered(comp, q_len, kv_len, heads):
     """bool [H, q_len, kv_len] pairs inside the listed tiles of a component, and the pairs of its
     full tiles (original coordinates)."""
     if not comp.gathered:
-        tiles = comp.pattern.describe(q_len, kv_len, heads, BLOCK).tiles
+        tiles = _api(comp.pattern).describe(q_len, kv_len, heads, BLOCK).tiles
         listed = np.zeros((heads, q_len, kv_len), bool)
         full = np.zeros_like(listed)
         bq, bk = BLOCK
@@ -78,12 +84,12 @@ def _covered(comp, q_len, kv_len, heads):
 def test_components_partition_the_mask_and_their_tiles_cover_it(src, q_len, kv_len):
     pat = _pattern(src)
     heads = 2
-    parts = gather.components(pat, q_len, kv_len, heads, 1, BLOCK)
+    parts = gather.components(pat.bound(), q_len, kv_len, heads, 1, BLOCK)
     assert parts is not None and any(p.gathered for p in parts)
     whole = pat.dense_mask(q_len, kv_len, heads).astype(bool)
     union = np.zeros_like(whole)
     for comp in parts:
-        own = comp.pattern.dense_mask(q_len, kv_len, heads).astype(bool)
+        own = _api(comp.pattern).dense_mask(q_len, kv_len, heads).astype(bool)
         assert not (own & union).any(), "components overlap"
         union |= own
         listed, full = _covered(comp, q_len, kv_len, heads)
@@ -98,12 +104,12 @@ def test_components_partition_the_mask_and_their_tiles_cover_it(src, q_len, kv_l
 def test_row_interval_tiles_agree_with_the_derived_analysis(src, q_len, kv_len):
     """The fast tile classes (per-row intervals) are never coarser than the analysis of the
     derived pattern, and equal to them when every group has every row."""
-    for comp in gather.components(_pattern(src), q_len, kv_len, 2, 1, BLOCK):
+    for comp in gather.components(_pattern(src).bound(), q_len, kv_len, 2, 1, BLOCK):
         if not comp.gathered:
             continue
         fast = gather._fast_block_map(comp, BLOCK)
         d_q, d_kv = comp.derived_sizes
-        slow = comp.derived.describe(d_q, d_kv, len(comp.groups), BLOCK, 1).block_map
+        slow = _api(comp.derived).describe(d_q, d_kv, len(comp.groups), BLOCK, 1).block_map
         assert fast is not None and fast.shape == slow.shape
         assert (fast <= slow).all()
         if all(g[1] == d_q for g in comp.groups):
@@ -111,29 +117,29 @@ def test_row_interval_tiles_agree_with_the_derived_analysis(src, q_len, kv_len):
 
 
 def test_what_is_gathered():
-    dilated = gather.components(_pattern(DILATED), 40, 40, 2, 2, BLOCK)
+    dilated = gather.components(_pattern(DILATED).bound(), 40, 40, 2, 2, BLOCK)
     assert [(c.gathered, c.step_q, c.step_k, len(c.groups)) for c in dilated] == [(True, 3, 3, 3)]
-    strided = gather.components(_pattern(STRIDED), 40, 40, 2, 2, BLOCK)
+    strided = gather.components(_pattern(STRIDED).bound(), 40, 40, 2, 2, BLOCK)
     assert [(c.gathered, c.step_q, c.step_k) for c in strided] == [(False, 1, 1), (True, 5, 5)]
-    column = gather.components(_pattern(COLUMN), 40, 40, 2, 2, BLOCK)
+    column = gather.components(_pattern(COLUMN).bound(), 40, 40, 2, 2, BLOCK)
     assert [(c.gathered, c.step_q, c.step_k) for c in column] == [(False, 1, 1), (True, 1, 6)]
     assert column[1].groups == ((0, 40, 5, 6),)       # keys 5, 11, ..., 35 (six) for every query
-    fixed = gather.components(_pattern(FIXED), 40, 40, 2, 2, BLOCK)
+    fixed = gather.components(_pattern(FIXED).bound(), 40, 40, 2, 2, BLOCK)
     assert [(c.gathered, c.step_q, c.step_k, c.run_k) for c in fixed] == [(False, 1, 1, 1), (True, 1, 8, 3)]
     assert fixed[1].groups == ((0, 40, 5, 15),)        # keys 5-7, 13-15, ..., 37-39
-    runs = gather.components(_pattern(RUNS), 40, 40, 2, 2, BLOCK)
+    runs = gather.components(_pattern(RUNS).bound(), 40, 40, 2, 2, BLOCK)
     assert [(c.gathered, c.step_q, c.step_k, c.run_k) for c in runs] == [(True, 6, 6, 2)]
     causal = _pattern("pattern p():\n    mask = causal\n")
-    assert gather.components(causal, 40, 40, 2, 2, BLOCK) is None
+    assert gather.components(causal.bound(), 40, 40, 2, 2, BLOCK) is None
     randoms = _pattern("pattern p():\n    mask = strided(5) or random_blocks(1, 4, 0)\n")
-    assert gather.components(randoms, 40, 40, 2, 2, BLOCK) is None    # its pieces read tables
+    assert gather.components(randoms.bound(), 40, 40, 2, 2, BLOCK) is None    # its pieces read tables
     docs = attndsl.load(EXAMPLES / "packed_documents.attn")["packed"]
-    assert gather.components(docs, 40, 40, 2, 2, BLOCK) is None       # tensor inputs: tile lists
+    assert gather.components(docs.bound(), 40, 40, 2, 2, BLOCK) is None       # tensor inputs: tile lists
 
 
 def test_gathers_can_be_turned_off(monkeypatch):
     monkeypatch.setenv("ATTNDSL_GATHER", "0")
-    assert gather.components(_pattern(DILATED), 40, 40, 2, 2, BLOCK) is None
+    assert gather.components(_pattern(DILATED).bound(), 40, 40, 2, 2, BLOCK) is None
 
 
 def test_merge_of_disjoint_parts_is_the_softmax_of_their_union():
@@ -192,7 +198,7 @@ def test_residue_patterns_with_random_blocks_run_on_tile_lists():
 def test_gathered_kernels_in_bfloat16_with_a_score_clause():
     pat = _pattern("pattern p(w = 6, d = 3):\n    mask = dilated(w, d)\n"
                    "    score = score - 0.05 * float(q - k)\n")
-    assert gather.components(pat, 40, 40, 2, 1, kernel.DEFAULT_CONFIG.block) is not None
+    assert gather.components(pat.bound(), 40, 40, 2, 1, DEFAULT_CONFIG.block) is not None
     _check(pat, 40, 40, dtype=torch.bfloat16, tol=3e-2)
 
 
@@ -206,7 +212,7 @@ def test_random_residue_patterns_match_the_reference(d, c, w, kv_len, short, ban
     src = (f"pattern p():\n    mask = causal and ((q - k + {c}) % {d} == 0 and q - k < {w * d}"
            + (f" or q - k < {w})\n" if band else ")\n"))
     pat = _pattern(src)
-    parts = gather.components(pat, q_len, kv_len, 2, 1, kernel.DEFAULT_CONFIG.block)
+    parts = gather.components(pat.bound(), q_len, kv_len, 2, 1, DEFAULT_CONFIG.block)
     assert parts is not None and parts[-1].gathered
     _check(pat, q_len, kv_len)
 
@@ -225,13 +231,13 @@ def test_random_residue_patterns_partition_and_cover(d, c, w, extra, outer, kv_l
     src = (f"pattern p():\n    mask = {outer}((q - k + {c}) % {d} == 0 and q - k < {w * d}"
            + extra.format(w=w, c=c, d=d) + ")\n")
     pat = _pattern(src)
-    parts = gather.components(pat, q_len, kv_len, 2, 1, BLOCK)
+    parts = gather.components(pat.bound(), q_len, kv_len, 2, 1, BLOCK)
     if parts is None:
         return
     whole = pat.dense_mask(q_len, kv_len, 2).astype(bool)
     union = np.zeros_like(whole)
     for comp in parts:
-        own = comp.pattern.dense_mask(q_len, kv_len, 2).astype(bool)
+        own = _api(comp.pattern).dense_mask(q_len, kv_len, 2).astype(bool)
         assert not (own & union).any()
         union |= own
         listed, full = _covered(comp, q_len, kv_len, 2)

@@ -123,14 +123,15 @@ def test_lengths_beyond_the_supported_maximum_are_rejected():
 def test_the_grid_stays_within_what_a_gpu_launches():
     """Batch x heads on grid axis 1 would stop at 65535; they share axis 0 with the query
     tiles (2**31 - 1 programs), and a call beyond that is an AttnError before any launch."""
-    from attndsl.codegen import kernel
+    from attndsl.codegen.config import launch_grid
+
+    from attndsl.runtime import launches
 
     q = torch.zeros(70000, 1, 1, 16)                    # 70000 x 1 heads: axis 1 could not
-    planned, _ = kernel.launches(PROG["window"], q, q, q, 0.25, {}, True, None,
-                                 kernel.DEFAULT_CONFIG)
+    planned, _ = launches(PROG["window"].bound(), q, q, q, 0.25)
     assert [launch.grid for launch in planned] == [(70000, 1, 1)]
-    assert kernel.launch_grid(3, 5, 2) == (15, 2, 1)
+    assert launch_grid(3, 5, 2) == (15, 2, 1)
     with pytest.raises(attndsl.AttnError, match="'q' and 'k'"):
-        kernel.launch_grid(2 ** 20, 2 ** 12, 1)
+        launch_grid(2 ** 20, 2 ** 12, 1)
     with pytest.raises(attndsl.AttnError, match="residue groups"):
-        kernel.launch_grid(1, 1, 70000)
+        launch_grid(1, 1, 70000)

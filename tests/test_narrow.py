@@ -7,9 +7,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from attndsl.codegen import aot, kernel, narrow
+from attndsl.codegen import aot, narrow
+from attndsl.codegen import plan as planning
 
 import attndsl
+from attndsl.runtime import launches
 
 
 @pytest.fixture(autouse=True)
@@ -20,8 +22,7 @@ def _kernel_cache(tmp_path_factory, monkeypatch):
 def _hook(pat, q_len, kv_len, given=None) -> str:
     q = torch.zeros(1, 2, q_len, 16)
     k = torch.zeros(1, 2, kv_len, 16)
-    grids = pat.grids((1, 2, 2, q_len, kv_len), q.double().numpy(), k.double().numpy(), 0.25, given or {})
-    launch = kernel.plan(pat, q, k, k, 0.25, given or {}, interpret=True, grids=grids)
+    (launch,), _ = launches(pat.bound(), q, k, k, 0.25, given)
     return launch.constants["MASK_FN"].fn.__name__
 
 
@@ -55,12 +56,14 @@ def _run(pat, q_len, kv_len):
     return np.abs(out - ref).max()
 
 
+@pytest.mark.slow                   # two interpreted calls at 30000 keys (~7 s)
 def test_the_proof_is_what_keeps_results_right(monkeypatch):
     """At 30000 keys, k * 100000 overflows int32: the call runs the int64 hooks and matches the
     reference; forcing the int32 hooks gives a different answer (so the proof matters)."""
     src = "pattern p():\n    mask = (k * 100000) % 7 < 3\n"
     assert _run(attndsl.compile(src)["p"], 1, 30000) < 1e-5
-    monkeypatch.setattr(kernel, "fits_int32", lambda *a, **k: True)
+    monkeypatch.setattr(planning, "fits_int32", lambda *a, **k: True)
+    attndsl.caches.clear()              # the plan of this call is kept: make it again
     assert _run(attndsl.compile(src)["p"], 1, 30000) > 1e-3
 
 

@@ -260,14 +260,13 @@ def test_full_tiles_read_values_at_allowed_keys_only():
 def test_the_redo_launch_leaves_unflagged_programs_alone_and_redoes_flagged_ones():
     """On a GPU the SAFE_V launch always runs (its programs read one flag); under the
     interpreter only when a flag is set: both ways give the first launch's result."""
-    from attndsl.codegen import cache, kernel
+    from attndsl.runtime import launches
 
     pat = PROG["window"]
     q, k, v = operands(q_len=70, kv_len=70)
-    grids = pat.grids((1, 2, 1, 70, 70), None, None, 0.25, {})
-    (launch,), _ = kernel.launches(pat, q, k, v, 0.25, {}, True, grids, kernel.DEFAULT_CONFIG)
+    (launch,), _ = launches(pat.bound(), q, k, v, 0.25)
     out, lse, redo = launch.args[3], launch.args[4], launch.args[5]
-    fn = cache.skeleton(True).attn_fwd[launch.grid]
+    fn = launch.kernel[launch.grid]
     fn(*launch.args, **launch.constants, **launch.options)
     assert not redo.any()
     first = out.clone(), lse.clone()

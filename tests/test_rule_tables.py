@@ -1,5 +1,7 @@
 """The per-op tables stay complete: every IR op has an interpreter rule, a printer rule that
-round-trips, and the torch namespace offers every function the rules call.
+round-trips, and the torch namespace offers every function the rules call; the example node
+of each op follows its signature in the registry, and the checker's typing rule rebuilds it.
+(tests/test_op_registry.py checks that every pass has exactly one rule per op.)
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ import pytest
 
 import attndsl
 from attndsl import interp, printer
+from attndsl.checker import TYPING, Checker
 from attndsl.constants import CONSTANT_OPS
 from attndsl.ir import (
     BUILTIN_LEAVES,
@@ -22,6 +25,7 @@ from attndsl.ir import (
     TensorType,
     Type,
 )
+from attndsl.ops import ANY, ELEM_TYPE, NUM, OPS, PARAM_TYPE, VALUE_TYPE
 from attndsl.torch_backend import TorchOps
 
 Ti, Tf, Tb = Type.INT, Type.FLOAT, Type.BOOL
@@ -155,3 +159,33 @@ def test_printer_output_depends_only_on_the_ir():
     assert a["p"].ir == b["p"].ir
     assert str(a["p"]) == str(b["p"])
     assert "#" not in str(a["p"]) and "let" not in str(a["p"])
+
+
+@pytest.mark.parametrize("op", list(Op), ids=lambda o: o.name)
+def test_every_example_follows_its_signature_in_the_registry(op):
+    node, info = one_node(op), OPS[op]
+    n = len(node.args)
+    assert n == info.arity or (info.variadic and n > info.arity)
+    kinds = [info.kind(i) for i in range(n)]
+    bound = {}                      # type variable -> the type of its operands
+    for x, kind in zip(node.args, kinds):
+        if kind in (NUM, ANY):
+            assert bound.setdefault(kind, x.type) is x.type
+            assert kind is ANY or x.type in (Tf, Ti)
+        else:
+            assert x.type is kind
+    params = {p.name: p for p in PARAMS}
+    want = {VALUE_TYPE: {bool: Tb, int: Ti, float: Tf}.get(type(node.value)),
+            PARAM_TYPE: params[node.value].type if op is Op.PARAM else None,
+            ELEM_TYPE: params[node.value].type.elem if op is Op.INDEX else None}
+    assert node.type is bound.get(info.result, want.get(info.result, info.result))
+
+
+@pytest.mark.parametrize("op", list(Op), ids=lambda o: o.name)
+def test_every_typing_rule_rebuilds_its_example(op):
+    node = one_node(op)
+    params = {p.name: p for p in PARAMS}
+    value = params.get(node.value) if op in (Op.PARAM, Op.INDEX, Op.ROUTE) else node.value
+    spans = [a.span for a in node.args]
+    ck = Checker((), "")
+    assert TYPING[op](ck, op, list(node.args), spans, node.span, value) == node

@@ -13,6 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import attndsl
+from attndsl.runtime import launches
 
 
 def _runs_of(row: list[int]) -> int:
@@ -54,10 +55,11 @@ def test_band_tables_hold_the_tiles_in_runs(rows):
     ("pattern p():\n    mask = k < 32 or 64 <= k < 96 or k >= 128 or q == k\n", False)])   # three
 def test_the_kernel_reads_both_forms(src, band, monkeypatch, tmp_path):
     monkeypatch.setenv("ATTNDSL_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("ATTNDSL_GATHER", "0")       # one launch on tile tables, no gathers
     pat = attndsl.compile(src)["p"].bind()
     g = torch.Generator().manual_seed(3)
     q, k, v = (torch.randn(1, 2, 150, 16, generator=g) for _ in range(3))
-    launch = kernel.plan(pat, q, k, v, 0.25, {}, interpret=True)
+    (launch,), _ = launches(pat.bound(), q, k, v, 0.25)
     assert launch.constants["BAND"] is band
     out, lse = kernel.run(launch, interpret=True)
     ref_out, ref_lse = pat.reference(q.double().numpy(), k.double().numpy(), v.double().numpy(), scale=0.25)
@@ -78,7 +80,7 @@ def test_tiles_inside_the_keys_load_without_masks(src, kv_len, d, even, monkeypa
     pat = attndsl.compile(src)["p"].bind()
     g = torch.Generator().manual_seed(kv_len + d)
     q, k, v = (torch.randn(2, 2, kv_len, d, generator=g) for _ in range(3))
-    planned, finish = kernel.launches(pat, q, k, v, 0.3, {}, True, None, kernel.DEFAULT_CONFIG)
+    planned, finish = launches(pat.bound(), q, k, v, 0.3)
     assert all(launch.constants["EVEN_N"] is even for launch in planned)
     out, lse = finish([kernel.run(launch, interpret=True) for launch in planned])
     ref_out, ref_lse = pat.reference(q.double().numpy(), k.double().numpy(), v.double().numpy(), scale=0.3)

@@ -4,10 +4,11 @@ A static call is analysed on its *allowed* pairs: the mask, strengthened by the 
 which the score clause is finite (:mod:`.allowed`), so that a score of ``-inf`` by position
 never leaves a tile marked full.
 
-Input: a bound Pattern and a call's sizes, tile shape and tensor inputs. Output: the block map
-or the :class:`~attndsl.analysis.descriptors.Description`. Solved row sets are cached on the
-pattern per (specialised mask, parameter values, run-contiguous tensors); descriptions of
-patterns without tensor inputs are cached per (lengths, heads, block).
+Input: a :class:`~attndsl.bound.BoundPattern` and a call's sizes, tile shape and tensor
+inputs. Output: the block map or the :class:`~attndsl.analysis.descriptors.Description`.
+Solved row sets are kept in the ``analysis.row_sets`` cache per (pattern, specialised mask,
+run-contiguous tensors); descriptions of calls without tensor inputs in
+``analysis.descriptions`` per (pattern, lengths, heads, block) (:mod:`attndsl.caches`).
 """
 
 from __future__ import annotations
@@ -18,8 +19,10 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from ..blocks import tile_shape
+from ..bound import expr_digest
+from ..caches import LRUCache
 from ..errors import AttnCallError
-from ..inputs import check_dense_size, check_lengths, tensor_inputs
+from ..inputs import check_dense_size, check_lengths, out_of_memory, tensor_inputs
 from ..ir import Expr, Type
 from ..reference import CallGrid
 from .allowed import allowed_bounds
@@ -30,17 +33,15 @@ from .fold import fold, head_classes
 from .pieces import RowSets
 from .solve import random_tables, run_tensors, solve
 
-_CACHE_LIMIT = 32
+ROW_SETS = LRUCache("analysis.row_sets", 256)
+DESCRIPTIONS = LRUCache("analysis.descriptions", 64)
 
 
 def row_sets(pattern, expr=None, runs: frozenset = frozenset()) -> RowSets:
-    """The mask (or a specialisation of it) solved for k, cached on the pattern."""
+    """The mask (or a specialisation of it) solved for k."""
     expr = pattern.ir.mask if expr is None else expr
-    cache = pattern.__dict__.setdefault("_row_sets", {})
-    key = (expr, tuple(sorted(pattern.values.items())), runs)
-    if key not in cache:
-        cache[key] = solve(expr, pattern._values(), runs)
-    return cache[key]
+    return ROW_SETS.get((pattern.key, expr_digest(expr), runs),
+                        lambda: solve(expr, dict(pattern.values), runs))
 
 
 def _with_runs(pattern, tensors: dict):
@@ -63,12 +64,12 @@ def _static_call(pattern, q_len, kv_len, heads, kv_heads, block, given):
     block = tile_shape(block)
     check_dense_size(heads, -(-q_len // block[0]), -(-kv_len // block[1]), "block map")
     tensors, runs = _with_runs(pattern, tensor_inputs(pattern.ir, given, None)[0])
-    lower, upper = allowed_bounds(pattern.ir, pattern._values(), tensors)
+    lower, upper = allowed_bounds(pattern.ir, dict(pattern.values), tensors)
     if pattern.ir.score is not None:            # constant conditions (2.0 != 0.0) drop out
         sizes = {"q_len": q_len, "kv_len": kv_len, "heads": heads, "kv_heads": kv_heads}
         lower, upper = (fold(e, sizes, {}) for e in (lower, upper))   # parameters stay
     ir = replace(pattern.ir, mask=upper) if upper is not pattern.ir.mask else pattern.ir
-    grid = CallGrid(ir, pattern._values(), q_len, kv_len, heads, kv_heads, tensors)
+    grid = CallGrid(ir, dict(pattern.values), q_len, kv_len, heads, kv_heads, tensors)
     return grid, (None if lower == upper else lower), block, runs
 
 
@@ -107,8 +108,15 @@ def _class_maps(grid, block, classes) -> np.ndarray:
     return out
 
 
-def block_map(pattern, q_len, kv_len, heads, block, kv_heads, given) -> np.ndarray:
-    return call_classes(pattern, q_len, kv_len, heads, block, kv_heads, given).block_map()
+def block_map(pattern, q_len, kv_len, heads=1, block=(128, 128), kv_heads=None,
+              given=None) -> np.ndarray:
+    """int8 [heads, ceil(q_len/BQ), ceil(kv_len/BK)]: 0 empty, 1 partial, 2 full (sound for every
+    pattern, exact on the band family)."""
+    try:
+        return call_classes(pattern, q_len, kv_len, heads, block, kv_heads, given).block_map()
+    except MemoryError:
+        raise out_of_memory("the block map", {"q_len": q_len, "kv_len": kv_len,
+                                              "heads": heads}) from None
 
 
 @dataclass
@@ -167,21 +175,25 @@ def call_classes(pattern, q_len, kv_len, heads=1, block=(128, 128), kv_heads=Non
     return CallClasses(grid, block, [HeadClass(*c) for c in _classes(pattern, grid, runs)], low)
 
 
-def describe(pattern, q_len, kv_len, heads, block, kv_heads, given) -> Description:
+def describe(pattern, q_len, kv_len, heads=1, block=(128, 128), kv_heads=None,
+             given=None) -> Description:
+    """The kernel-facing Description (block map, tile lists, key intervals) of a call."""
+    given = given or {}
     # checked before the cache is looked up: True or 4.0 must not hit the entry of 1 or 4
     q_len, kv_len, heads, kv_heads = check_lengths(q_len, kv_len, heads,
                                                    heads if kv_heads is None else kv_heads)
     block = tile_shape(block)
-    key = (q_len, kv_len, heads, kv_heads, block)
-    cache = pattern.__dict__.setdefault("_descriptions", {})
-    if not given and key in cache:
-        return cache[key]
-    call = call_classes(pattern, q_len, kv_len, heads, block, kv_heads, given)
-    keys = tuple(c.keys for c in call.classes) if call.exact else (None,) * len(call.classes)
-    desc = Description(q_len, kv_len, heads, call.block, call.block_map(), keys,
-                       tuple(tuple(c.heads) for c in call.classes))
-    if not given:
-        if len(cache) >= _CACHE_LIMIT:
-            cache.pop(next(iter(cache)))
-        cache[key] = desc
-    return desc
+
+    def compute() -> Description:
+        call = call_classes(pattern, q_len, kv_len, heads, block, kv_heads, given)
+        keys = tuple(c.keys for c in call.classes) if call.exact else (None,) * len(call.classes)
+        return Description(q_len, kv_len, heads, call.block, call.block_map(), keys,
+                           tuple(tuple(c.heads) for c in call.classes))
+
+    try:
+        if given:
+            return compute()
+        return DESCRIPTIONS.get((pattern.key, q_len, kv_len, heads, kv_heads, block), compute)
+    except MemoryError:
+        raise out_of_memory("the description", {"q_len": q_len, "kv_len": kv_len,
+                                                "heads": heads}) from None

@@ -1,11 +1,11 @@
 """The tile classes of one call, per batch element: what every backend walks.
 
-Input: a bound pattern (``describe``/``block_map``/``without_selectors`` of
-:class:`attndsl.Pattern`), the call's sizes, its tensor inputs (NumPy arrays or torch tensors,
-with an optional batch dimension) and a tile shape. Output (:func:`block_maps`): one int8 map
-``[H or 1, nQT, nKT]`` per batch row (0 empty, 1 partial, 2 full; one head when every head
-shares it; the same array object for rows that share their tensor inputs). Tiles that a
-data-dependent selector could open are partial: their pairs are decided per call.
+Input: a :class:`~attndsl.bound.BoundPattern`, the call's sizes, its tensor inputs (NumPy arrays
+or torch tensors, with an optional batch dimension) and a tile shape. Output
+(:func:`block_maps`): one int8 map ``[H or 1, nQT, nKT]`` per batch row (0 empty, 1 partial, 2
+full; one head when every head shares it; the same array object for rows that share their tensor
+inputs). Tiles that a data-dependent selector could open are partial: their pairs are decided
+per call.
 """
 
 from __future__ import annotations
@@ -14,6 +14,8 @@ import numpy as np
 
 from ..inputs import to_numpy
 from ..ir import Op
+from . import api
+from .relax import without_selectors
 
 
 def per_batch(pattern, given: dict) -> tuple[list[dict], list[int]]:
@@ -42,14 +44,14 @@ def block_maps(pattern, q_len, kv_len, heads, kv_heads, given, block) -> list[np
     if not pattern.uses_selectors():
         maps = []
         for t in elements:
-            desc = pattern.describe(q_len, kv_len, heads, block, kv_heads, **t)
+            desc = api.describe(pattern, q_len, kv_len, heads, block, kv_heads, t)
             maps.append(desc.block_map[:1] if len(desc.head_classes) == 1 else desc.block_map)
         return [maps[i] for i in index]
-    static = pattern.without_selectors()            # reads no query or key vectors
+    static = without_selectors(pattern)             # reads no query or key vectors
     read = {x.value for x in static.ir.mask.walk() if x.op is Op.INDEX}
-    maps = [np.minimum(static.block_map(
-        q_len, kv_len, heads, block, kv_heads,
-        **all_inputs(static, {n: t for n, t in shared.items() if n in read})), 1).astype(np.int8)
+    maps = [np.minimum(api.block_map(
+        static, q_len, kv_len, heads, block, kv_heads,
+        all_inputs(static, {n: t for n, t in shared.items() if n in read})), 1).astype(np.int8)
         for shared in elements]
     return [maps[i] for i in index]
 

@@ -1,8 +1,8 @@
 """Cost model of one attention call: kept pairs, FLOPs, block-sparse waste and closed forms.
 
-Input: a bound Pattern without data-dependent selectors (``topk_blocks``, ``topp_blocks``,
-``route``: an ``AttnCallError`` as for ``block_map``), the call's sizes, a tile shape, the head
-dimension and the pattern's tensor inputs. Output: a frozen :class:`CostReport`.
+Input: a :class:`~attndsl.bound.BoundPattern` without data-dependent selectors (``topk_blocks``,
+``topp_blocks``, ``route``: an ``AttnCallError`` as for ``block_map``), the call's sizes, a tile
+shape, the head dimension and the pattern's tensor inputs. Output: a frozen :class:`CostReport`.
 
 Invariants of a report:
 
@@ -47,13 +47,15 @@ from functools import reduce
 import numpy as np
 import sympy as sp
 
+from ..bound import as_bound
+from ..caches import LRUCache
 from ..inputs import tensor_inputs
 from ..ir import SELECTOR_OPS, Expr, Op, Type, const
 from . import api
 from .allowed import allowed_bounds
 from .fold import fold
 from .pieces import b_and, i_add, i_max, i_min, i_sub
-from .rows import _eval_rows, merge, piece_bounds
+from .rows import eval_rows, merge, piece_bounds
 from .solve import solve
 
 PAIR_BUDGET = 1 << 25        # partial-tile pairs evaluated one by one, over all head classes
@@ -62,6 +64,7 @@ MAX_PIECES = 5               # inclusion-exclusion terms: 2**pieces - 1
 MAX_GROUPS = 8               # distinct per-head masks summed symbolically
 MAX_VERIFY_N = 1 << 21
 _ZERO, _ONE, _Z = const(0), const(1), sp.Integer(0)
+CLOSED_FORMS = LRUCache("analysis.closed_forms", 64)     # (pattern, heads, kv_heads) -> form
 _KV_LAST = Expr(Op.SUB, Type.INT, (Expr(Op.KV_LEN, Type.INT), _ONE))
 
 
@@ -102,7 +105,7 @@ class CostReport:
 
 def _column(grid, expr, h, rows, live=None):
     """An expression's value per row [R] and the rows where it indexed out of range (or None)."""
-    value, bad = _eval_rows(grid, expr, np.array([h]), rows, None if live is None else live[None, :, None])
+    value, bad = eval_rows(grid, expr, np.array([h]), rows, None if live is None else live[None, :, None])
     value = np.broadcast_to(value, (1, len(rows), 1))[0, :, 0]
     return value, (None if bad is None else np.broadcast_to(bad, (1, len(rows), 1))[0, :, 0])
 
@@ -197,7 +200,7 @@ def _count(pattern, q_len, kv_len, heads, kv_heads, given, desc=None):
         got = _exact_rows(pieces, sub, hs[0]) if pieces is not None else None
         if got is None:
             if desc is None:
-                desc = pattern.describe(q_len, kv_len, heads, (128, 128), kv_heads, **given)
+                desc = api.describe(pattern, q_len, kv_len, heads, (128, 128), kv_heads, given)
             got, ok, used = _tile_count(desc.block_map[hs[0]], sub, hs[0], desc.block, budget)
             exact, budget = exact and ok, budget - used
         total += got * len(hs)
@@ -214,7 +217,8 @@ class _NoForm(Exception):
 
 
 class _Summer:
-    """Sums an int IR expression of q over q in [0, N) by splitting at its breakpoints.
+    """Sums an int IR expression of q over q in [0, N) by splitting at its breakpoints (one
+    rule per op in :data:`SYMPY_RULES`).
 
     A segment list is [(lo, hi, value)] over consecutive [lo, hi) (sympy bounds); values are
     sympy polynomials in q or Python bools. ``conds`` collects d with ``d <= 0`` required.
@@ -275,54 +279,13 @@ class _Summer:
         key = (e, a, b)
         if key not in self.memo:
             out = []
-            for lo, hi, v in self._seg(e, a, b):             # merge equal neighbours
+            for lo, hi, v in SYMPY_RULES[e.op](self, e, a, b):      # merge equal neighbours
                 if out and (v is out[-1][2] if isinstance(v, bool) else
                             not isinstance(out[-1][2], bool) and sp.expand(v - out[-1][2]) == 0):
                     lo = out.pop()[0]
                 out.append((lo, hi, v))
             self.memo[key] = out
         return self.memo[key]
-
-    def _seg(self, e: Expr, a, b) -> list:
-        op = e.op
-        if not e.args:
-            if op is Op.CONST:
-                return [(a, b, e.value if isinstance(e.value, bool) else sp.Integer(e.value))]
-            leaf = {Op.Q: self.q, Op.Q_LEN: self.N, Op.KV_LEN: self.N}.get(op)
-            if op is Op.PARAM and e.value in self.syms:
-                leaf = self.syms[e.value]
-            if leaf is None:
-                raise _NoForm
-            return [(a, b, leaf)]
-        if op in (Op.IF, Op.AND, Op.OR):             # only the operand that decides is used
-            out = []
-            for lo, hi, c in self.seg(e.args[0], a, b):
-                if op is Op.IF:
-                    out += self.seg(e.args[1] if c else e.args[2], lo, hi)
-                else:
-                    out += [(lo, hi, c)] if c is (op is Op.OR) else self.seg(e.args[1], lo, hi)
-            return out
-        children = [self.seg(x, a, b) for x in e.args]
-        points = self.chain([lo for c in children for lo, _hi, _v in c[1:]], a, b)
-        out = []
-        for lo, hi in itertools.pairwise(points):
-            mid = (self.pv(lo) + self.pv(hi)) / 2
-            vals = [next(v for x, y, v in c if self.pv(x) <= mid < self.pv(y)) for c in children]
-            out += self.combine(op, vals, lo, hi)
-        return out
-
-    def combine(self, op: Op, v: list, lo, hi) -> list:
-        simple = {Op.ADD: lambda: v[0] + v[1], Op.SUB: lambda: v[0] - v[1],
-                  Op.MUL: lambda: v[0] * v[1], Op.NEG: lambda: -v[0],
-                  Op.NOT: lambda: not v[0]}
-        if op in simple:
-            return [(lo, hi, simple[op]())]
-        if op in (Op.MIN, Op.MAX, Op.ABS):
-            args = [v[0], -v[0]] if op is Op.ABS else v
-            return self.extreme(args, op is Op.MIN, lo, hi)
-        if op in (Op.LT, Op.LE, Op.GT, Op.GE, Op.EQ, Op.NE):
-            return self.compare(op, v[0], v[1], lo, hi)
-        raise _NoForm                     # //, %, floats, tensors, selectors
 
     def extreme(self, args, is_min: bool, lo, hi) -> list:
         roots = []
@@ -399,6 +362,86 @@ class _Summer:
         return (" and ".join(texts) or None), lows, others
 
 
+# ----------------------------------------------------------------------------- sympy rules
+# One rule per op: (summer, e, a, b) -> the segments of e over q in [a, b). An op without a
+# closed form here raises _NoForm (//, %, floats, tensors, selectors, k, h and the head counts).
+
+
+def _sym_const(s: _Summer, e: Expr, a, b) -> list:
+    return [(a, b, e.value if isinstance(e.value, bool) else sp.Integer(e.value))]
+
+
+def _sym_leaf(name: str):
+    """q, or N (q_len and kv_len are both N)."""
+    def rule(s: _Summer, e: Expr, a, b) -> list:
+        return [(a, b, getattr(s, name))]
+    return rule
+
+
+def _sym_param(s: _Summer, e: Expr, a, b) -> list:
+    if e.value not in s.syms:
+        raise _NoForm
+    return [(a, b, s.syms[e.value])]
+
+
+def _sym_no_leaf(s: _Summer, e: Expr, a, b) -> list:
+    raise _NoForm
+
+
+def _sym_decide(s: _Summer, e: Expr, a, b) -> list:
+    """and / or / if: per segment of the first operand, only the operand that decides."""
+    op, out = e.op, []
+    for lo, hi, c in s.seg(e.args[0], a, b):
+        if op is Op.IF:
+            out += s.seg(e.args[1] if c else e.args[2], lo, hi)
+        else:
+            out += [(lo, hi, c)] if c is (op is Op.OR) else s.seg(e.args[1], lo, hi)
+    return out
+
+
+def _pointwise(combine):
+    """An op applied to its operands' values, segment by segment after splitting [a, b) at
+    every breakpoint of the operands: combine(summer, op, values, lo, hi) -> segments."""
+    def rule(s: _Summer, e: Expr, a, b) -> list:
+        children = [s.seg(x, a, b) for x in e.args]
+        points = s.chain([lo for c in children for lo, _hi, _v in c[1:]], a, b)
+        out = []
+        for lo, hi in itertools.pairwise(points):
+            mid = (s.pv(lo) + s.pv(hi)) / 2
+            vals = [next(v for x, y, v in c if s.pv(x) <= mid < s.pv(y)) for c in children]
+            out += combine(s, e.op, vals, lo, hi)
+        return out
+    return rule
+
+
+def _value(fn):
+    return _pointwise(lambda s, op, v, lo, hi: [(lo, hi, fn(v))])
+
+
+def _no_form(s: _Summer, op: Op, v: list, lo, hi) -> list:
+    raise _NoForm
+
+
+_EXTREME = _pointwise(lambda s, op, v, lo, hi: s.extreme([v[0], -v[0]] if op is Op.ABS else v,
+                                                          op is Op.MIN, lo, hi))
+_COMPARE = _pointwise(lambda s, op, v, lo, hi: s.compare(op, v[0], v[1], lo, hi))
+_NONE = _pointwise(_no_form)
+SYMPY_RULES = {
+    Op.CONST: _sym_const, Op.PARAM: _sym_param, Op.Q: _sym_leaf("q"),
+    Op.Q_LEN: _sym_leaf("N"), Op.KV_LEN: _sym_leaf("N"),
+    **dict.fromkeys((Op.K, Op.H, Op.HEADS, Op.KV_HEADS, Op.SCORE, Op.ROUTE), _sym_no_leaf),
+    Op.IF: _sym_decide, Op.AND: _sym_decide, Op.OR: _sym_decide,
+    Op.ADD: _value(lambda v: v[0] + v[1]), Op.SUB: _value(lambda v: v[0] - v[1]),
+    Op.MUL: _value(lambda v: v[0] * v[1]), Op.NEG: _value(lambda v: -v[0]),
+    Op.NOT: _value(lambda v: not v[0]),
+    Op.MIN: _EXTREME, Op.MAX: _EXTREME, Op.ABS: _EXTREME,
+    **dict.fromkeys((Op.LT, Op.LE, Op.GT, Op.GE, Op.EQ, Op.NE), _COMPARE),
+    **dict.fromkeys((Op.DIV, Op.FLOORDIV, Op.MOD, Op.POW, Op.FLOAT, Op.EXP, Op.LOG, Op.SQRT,
+                     Op.TANH, Op.SIGMOID, Op.INDEX, Op.TOPK_BLOCKS, Op.TOPP_BLOCKS,
+                     Op.RANDOM_BLOCKS), _NONE),
+}
+
+
 def _readable(expr, n):
     """Collected by powers of N with factored coefficients, or factored where that is shorter."""
     poly = sp.Poly(expr, n)
@@ -426,7 +469,7 @@ def _asymptotic(expr, n, syms) -> str:
 
 def _closed_form(pattern, heads, kv_heads, given):
     """(expr, condition, min N, asymptotic, params) or None; verified against exact counts."""
-    values = pattern._values()
+    values = dict(pattern.values)
     ints = {k: v for k, v in values.items() if type(v) is int}
     kvh = heads if kv_heads is None else kv_heads
     mask = _allowed_upper(pattern, values, heads, kvh, given)
@@ -492,18 +535,18 @@ def _estimate(pattern, n, heads, kv_heads, given):
 
 def cost_report(pattern, q_len: int, kv_len: int, heads: int = 1, block=(128, 128), head_dim: int = 128,
                 kv_heads: int | None = None, **tensor_inputs) -> CostReport:
-    """The cost of one call of ``pattern``; see the module docstring for the invariants."""
-    desc = pattern.describe(q_len, kv_len, heads, block, kv_heads, **tensor_inputs)
+    """The cost of one call of ``pattern`` (a BoundPattern or an ``attndsl.Pattern``); see the
+    module docstring for the invariants."""
+    pattern = as_bound(pattern)
+    desc = api.describe(pattern, q_len, kv_len, heads, block, kv_heads, tensor_inputs)
     kept, exact = _count(pattern, q_len, kv_len, heads, kv_heads, tensor_inputs, desc)
     bq, bk = desc.block
     rs, cs = _tile_sizes(q_len, bq), _tile_sizes(kv_len, bk)
     computed = int(np.einsum("i,hij,j->", rs, (desc.block_map != 0).astype(np.int64), cs))
     total = heads * q_len * kv_len
-    cache = pattern.__dict__.setdefault("_cost_forms", {})
-    key = (tuple(sorted(pattern.values.items())), heads, kv_heads)
-    if key not in cache:
-        cache[key] = _closed_form(pattern, heads, kv_heads, tensor_inputs)
-    expr, cond, n0, asym, params = cache[key] or (None, None, None, None, ())
+    form = CLOSED_FORMS.get((pattern.key, heads, kv_heads),
+                            lambda: _closed_form(pattern, heads, kv_heads, tensor_inputs))
+    expr, cond, n0, asym, params = form or (None, None, None, None, ())
     estimated = expr is None
     if estimated:
         asym = _estimate(pattern, max(q_len, kv_len), heads, kv_heads, tensor_inputs)

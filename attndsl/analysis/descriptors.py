@@ -25,7 +25,7 @@ import numpy as np
 from ..ir import Expr
 from ..reference import CallGrid
 from .pieces import Piece, RowSets
-from .rows import _eval_rows
+from .rows import eval_rows
 
 
 @dataclass(frozen=True)
@@ -94,13 +94,13 @@ class KeyIntervals:
         out = np.zeros((len(rows), grid.kv_len), dtype=bool)
         h = np.array(self.heads[:1])
         for p in self.pieces:
-            guard = np.broadcast_to(_eval_rows(grid, p.guard, h, rows)[0], (1, len(rows), 1))[0]
+            guard = np.broadcast_to(eval_rows(grid, p.guard, h, rows)[0], (1, len(rows), 1))[0]
             live = guard.astype(bool)
-            lo = np.broadcast_to(_eval_rows(grid, p.lo, h, rows, live[None])[0], (1, len(rows), 1))[0]
-            hi = np.broadcast_to(_eval_rows(grid, p.hi, h, rows, live[None])[0], (1, len(rows), 1))[0]
+            lo = np.broadcast_to(eval_rows(grid, p.lo, h, rows, live[None])[0], (1, len(rows), 1))[0]
+            hi = np.broadcast_to(eval_rows(grid, p.hi, h, rows, live[None])[0], (1, len(rows), 1))[0]
             sel = live & (k >= lo) & (k <= hi)
             if p.residue is not None:
-                off = np.broadcast_to(_eval_rows(grid, p.residue.offset, h, rows, live[None])[0],
+                off = np.broadcast_to(eval_rows(grid, p.residue.offset, h, rows, live[None])[0],
                                       (1, len(rows), 1))[0]
                 res = (k - off) % p.residue.modulus
                 sel &= np.isin(res, np.fromiter(p.residue.live, dtype=np.int64))

@@ -12,14 +12,13 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..constants import CONSTANT_OPS
 from ..interp import Env, Evaluator
-from ..ir import Expr, Op, Type, const
+from ..ir import DATA_SELECTOR_OPS, LEAF_OPS, SELECTOR_OPS, Expr, Op, Type, const
 
-_VARYING = {Op.Q, Op.K, Op.SCORE, Op.INDEX, Op.TOPK_BLOCKS, Op.TOPP_BLOCKS, Op.ROUTE,
-            Op.RANDOM_BLOCKS}
 _LEAVES = {Op.H: "h", Op.Q_LEN: "q_len", Op.KV_LEN: "kv_len", Op.HEADS: "heads",
            Op.KV_HEADS: "kv_heads"}
-_SELECTOR_ARGS = {Op.TOPK_BLOCKS, Op.TOPP_BLOCKS, Op.RANDOM_BLOCKS}
+_SELECTOR_ARGS = SELECTOR_OPS - LEAF_OPS        # selectors with (constant) operands
 
 
 def _value(v, kind: Type) -> Expr:
@@ -62,7 +61,7 @@ def fold(expr: Expr, bindings: dict, params: dict) -> Expr:
                     return x if x.value is short else y
         if op is Op.IF and known(args[0]):
             return args[1] if args[0].value else args[2]
-        if op not in _VARYING and all(known(a) for a in args):
+        if op in CONSTANT_OPS and all(known(a) for a in args):      # (INDEX reads a tensor)
             with np.errstate(all="ignore"):
                 value = Evaluator(env).sub(Expr(op, e.type, args, e.value))
             return _value(value, e.type)
@@ -73,7 +72,7 @@ def fold(expr: Expr, bindings: dict, params: dict) -> Expr:
 
 def head_classes(expr: Expr, heads: int, params: dict, sizes: dict) -> list[tuple[Expr, list[int]]]:
     """Groups of heads whose specialised expressions are equal: [(expression, heads)]."""
-    if expr.uses(Op.TOPK_BLOCKS, Op.TOPP_BLOCKS, Op.ROUTE):      # per-head data: no sharing
+    if expr.uses(*DATA_SELECTOR_OPS):                           # per-head data: no sharing
         return [(expr, [h]) for h in range(heads)]
     if not expr.uses(Op.H):
         return [(expr, list(range(heads)))]

@@ -1,7 +1,8 @@
 """Graph properties of a pattern: empty rows, receptive field of stacked layers, union of heads.
 
-Input: a bound static Pattern (no data-dependent selectors), a call's sizes and tensor inputs.
-Output: :class:`GraphReport` (frozen; ``as_dict()`` holds only str, int, float, bool, None and
+Input: a static :class:`~attndsl.bound.BoundPattern` (no data-dependent selectors), a call's
+sizes and tensor inputs. Output: :class:`GraphReport` (frozen; ``as_dict()`` holds only str,
+int, float, bool, None and
 lists, so it is JSON-serialisable). Everything is about the ``mask`` clause: a ``score`` clause
 that yields ``-inf`` removes more pairs, so with one (``notes`` says so) empty-row counts are
 lower bounds and reach is an upper bound.
@@ -45,9 +46,11 @@ from dataclasses import dataclass
 import networkx as nx
 import numpy as np
 
+from ..bound import as_bound
 from ..errors import AttnCallError
 from ..inputs import tensor_inputs
 from ..ir import Op
+from ..reference import dense_mask
 from . import api
 from .rows import MAX_SHRINK, piece_bounds
 
@@ -153,11 +156,18 @@ def _tile_empty(grid, h: int, bm: np.ndarray, block, budget: list):
     return empty, unknown
 
 
+def _dense(pattern, q_len: int, kv_len: int, heads: int, given: dict) -> np.ndarray:
+    """The mask clause at every (h, i, j) of a small call (the reference's dense mask)."""
+    return dense_mask(pattern.grid(q_len, kv_len, heads, heads,
+                                   tensor_inputs(pattern.ir, given, None)[0]))
+
+
 def empty_rows(pattern, q_len: int, kv_len: int, heads: int = 1, block=(128, 128),
                dense: np.ndarray | None = None, **given) -> tuple:
     """EmptyRows per head (see the module docstring); ``dense`` reuses a computed dense mask."""
+    pattern = as_bound(pattern)
     if dense is None and heads * q_len * kv_len <= DENSE_LIMIT:
-        dense = pattern.dense_mask(q_len, kv_len, heads, **given)
+        dense = _dense(pattern, q_len, kv_len, heads, given)
     if dense is None and kv_len == 0:
         dense = np.zeros((heads, q_len, 0), bool)
     if dense is not None:
@@ -182,12 +192,14 @@ def _sizes_text(q_len: int, kv_len: int) -> str:
 
 def warn_empty_rows(pattern, sizes=((1, 1), (7, 7), (64, 64), (300, 300), (1, 64)),
                     heads: int | None = None, **given) -> list[str]:
-    """Human warnings, one per (size, head with empty rows); [] for selector patterns, patterns
+    """Human warnings, one per (size, head with empty rows) of a BoundPattern or an
+    ``attndsl.Pattern``; [] for selector patterns, patterns
     with unbound parameters and patterns with tensor inputs not given. ``heads`` defaults to 1,
     or 8 when the mask uses ``h``."""
     if pattern.uses_selectors() or any(p.name not in given for p in pattern.ir.params if p.is_tensor) \
             or any(p.name not in pattern.values for p in pattern.ir.params if not p.is_tensor):
         return []
+    pattern = as_bound(pattern)
     per_head = pattern.ir.mask.uses(Op.H)
     heads = heads if heads is not None else (8 if per_head else 1)
     out = []
@@ -280,7 +292,7 @@ def _token_reach(union: np.ndarray, layers, engine=None) -> Reach:
 
 def _tile_reach(pattern, n, heads, block, max_tokens, layers, given, notes) -> Reach:
     t = max(max(block), -(-n // max_tokens))
-    bm = pattern.block_map(n, n, heads, block=(t, t), **given)
+    bm = api.block_map(pattern, n, n, heads, (t, t), None, given)
     adj = (bm > 0).any(0)
     m = adj.shape[0]
     size = np.minimum(t, n - t * np.arange(m)).astype(np.float64)
@@ -335,7 +347,7 @@ def _union_tiles(pattern, q_len, kv_len, heads, block, given):
     """True / False / None (undecided): tiles meeting the causal triangle that are empty in
     every head decide False, tiles full in some head are covered, the rest are evaluated pair
     by pair within EVAL_BUDGET."""
-    bm = pattern.block_map(q_len, kv_len, heads, block=block, **given)
+    bm = api.block_map(pattern, q_len, kv_len, heads, block, None, given)
     bq, bk = block
     last_q = np.minimum((np.arange(bm.shape[1]) + 1) * bq, q_len) - 1 + (kv_len - q_len)
     meets = (np.arange(bm.shape[2]) * bk)[None, :] <= last_q[:, None]
@@ -360,6 +372,7 @@ def graph_report(pattern, q_len: int, kv_len: int | None = None, heads: int = 1,
                  layers=(1, 2, 4, 8), block=(128, 128), max_tokens: int = 2048,
                  **tensor_inputs_) -> GraphReport:
     """Empty rows, receptive field and head union of ``pattern`` at one call's sizes."""
+    pattern = as_bound(pattern)
     kv_len = q_len if kv_len is None else kv_len
     if pattern.uses_selectors():
         raise AttnCallError(f"pattern '{pattern.name}' selects blocks from the query and key vectors "
@@ -375,7 +388,7 @@ def graph_report(pattern, q_len: int, kv_len: int | None = None, heads: int = 1,
     self_attn = q_len == kv_len and q_len > 0
     dense = None
     if heads * q_len * kv_len <= DENSE_LIMIT or (self_attn and q_len <= max_tokens):
-        dense = pattern.dense_mask(q_len, kv_len, heads, **tensor_inputs_)
+        dense = _dense(pattern, q_len, kv_len, heads, tensor_inputs_)
     rows = empty_rows(pattern, q_len, kv_len, heads, block, dense, **tensor_inputs_)
     reach = None
     if not self_attn:

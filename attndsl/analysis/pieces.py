@@ -13,11 +13,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..ir import Expr, Op, Type, const
+from ..ir import SELECTOR_OPS, Expr, Op, Type, const
 
 MAX_PIECES = 24
 SMALL = 1 << 31          # larger constants may wrap int64 arithmetic: see Solver.small
-_K_OPS = (Op.K, Op.TOPK_BLOCKS, Op.TOPP_BLOCKS, Op.ROUTE, Op.RANDOM_BLOCKS)
+_K_OPS = frozenset({Op.K} | SELECTOR_OPS)        # ops whose value depends on k
 
 
 @dataclass(frozen=True, slots=True)

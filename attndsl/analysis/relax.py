@@ -66,3 +66,15 @@ def relaxed_mask(expr: Expr) -> Expr:
     """The mask with every data-dependent selector relaxed away (:func:`relax`): a superset
     of its pairs that reads no query or key vectors."""
     return relax(expr, lambda e: e.op in DATA_SELECTOR_OPS)
+
+
+def without_selectors(pattern):
+    """The static part of a :class:`~attndsl.bound.BoundPattern`: data-dependent selectors
+    relaxed away from the mask, and a score clause that reads them dropped (a superset of the
+    allowed pairs that reads no query or key vectors); the pattern itself when it has none."""
+    if not pattern.uses_selectors():
+        return pattern
+    score = pattern.ir.score
+    if score is not None and score.uses(*DATA_SELECTOR_OPS):
+        score = None
+    return pattern.with_clauses(relaxed_mask(pattern.ir.mask), score)

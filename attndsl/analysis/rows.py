@@ -22,7 +22,7 @@ from ..reference import CallGrid
 from .pieces import SMALL, Piece
 
 
-def _eval_rows(grid: CallGrid, expr, heads, rows, live=None):
+def eval_rows(grid: CallGrid, expr, heads, rows, live=None):
     env = grid.env(heads, rows, np.zeros(1, dtype=np.int64))
     env.out_of_range = []
     with np.errstate(all="ignore"):
@@ -56,7 +56,7 @@ def _reads_large_values(grid: CallGrid, p: Piece) -> bool:
 def _shrink_to_live(grid: CallGrid, p: Piece, heads, rows, guard, lo, hi):
     """The first and last keys of [lo, hi] whose residue is live (lo > hi when there is none)."""
     shape = guard.shape
-    off, bad = _eval_rows(grid, p.residue.offset, heads, rows, guard[..., None])
+    off, bad = eval_rows(grid, p.residue.offset, heads, rows, guard[..., None])
     off = np.broadcast_to(off, shape + (1,))[..., 0]
     m = p.residue.modulus
     first = np.full(shape, np.iinfo(np.int64).max)
@@ -81,10 +81,10 @@ def piece_bounds(pieces: tuple[Piece, ...], grid: CallGrid, heads: np.ndarray, r
     for p in pieces:
         if p.residue is not None and not keep_residues:
             continue
-        guard, bad_g = _eval_rows(grid, p.guard, heads, rows)
+        guard, bad_g = eval_rows(grid, p.guard, heads, rows)
         guard = np.broadcast_to(guard, shape + (1,))[..., 0].astype(bool)
-        lo, bad_lo = _eval_rows(grid, p.lo, heads, rows, guard[..., None])
-        hi, bad_hi = _eval_rows(grid, p.hi, heads, rows, guard[..., None])
+        lo, bad_lo = eval_rows(grid, p.lo, heads, rows, guard[..., None])
+        hi, bad_hi = eval_rows(grid, p.hi, heads, rows, guard[..., None])
         lo = np.maximum(np.broadcast_to(lo, shape + (1,))[..., 0], 0)
         hi = np.minimum(np.broadcast_to(hi, shape + (1,))[..., 0], last)
         bads = [bad_g, bad_lo, bad_hi]

@@ -23,6 +23,7 @@ from functools import reduce
 
 import numpy as np
 
+from ..constants import is_constant
 from ..interp import evaluate_scalar
 from ..ir import Expr, Op, Type, const
 from .pieces import (
@@ -95,8 +96,8 @@ class Solver:
         return None
 
     def constant(self, e: Expr):
-        if e.uses(Op.Q, Op.K, Op.H, Op.Q_LEN, Op.KV_LEN, Op.HEADS, Op.KV_HEADS, Op.INDEX, Op.SCORE,
-                  Op.TOPK_BLOCKS, Op.TOPP_BLOCKS, Op.ROUTE, Op.RANDOM_BLOCKS):
+        """The value of a compile-time constant expression (attndsl.constants), else None."""
+        if not is_constant(e):
             return None
         return evaluate_scalar(e, self.params)
 
@@ -265,67 +266,101 @@ def solve(mask: Expr, params: dict, runs: frozenset = frozenset()) -> RowSets:
     ``runs`` names the 1-D int tensors whose equal values are contiguous at this call (see
     :func:`run_tensors`); their pieces read derived tensors named ``t#start`` / ``t#end``.
     """
-    solver = Solver(params, runs)
-    # id -> (node, result): keeping the node alive keeps its id unique while the memo lives
-    # (go() is also called on temporary trees built by the rewrites below).
-    memo: dict[int, tuple] = {}
-    budget = [MAX_SOLVE_STEPS]
+    run = _Solve(Solver(params, runs))
+    lower, upper = run.go(mask)
+    return RowSets(lower, upper, tuple(run.tables.items()))
 
-    def go(e: Expr) -> tuple:
+
+class _Solve:
+    """One solve: the (lower, upper) sets of each sub-expression, memoised by node, within a
+    budget of MAX_SOLVE_STEPS sub-expressions; one rule per op in :data:`SOLVE_RULES`."""
+
+    def __init__(self, solver: Solver):
+        self.solver = solver
+        # id -> (node, result): keeping the node alive keeps its id unique while the memo lives
+        # (go() is also called on temporary trees built by the rewrites).
+        self.memo: dict[int, tuple] = {}
+        self.budget = MAX_SOLVE_STEPS
+        self.tables: dict = {}          # derived tensors of random-block pieces
+
+    def go(self, e: Expr) -> tuple:
         key = id(e)
-        if key not in memo:
-            budget[0] -= 1          # rewrites can double per level (nested abs): past the
-            memo[key] = (e, _go(e) if budget[0] >= 0 else unknown())    # budget, unknown
-        return memo[key][1]
+        if key not in self.memo:
+            self.budget -= 1        # rewrites can double per level (nested abs): past the
+            if self.budget < 0:     # budget, unknown
+                result = _unknown(self, e)
+            elif not depends_on_k(e):
+                # 10 <= 5 is false; parameters stay symbolic (closed forms are in them)
+                c = self.solver.constant(e) if e.op is not Op.CONST and not e.uses(Op.PARAM) else None
+                result = (guard_only(e if c is None else const(bool(c))),) * 2
+            else:                   # (the rule is called from here: one frame per level)
+                result = SOLVE_RULES[e.op](self, e)
+            self.memo[key] = (e, result)
+        return self.memo[key][1]
 
-    def unknown():
-        return NONE, ALL
 
-    def _go(e: Expr):
-        if not depends_on_k(e):
-            # 10 <= 5 is false; parameters stay symbolic (closed forms are in them)
-            c = solver.constant(e) if e.op is not Op.CONST and not e.uses(Op.PARAM) else None
-            s = guard_only(e if c is None else const(bool(c)))
-            return s, s
-        op = e.op
-        if op is Op.AND or op is Op.OR:
-            (la, ua), (lb, ub) = go(e.args[0]), go(e.args[1])
-            f = intersect if op is Op.AND else union
-            lo, up = f(la, lb), f(ua, ub)
-            return (lo if lo is not None else NONE), (up if up is not None else ALL)
-        if op is Op.NOT:
-            la, ua = go(e.args[0])
-            lo, up = complement(ua), complement(la)
-            return (lo if lo is not None else NONE), (up if up is not None else ALL)
-        if op is Op.IF:
-            c, t, f = e.args
-            return go(b_or(b_and(c, t), b_and(b_not(c), f)))
-        if op in _FLIP:
-            a, b = e.args
-            if a.type is Type.BOOL:          # a == b on bools
-                both = b_or(b_and(a, b), b_and(b_not(a), b_not(b)))
-                return go(both if op is Op.EQ else b_not(both))
-            if a.type is not Type.INT:
-                return unknown()
-            exact = solver.runs_atom(op, a, b) if op in (Op.EQ, Op.NE) else None
-            if exact is None:
-                exact = solver.compare(op, a, b)
-            if exact is None:
-                exact = solver.modular(op, a, b)
-            if exact is not None:
-                return exact, exact
-            rewritten = _rewrite_compare(op, a, b)
-            if rewritten is not None:
-                return go(rewritten)
-            return unknown()
-        if op is Op.RANDOM_BLOCKS:
-            pieces = random_pieces(solver, e, tables)
-            return (pieces, pieces) if pieces is not None else unknown()
-        return unknown()
+def _unknown(run: _Solve, e: Expr) -> tuple:
+    """Nothing known: the empty set below, every key above."""
+    return NONE, ALL
 
-    tables: dict = {}
-    lower, upper = go(mask)
-    return RowSets(lower, upper, tuple(tables.items()))
+
+def _logic(run: _Solve, e: Expr) -> tuple:
+    (la, ua), (lb, ub) = run.go(e.args[0]), run.go(e.args[1])
+    f = intersect if e.op is Op.AND else union
+    lo, up = f(la, lb), f(ua, ub)
+    return (lo if lo is not None else NONE), (up if up is not None else ALL)
+
+
+def _not(run: _Solve, e: Expr) -> tuple:
+    la, ua = run.go(e.args[0])
+    lo, up = complement(ua), complement(la)
+    return (lo if lo is not None else NONE), (up if up is not None else ALL)
+
+
+def _if(run: _Solve, e: Expr) -> tuple:
+    c, t, f = e.args
+    return run.go(b_or(b_and(c, t), b_and(b_not(c), f)))
+
+
+def _compare(run: _Solve, e: Expr) -> tuple:
+    op, (a, b) = e.op, e.args
+    if a.type is Type.BOOL:          # a == b on bools
+        both = b_or(b_and(a, b), b_and(b_not(a), b_not(b)))
+        return run.go(both if op is Op.EQ else b_not(both))
+    if a.type is not Type.INT:
+        return _unknown(run, e)
+    solver = run.solver
+    exact = solver.runs_atom(op, a, b) if op in (Op.EQ, Op.NE) else None
+    if exact is None:
+        exact = solver.compare(op, a, b)
+    if exact is None:
+        exact = solver.modular(op, a, b)
+    if exact is not None:
+        return exact, exact
+    rewritten = _rewrite_compare(op, a, b)
+    if rewritten is not None:
+        return run.go(rewritten)
+    return _unknown(run, e)
+
+
+def _random(run: _Solve, e: Expr) -> tuple:
+    pieces = random_pieces(run.solver, e, run.tables)
+    return (pieces, pieces) if pieces is not None else _unknown(run, e)
+
+
+# one rule per op, for the k-dependent nodes (k-free ones are guards: see _Solve.go)
+SOLVE_RULES = {
+    Op.AND: _logic, Op.OR: _logic, Op.NOT: _not, Op.IF: _if,
+    **dict.fromkeys((Op.LT, Op.LE, Op.GT, Op.GE, Op.EQ, Op.NE), _compare),
+    Op.RANDOM_BLOCKS: _random,
+    # selections read from the call's data: unknown here
+    Op.TOPK_BLOCKS: _unknown, Op.TOPP_BLOCKS: _unknown, Op.ROUTE: _unknown,
+    # no bools: never solved themselves (only bool operands of the rules above are); unknown
+    **dict.fromkeys((Op.CONST, Op.PARAM, Op.Q, Op.K, Op.H, Op.Q_LEN, Op.KV_LEN, Op.HEADS,
+                     Op.KV_HEADS, Op.SCORE, Op.NEG, Op.ADD, Op.SUB, Op.MUL, Op.DIV, Op.FLOORDIV,
+                     Op.MOD, Op.POW, Op.ABS, Op.MIN, Op.MAX, Op.FLOAT, Op.EXP, Op.LOG, Op.SQRT,
+                     Op.TANH, Op.SIGMOID, Op.INDEX), _unknown),
+}
 
 
 MAX_RANDOM = 8

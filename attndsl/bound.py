@@ -1,0 +1,121 @@
+"""A bound pattern: checked IR with a value for every scalar parameter, identified by content.
+
+Input: a :class:`~attndsl.ir.PatternIR` and the values of its scalar parameters (all of them:
+:class:`attndsl.Pattern` checks that before it makes one). Output: :class:`BoundPattern`, the
+value every stage below the API takes (analysis, planning, code generation, both backends).
+
+Its :attr:`~BoundPattern.key` is a digest of the canonical IR (every node's op, type, value and
+children; spans do not count) and of the parameter values, computed once in linear time in
+the number of distinct nodes (a shared sub-tree is hashed once). Two bound patterns are equal
+when their keys are, so the pipeline's caches (:mod:`attndsl.caches`) are keyed by content:
+binding the same values again, or compiling the same text twice, finds the same entries.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field, replace
+from types import MappingProxyType
+
+from .inputs import tensor_inputs
+from .ir import DATA_SELECTOR_OPS, Expr, PatternIR
+from .reference import CallGrid
+
+
+def _atom(value) -> str:
+    return f"{type(value).__name__}:{value!r}"
+
+
+def expr_digest(root: Expr, memo: dict | None = None) -> str:
+    """A digest of the expression's content (op, type, value, children), iterative and linear
+    in its distinct nodes. ``memo`` (id -> digest) may be shared between roots of one IR while
+    the nodes are alive."""
+    memo = {} if memo is None else memo
+    stack = [(root, False)]
+    while stack:
+        node, ready = stack.pop()
+        if id(node) in memo:
+            continue
+        if not ready:
+            stack.append((node, True))
+            stack.extend((c, False) for c in node.args if id(c) not in memo)
+            continue
+        text = "|".join([node.op.name, node.type.name, _atom(node.value),
+                         *(memo[id(c)] for c in node.args)])
+        memo[id(node)] = hashlib.blake2b(text.encode(), digest_size=16).hexdigest()
+    return memo[id(root)]
+
+
+def ir_digest(ir: PatternIR) -> str:
+    """A digest of a whole pattern IR: name, parameters (names, types, defaults), the clauses."""
+    memo: dict = {}
+    parts = [ir.name, *(f"{p.name}:{p.type}:{_atom(p.default)}" for p in ir.params),
+             expr_digest(ir.mask, memo), "-" if ir.score is None else expr_digest(ir.score, memo)]
+    return hashlib.blake2b("\n".join(parts).encode(), digest_size=20).hexdigest()
+
+
+@dataclass(frozen=True, eq=False)
+class BoundPattern:
+    """A pattern with every scalar parameter bound; equal (and hashed) by :attr:`key`."""
+
+    ir: PatternIR
+    values: MappingProxyType
+    source: str | None = field(default=None, repr=False)
+    key: str = field(default="", repr=False)
+
+    @classmethod
+    def make(cls, ir: PatternIR, values: dict, source: str | None = None) -> BoundPattern:
+        vals = MappingProxyType(dict(sorted(values.items())))
+        digest = hashlib.blake2b(
+            "\n".join([ir_digest(ir), *(f"{n}={_atom(v)}" for n, v in vals.items())]).encode(),
+            digest_size=20).hexdigest()
+        return cls(ir, vals, source, digest)
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, BoundPattern) and other.key == self.key
+
+    def __hash__(self) -> int:
+        return hash(self.key)
+
+    @property
+    def name(self) -> str:
+        return self.ir.name
+
+    @property
+    def tensor_params(self) -> list[str]:
+        return [p.name for p in self.ir.params if p.is_tensor]
+
+    def uses_selectors(self) -> bool:
+        """Whether the pattern reads the call's query and key vectors (topk/topp/route)."""
+        return any(r.uses(*DATA_SELECTOR_OPS) for r in self.ir.roots())
+
+    def with_clauses(self, mask: Expr, score: Expr | None, params=None) -> BoundPattern:
+        """The same parameters over other clauses (a restriction, a relaxation, a gather)."""
+        ir = replace(self.ir, mask=mask, score=score,
+                     params=self.ir.params if params is None else tuple(params))
+        values = {n: v for n, v in self.values.items() if any(p.name == n for p in ir.params)}
+        return BoundPattern.make(ir, values, self.source)
+
+    def grid(self, q_len, kv_len, heads, kv_heads, tensors, query=None, key=None,
+             scale=None) -> CallGrid:
+        """The reference's evaluation grid of one call (one batch element)."""
+        return CallGrid(self.ir, dict(self.values), q_len, kv_len, heads, kv_heads, tensors,
+                        query, key, scale)
+
+
+def as_bound(pattern) -> BoundPattern:
+    """A BoundPattern as it is, or the bound value of a user-facing ``attndsl.Pattern`` (its
+    ``bound()``, an AttnCallError naming a parameter without a value): the analysis reports
+    that users call directly (``cost_report``, ``graph_report``, ``empty_rows``) take either."""
+    return pattern if isinstance(pattern, BoundPattern) else pattern.bound()
+
+
+def call_grids(pattern: BoundPattern, shapes, q, k, scale, given_tensors: dict) -> list[CallGrid]:
+    """One CallGrid per batch element of a call (``shapes``: batch, heads, kv_heads, q_len,
+    kv_len; ``q``, ``k``: NumPy float64, read only by selectors, else None)."""
+    batch, heads, kv_heads, q_len, kv_len = shapes
+    per_batch = tensor_inputs(pattern.ir, given_tensors, batch)
+    need_qk = pattern.uses_selectors()
+    return [pattern.grid(q_len, kv_len, heads, kv_heads, t,
+                         q[b] if need_qk else None, k[b] if need_qk else None, scale)
+            for b, t in enumerate(per_batch)]

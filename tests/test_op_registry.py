@@ -1,0 +1,121 @@
+"""The operator registry (attndsl/ops.py) is the one declaration of the IR's operators, and every
+pass keeps exactly one rule per op: typing, printing, the interpreter, tile intervals, closed-form
+sums, solving for k, Triton lowering and the torch backend.
+
+``table_gaps`` is the check: an op added to :class:`~attndsl.ir.Op` without an entry in the
+registry or in any pass's table makes these tests fail, naming the op and the table.
+"""
+
+from __future__ import annotations
+
+import pytest
+from attndsl.codegen import lower
+
+from attndsl import checker, interp, ir, ops, printer, torch_backend
+from attndsl.analysis import cost, intervals, solve
+from attndsl.constants import CONSTANT_OPS
+from attndsl.ops import ANY, ELEM_TYPE, FORMS, NUM, OPS, PARAM_TYPE, VALUE_TYPE, Op, Prec, Type, table_gaps
+
+TABLES = {
+    "registry (ops.OPS)": OPS,
+    "typing (checker.TYPING)": checker.TYPING,
+    "printer (printer.PRINT_RULES)": printer.PRINT_RULES,
+    "interpreter (interp.EVAL_RULES)": interp.EVAL_RULES,
+    "intervals (analysis.intervals.INTERVAL_RULES)": intervals.INTERVAL_RULES,
+    "closed forms (analysis.cost.SYMPY_RULES)": cost.SYMPY_RULES,
+    "solver (analysis.solve.SOLVE_RULES)": solve.SOLVE_RULES,
+    "triton (codegen.lower.TRITON_RULES)": lower.TRITON_RULES,
+    "torch (torch_backend.TORCH_RULES)": torch_backend.TORCH_RULES,
+}
+
+
+@pytest.mark.parametrize("name", list(TABLES))
+def test_every_table_has_exactly_one_entry_per_op(name):
+    missing, extra = table_gaps(TABLES[name])
+    assert not missing, f"{name} has no entry for {missing}"
+    assert not extra, f"{name} has entries that are no op: {extra}"
+
+
+@pytest.mark.parametrize("name", list(TABLES))
+def test_a_table_without_an_op_is_reported(name):
+    table = TABLES[name]
+    for op in Op:
+        fewer = {k: v for k, v in table.items() if k is not op}
+        assert table_gaps(fewer) == ([op], [])
+    assert table_gaps({**table, "route2": None}) == ([], ["route2"])
+
+
+def test_an_op_added_to_the_enum_is_reported():
+    # the ops the tables must cover, with one more: every table lacks it
+    more = [*Op, "NEW_OP"]
+    for name, table in TABLES.items():
+        assert table_gaps(table, more) == (["NEW_OP"], []), name
+
+
+def test_registry_entries_are_well_formed():
+    kinds = {NUM, ANY, *Type}
+    for op, info in OPS.items():
+        assert info.op is op
+        assert info.form in FORMS, op
+        assert info.arity >= 0 and (info.arity >= 1 or not info.variadic), op
+        assert info.result in {NUM, ANY, VALUE_TYPE, PARAM_TYPE, ELEM_TYPE, *Type}, op
+        assert all(k in kinds for k in info.operands), op
+        if info.form == "route":        # the tensor named by its argument is the node's value
+            assert info.arity == 0 and len(info.params) == 1
+        else:
+            assert len(info.operands) == info.arity, op
+        assert all(0 <= i < info.arity for i in info.constant_args), op
+        if info.result in (NUM, ANY):               # a type variable comes from the operands
+            assert info.result in info.operands, op
+        if info.selector and info.form == "call":
+            assert tuple(p[1] for p in info.params) == info.operands
+            assert info.constant_args == tuple(range(info.arity)) and not info.constant
+        assert info.data_selector <= info.selector
+        assert (info.spelling is None) == (info.form in ("literal", "param", "index")), op
+        if info.form in ("infix", "prefix"):
+            assert info.level < Prec.ATOM, op
+        else:
+            assert info.form == "if" or info.level is Prec.ATOM, op
+
+
+def test_spellings_are_unique_within_a_syntax():
+    # infix operators, and names (functions, selectors, builtin leaves), are each one op
+    for forms in (("infix",), ("call", "route", "name")):
+        spellings = [i.spelling for i in OPS.values() if i.form in forms]
+        assert len(spellings) == len(set(spellings)), forms
+
+
+def test_groups_derive_from_the_registry_and_ir_re_exports_them():
+    assert ops.LEAF_OPS == {op for op in Op if OPS[op].arity == 0 and not OPS[op].variadic}
+    assert ops.SELECTOR_OPS == {Op.TOPK_BLOCKS, Op.TOPP_BLOCKS, Op.ROUTE, Op.RANDOM_BLOCKS}
+    assert ops.DATA_SELECTOR_OPS == {Op.TOPK_BLOCKS, Op.TOPP_BLOCKS, Op.ROUTE}
+    assert ops.ARITH_OPS == {Op.ADD, Op.SUB, Op.MUL}
+    assert ops.COMPARE_OPS == {Op.LT, Op.LE, Op.GT, Op.GE, Op.EQ, Op.NE}
+    assert ops.UNARY_FLOAT_FUNCS == {Op.EXP, Op.LOG, Op.SQRT, Op.TANH, Op.SIGMOID}
+    assert ops.BUILTIN_LEAVES == {"q": Op.Q, "k": Op.K, "h": Op.H, "q_len": Op.Q_LEN,
+                                  "kv_len": Op.KV_LEN, "heads": Op.HEADS, "kv_heads": Op.KV_HEADS}
+    # the pure ops: every op but the grid's leaves, score, tensor reads and selectors
+    impure = {Op.Q, Op.K, Op.H, Op.Q_LEN, Op.KV_LEN, Op.HEADS, Op.KV_HEADS, Op.SCORE, Op.INDEX}
+    assert CONSTANT_OPS == set(Op) - impure - ops.SELECTOR_OPS
+    for name in ("Op", "Type", "LEAF_OPS", "BUILTIN_LEAVES", "ARITH_OPS", "COMPARE_OPS",
+                 "UNARY_FLOAT_FUNCS", "SELECTOR_OPS", "DATA_SELECTOR_OPS"):
+        assert getattr(ir, name) is getattr(ops, name), name
+
+
+def test_checker_surface_names_come_from_the_registry():
+    assert checker.SELECTORS == {i.spelling: (op, i.params) for op, i in OPS.items() if i.selector}
+    assert checker.FUNCTIONS == {"abs", "min", "max", "clamp", "float", "exp", "log", "sqrt",
+                                 "tanh", "sigmoid"}
+
+
+def test_torch_rules_name_functions_of_both_namespaces():
+    for op, names in torch_backend.TORCH_RULES.items():
+        if names is torch_backend.NUMPY:
+            # never computed in torch: it cannot depend on 'score'
+            info = OPS[op]
+            assert op is not Op.SCORE
+            assert info.arity == 0 or info.constant_args == tuple(range(info.arity)), op
+            continue
+        for name in names:
+            assert callable(getattr(torch_backend.TorchOps, name, None)), (op, name)
+            assert callable(getattr(interp.NumpyOps, name, None)), (op, name)
