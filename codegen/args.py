@@ -19,10 +19,12 @@ from .lower import MAX_RANK, MAX_TENSORS
 from .tables import with_tables
 
 
-@dataclass
+@dataclass(frozen=True)
 class Launch:
     """Everything one kernel launch needs: the grid, positional arguments, the compile-time
-    constants and launch options (also read by the ahead-of-time compile check, codegen/aot.py)."""
+    constants and launch options (also read by the ahead-of-time compile check, codegen/aot.py).
+    The launch stage's output: frozen (its output tensors, ``args[3]`` and ``args[4]``, are
+    what the kernel writes)."""
 
     grid: tuple[int, int, int]
     args: list
