@@ -5,10 +5,10 @@ Input: a checked :class:`~attndsl.ir.Expr` and an :class:`Env` giving the grid (
 parameter values, this batch element's tensor inputs, the selector tables and, for the score
 clause, the score. Output: an array broadcastable to ``[H, Nq, Nk]``.
 
-One rule per :class:`~attndsl.ir.Op` in :data:`EVAL_RULES`. Rules compute with an array
-namespace (``env.xp``): NumPy here, torch in the blockwise torch backend, where only the
-sub-expressions that depend on ``score`` are computed in torch (so gradients flow) and
-everything else is delegated to NumPy. ``and``/``or``/``if`` narrow the set of *live* grid
+One rule per :class:`~attndsl.ir.Op` in :data:`EVAL_RULES`. Rules compute with the array
+namespace ``env.xp`` (:class:`NumpyOps`: int64 and float64). The backends do not interpret:
+they run code generated from the IR (codegen/lower.py for Triton, codegen/torch_lower.py for
+torch), checked against this interpreter. ``and``/``or``/``if`` narrow the set of *live* grid
 points for their right-hand/branch operands, so that a tensor index is only required to be in
 range where it is actually used (``doc[q - 1] if q > 0 else -1`` is valid).
 """
@@ -83,18 +83,14 @@ class Env:
 class Evaluator:
     """Evaluates IR expressions against one Env; results of shared sub-trees are memoised."""
 
-    def __init__(self, env: Env, delegate: Evaluator | None = None):
+    def __init__(self, env: Env):
         self.env = env
         self.xp = env.xp
-        self.delegate = delegate          # numpy evaluator for score-free sub-trees (torch path)
         self._memo: dict[int, object] = {}
         self._has_index: dict[int, bool] = {}
-        self._has_score: dict[int, bool] = {}
-        # whether this evaluates the score clause (an Env with a score; a delegate inherits it):
-        # only for the message of an index out of range
+        # whether this evaluates the score clause (an Env with a score): only for the message
+        # of an index out of range
         self.score_clause = env.score is not None
-        if delegate is not None:
-            delegate.score_clause = delegate.score_clause or self.score_clause
 
     def _flag(self, cache: dict, node: Expr, op: Op) -> bool:
         got = cache.get(id(node))
@@ -108,8 +104,6 @@ class Evaluator:
 
     def sub(self, node: Expr, live=None):
         """The value of ``node`` where ``live`` (a bool array or None for everywhere) holds."""
-        if self.delegate is not None and not self._flag(self._has_score, node, Op.SCORE):
-            return self.xp.from_numpy(self.delegate.sub(node, live))
         if live is None:
             key = id(node)
             if key not in self._memo:

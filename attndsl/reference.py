@@ -36,7 +36,7 @@ class CallGrid:
         self.mask_per_head = head_dependent(ir.mask)
         self.score_per_head = ir.score is not None and head_dependent(ir.score)
 
-    def env(self, heads, rows, cols, score=None, xp=None) -> Env:
+    def env(self, heads, rows, cols, score=None) -> Env:
         """The Env of a tile: heads, query rows i and key columns j given as index arrays."""
         env = Env(
             h=np.asarray(heads, np.int64)[:, None, None],
@@ -44,8 +44,6 @@ class CallGrid:
             k=np.asarray(cols, np.int64)[None, None, :],
             q_len=self.q_len, kv_len=self.kv_len, heads=self.heads, kv_heads=self.kv_heads,
             params=self.params, tensors=self.tensors, selectors=self.selectors, score=score)
-        if xp is not None:
-            env.xp = xp
         return env
 
     def mask(self, heads, rows, cols) -> np.ndarray:

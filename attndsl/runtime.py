@@ -13,8 +13,6 @@ interpreter: analyse, plan, generate, compile, launch, merge in
 
 from __future__ import annotations
 
-import contextlib
-
 import numpy as np
 import torch
 
@@ -77,9 +75,7 @@ def run(pattern: BoundPattern, q, k, v, return_lse=False, scale=None, backend=No
                       lambda cd: cd[0].describe())
     check_call_indices(data)
     if call.backend == "torch":
-        with _one_thread(q.device.type == "cpu"):
-            out, lse = blockwise_attention(call.pattern, data.grids, q, k, v, call.scale,
-                                           data.tensors)
+        out, lse = blockwise_attention(call, data, q, k, v)
     else:
         out, lse = triton_backend.forward(call, data, q, k, v)
     return (out, lse) if return_lse else out
@@ -156,19 +152,3 @@ def check_call_indices(data: CallData) -> None:
     unproved = [g for g in data.grids if not indices_in_range(g)]
     if unproved:
         check_indices(unproved)
-
-
-@contextlib.contextmanager
-def _one_thread(active: bool):
-    """Run torch's CPU ops on one thread for the duration. The blockwise backend issues many
-    small operations; with several OpenMP threads and a busy machine each one can wait out
-    the others' spinning (measured: 7.6 s on 2 threads against 0.08 s on one for 4 x 1024^2)."""
-    if not active:
-        yield
-        return
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)

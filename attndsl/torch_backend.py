@@ -1,205 +1,347 @@
 """The torch backend: blockwise online-softmax attention over the tiles the analysis keeps.
 
-Input: a :class:`~attndsl.bound.BoundPattern`, the call's :class:`~attndsl.reference.CallGrid`
-per batch element, q [B, H, Lq, D] and k/v [B, KVH, Lkv, D/Dv] torch tensors, the scale and the
-tensor inputs. Output: (out [B, H, Lq, Dv] in q's dtype, lse [B, H, Lq] float32, float64 for
-float64 inputs), differentiable through q, k, v and the score clause (autograd over the tile
-loop).
+Input: a :class:`~attndsl.call.BoundCall` and its :class:`~attndsl.call.CallData`, q
+[B, H, Lq, D] and k/v [B, KVH, Lkv, D/Dv] torch tensors. Output: (out [B, H, Lq, Dv] in q's
+dtype, lse [B, H, Lq] float32, float64 for float64 inputs), differentiable through q, k, v and
+the score clause (autograd over the tile loop).
 
-* Tiles of ``BLOCK_Q x BLOCK_K`` pairs and their classes come from the analysis
-  (:mod:`attndsl.analysis.call_tiles`): empty tiles are never visited, full tiles skip the mask,
-  partial tiles evaluate it with the NumPy interpreter. Work and memory follow the kept tiles,
-  so a decoding query against 2**31 keys with a window touches only the window's tiles.
+:func:`blockwise_attention` reads as its stages: analyse (the Triton backend's analysis at the
+CPU tile shape, codegen/torch_plan.py), plan (row tiles and key segments), generate (the mask
+and score clause lowered to torch functions, codegen/torch_lower.py, cached by content), run
+(each part's row tiles), merge (the parts' results by log-sum-exp).
+
+* Empty tiles are never visited; a segment of full tiles is one matmul with no mask; a partial
+  segment evaluates the generated mask on its [H or 1, rows, keys] block only. Band runs are
+  slices of q, k and v and residue-class gathers strided views: nothing is copied but the
+  visited tile's conversion to the accumulation type (float32, float64 for float64 inputs), and
+  memory is O((q_len + kv_len) x block), never a dense [q_len, kv_len] matrix.
 * Grouped-query attention reads each key/value head once for its group of query heads, from a
-  view: K and V are never copied whole (an expanded, stride-0 K stays unexpanded); only the
-  visited tile is converted to the accumulation type (float32, float64 for float64 inputs).
-  Memory is O((q_len + kv_len) x block); no dense [q_len, kv_len] matrix is built.
+  view (an expanded, stride-0 K stays unexpanded).
 * Non-finite values follow docs/language.md ("Non-finite values"), as the reference
   (:func:`attndsl.reference.attend`): a NaN or +inf score at an allowed pair flags its row, the
   softmax runs over the finite allowed scores, and a non-finite V entry counts only at the
-  rows whose allowed keys include it.
+  rows whose allowed keys include it. A tile whose scores are finite takes the fast path (one
+  check of its row maxima); V is checked once per call. Calls with gradients, or with a
+  non-finite V, run the plain single-part walk (no gathers), in place of nothing.
 """
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import torch
 
-from .analysis.call_tiles import block_maps
-from .call import acc_dtype
+from .call import BoundCall, CallData, acc_dtype
+from .codegen import torch_plan
+from .codegen.tables import table_values
+from .codegen.torch_lower import torch_hooks
 from .dump import dump
-from .interp import Env, Evaluator
-from .ir import Op
 
-BLOCK_Q = 64
-BLOCK_K = 256
-FULL = 2
-
-
-class TorchOps:
-    """The interpreter's array namespace on torch tensors (for the score clause)."""
-
-    def __init__(self, device, float_dtype):
-        self.device = device
-        self.float_dtype = float_dtype
-
-    where = staticmethod(torch.where)
-    minimum = staticmethod(torch.minimum)
-    maximum = staticmethod(torch.maximum)
-    abs = staticmethod(torch.abs)
-    exp = staticmethod(torch.exp)
-    log = staticmethod(torch.log)
-    sqrt = staticmethod(torch.sqrt)
-    tanh = staticmethod(torch.tanh)
-    sigmoid = staticmethod(torch.sigmoid)
-    power = staticmethod(torch.pow)
-
-    def to_float(self, x):
-        return x.to(self.float_dtype)
-
-    @staticmethod
-    def to_numpy(x):
-        return x.detach().cpu().numpy()
-
-    def from_numpy(self, x):
-        arr = np.asarray(x)
-        t = torch.as_tensor(arr, device=self.device)
-        return t.to(self.float_dtype) if t.is_floating_point() else t
-
-    @staticmethod
-    def any(x) -> bool:
-        return bool(x.any())
+NEG_INF = float("-inf")
+# torch's fused CPU attention: (out, lse) of q [B, H, R, D] against k, v [B, KVH, C, D] with an
+# additive float mask; a row with no allowed key gets out 0 and lse 0 (fixed by the caller)
+FUSED = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
 
 
-# How the score clause computes each op (one entry per op; tests/test_op_registry.py checks
-# them): NUMPY, the node cannot depend on 'score' (a leaf other than score, or a selector of
-# constant arguments), so the Evaluator's NumPy delegate computes it; otherwise the interpreter's
-# rule (interp.EVAL_RULES) runs on torch tensors and calls the TorchOps functions named (none:
-# Python operators on tensors; an index that depends on the score is gathered in NumPy).
-NUMPY = None
-TORCH_RULES: dict[Op, tuple[str, ...] | None] = {
-    **dict.fromkeys((Op.CONST, Op.PARAM, Op.Q, Op.K, Op.H, Op.Q_LEN, Op.KV_LEN, Op.HEADS,
-                     Op.KV_HEADS, Op.TOPK_BLOCKS, Op.TOPP_BLOCKS, Op.ROUTE, Op.RANDOM_BLOCKS), NUMPY),
-    Op.SCORE: (),                               # the score tile itself (Env.score)
-    **dict.fromkeys((Op.NEG, Op.ADD, Op.SUB, Op.MUL, Op.DIV, Op.FLOORDIV, Op.MOD, Op.LT, Op.LE,
-                     Op.GT, Op.GE, Op.EQ, Op.NE, Op.NOT, Op.AND, Op.OR), ()),
-    Op.POW: ("power",), Op.IF: ("where",), Op.ABS: ("abs",), Op.MIN: ("minimum",),
-    Op.MAX: ("maximum",), Op.FLOAT: ("to_float",), Op.EXP: ("exp",), Op.LOG: ("log",),
-    Op.SQRT: ("sqrt",), Op.TANH: ("tanh",), Op.SIGMOID: ("sigmoid",),
-    Op.INDEX: ("to_numpy", "from_numpy"),
-}
-
-
-def blockwise_attention(pattern, grids, q, k, v, scale: float, given: dict,
-                        block_q: int = BLOCK_Q, block_k: int = BLOCK_K):
+def blockwise_attention(call: BoundCall, data: CallData, q, k, v):
     """(out, lse) of one call; see the module docstring."""
-    batch, heads, q_len, _ = q.shape
-    kv_heads, kv_len, dv = k.shape[1], k.shape[2], v.shape[-1]
+    s = call.shape
     wide = acc_dtype(q.dtype)
-    if batch == 0 or q_len == 0:
-        return (q.new_zeros((batch, heads, q_len, dv)),
-                q.new_zeros((batch, heads, q_len), dtype=wide))
-    maps = dump("analysis", block_maps(pattern, q_len, kv_len, heads, kv_heads, given,
-                                       (block_q, block_k)), _describe_maps)
-    xp = TorchOps(q.device, wide)
+    if s.batch == 0 or s.q_len == 0:
+        return (q.new_zeros((s.batch, s.heads, s.q_len, s.v_dim)),
+                q.new_zeros((s.batch, s.heads, s.q_len), dtype=wide))
+    grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+    finite_v = all_finite(v)
+    analysis = dump("analysis", torch_plan.analyse(call, data, gathers=finite_v and not grad),
+                    lambda a: a.describe())
+    planned = dump("plan", torch_plan.plan(analysis), lambda p: p.describe())
+    for part in planned.rows[0]:
+        dump("source", torch_hooks(part.pattern).source)
+    fused = fused_engine(call, q, k, grad) and finite_v
     outs, lses = [], []
-    for b, grid in enumerate(grids):
-        calls = _Batch(grid, q[b], k[b], v[b], scale, wide, xp)
-        bm = maps[min(b, len(maps) - 1)]
-        row_outs, row_lses = [], []
-        for i, r0 in enumerate(range(0, q_len, block_q)):
-            rows = np.arange(r0, min(q_len, r0 + block_q))
-            classes = bm[:, i]                                  # [H or 1, nKT]
-            row = _Rows(calls, rows)
-            for j in np.flatnonzero(classes.any(axis=0)):
-                row.tile(int(j) * block_k, min(kv_len, (int(j) + 1) * block_k),
-                         full=bool((classes[:, j] == FULL).all()))
-            o, lse = row.finish()
-            row_outs.append(o)
-            row_lses.append(lse)
-        outs.append(torch.cat(row_outs, dim=1))
-        lses.append(torch.cat(row_lses, dim=1))
+    for b in range(s.batch):
+        parts = planned.rows[min(b, len(planned.rows) - 1)]   # one entry serves every row
+        ctx = _Call(call, data, b, q[b], k[b], v[b], wide, grad, finite_v, fused,
+                    planned.block[1])
+        results = [ctx.part(part) for part in parts]
+        out, lse = results[0] if len(results) == 1 else merge(results)
+        outs.append(out)
+        lses.append(lse)
     return torch.stack(outs).to(q.dtype), torch.stack(lses)
 
 
-def _describe_maps(maps) -> str:
-    bm = maps[0]
-    return (f"torch backend, tile {BLOCK_Q}x{BLOCK_K}: map {list(bm.shape)} per batch row; "
-            f"{int((bm > 0).sum())} tiles walked, {int((bm == FULL).sum())} full, "
-            f"{int((bm == 1).sum())} partial, {int((bm == 0).sum())} skipped (first batch row)")
+def fused_engine(call: BoundCall, q, k, grad: bool) -> bool:
+    """Whether a call's tiles may run on torch's fused CPU attention operator (:data:`FUSED`,
+    a private aten operator returning the log-sum-exp; ``ATTNDSL_TORCH_FUSED=0`` turns it off):
+    CPU tensors, no gradient, no score clause, one head size for q, k and v, finite q and k
+    (V is checked by the caller)."""
+    return (FUSED is not None and os.environ.get("ATTNDSL_TORCH_FUSED", "1") != "0"
+            and q.device.type == "cpu" and not grad and call.pattern.ir.score is None
+            and call.shape.head_dim == call.shape.v_dim
+            and all_finite(q) and all_finite(k))
 
 
-class _Batch:
-    """One batch element of a call: its grid and operands, read per tile."""
+def all_finite(t) -> bool:
+    """Whether every value of ``t`` is finite, each stored value read once (an expanded,
+    stride-0 dimension is read at one index: a K broadcast to 2**31 keys costs one row)."""
+    distinct = t[tuple(slice(0, 1) if st == 0 else slice(None) for st in t.stride())]
+    if distinct.numel() == 0:
+        return True
+    # two reductions, no temporary: max and min propagate NaN and meet any infinity
+    return bool(torch.isfinite(distinct.amax()) & torch.isfinite(distinct.amin()))
 
-    def __init__(self, grid, q, k, v, scale, wide, xp):
-        self.grid, self.q, self.k, self.v = grid, q, k, v
-        self.scale, self.wide, self.xp = scale, wide, xp
-        self.heads, self.kv_heads = q.shape[0], k.shape[0]
-        self.group = self.heads // self.kv_heads
-        self.all_heads = np.arange(self.heads)
-        self._v_finite: dict[int, bool] = {}        # key tile start -> whether V is finite there
 
+def merge(results):
+    """One (out [H, L, Dv], lse [H, L]) of several disjoint parts' results, by log-sum-exp.
+    A row that any part flags (lse NaN or +inf) stays flagged, its output NaN."""
+    out, lse = results[0]
+    for o, l2 in results[1:]:
+        total = torch.logaddexp(lse, l2)
+        safe = torch.where(torch.isfinite(total), total, torch.zeros_like(total))
+        mixed = (torch.exp(lse - safe)[..., None] * out + torch.exp(l2 - safe)[..., None] * o)
+        out = torch.where((total == NEG_INF)[..., None], torch.zeros_like(out),
+                          torch.where(torch.isfinite(total)[..., None], mixed, torch.nan))
+        lse = total
+    return out, lse
+
+
+class _Call:
+    """One batch element of a call: operands, hook arguments, and each part's walk."""
+
+    def __init__(self, call: BoundCall, data: CallData, b: int, q, k, v, wide, grad, finite_v,
+                 fused: bool, bk: int):
+        s = call.shape
+        self.fused, self.bk = fused, bk
+        self.s, self.q, self.k, self.v, self.wide = s, q, k, v, wide
+        self.grad, self.finite_v = grad, finite_v
+        self.data, self.b = data, b
+        self.group = s.heads // s.kv_heads
+        self.scale = call.scale
+        self.offset = s.kv_len - s.q_len
+        self.h = torch.arange(s.heads, device=q.device).view(-1, 1, 1)
+        self.sizes = tuple(torch.tensor(n, dtype=torch.int64, device=q.device)
+                           for n in (s.q_len, s.kv_len, s.heads, s.kv_heads))
+        self._v_finite: dict[tuple, bool] = {}
+
+    # ------------------------------------------------------------------ operands
     def grouped(self, a, b):
         """[H, R, X] @ [KVH, X, Y] -> [H, R, Y]: each key/value head serves its query heads."""
         h, r, x = a.shape
-        out = a.reshape(self.kv_heads, self.group * r, x) @ b
+        out = a.reshape(self.s.kv_heads, self.group * r, x) @ b
         return out.reshape(h, r, b.shape[-1])
 
-    def v_tile(self, c0: int, c1: int):
-        """(V[c0:c1] in the accumulation type with non-finite entries zeroed, the raw tile when
+    def v_tile(self, keys: slice):
+        """(V[keys] in the accumulation type with non-finite entries zeroed, the raw tile when
         it holds a non-finite entry, else None)."""
-        vt = self.v[:, c0:c1].to(self.wide)
-        finite = self._v_finite.get(c0)
-        if finite is None:
-            finite = self._v_finite[c0] = bool(torch.isfinite(vt).all())
-        if finite:
+        vt = self.v[:, keys].to(self.wide)
+        if self.finite_v:
+            return vt, None
+        span = (keys.start, keys.stop, keys.step)
+        if span not in self._v_finite:
+            self._v_finite[span] = bool(torch.isfinite(vt).all())
+        if self._v_finite[span]:
             return vt, None
         return torch.where(torch.isfinite(vt), vt, torch.zeros_like(vt)), vt
 
+    def hook_args(self, pattern):
+        """(module, mask tensors in float64, score tensors in the accumulation type) of a
+        part's pattern for this batch element."""
+        hooks = torch_hooks(pattern)
+        module, slots, derived = hooks.module, hooks.slots, hooks.derived
+        grid = self.data.grids[self.b]
+        values = dict(grid.tensors)
+        tables = table_values(derived, [grid], self.s.q_len, self.s.kv_len)
+        values.update({n: (t[0] if derived[n].batched else t) for n, t in tables.items()})
+        names = sorted(slots, key=slots.get)
+        dev = self.q.device
+
+        def convert(fdt):
+            out = []
+            for n in names:
+                t = values[n]
+                t = t.to(dev) if isinstance(t, torch.Tensor) else \
+                    torch.as_tensor(np.asarray(t), device=dev)
+                out.append(t.to(fdt) if t.is_floating_point() else
+                           (t if t.dtype == torch.bool else t.to(torch.int64)))
+            return tuple(out)
+
+        return module, convert(torch.float64), convert(self.wide)
+
+    # ------------------------------------------------------------------ walk
+    def part(self, part: torch_plan.Part):
+        """(out [H, Lq, Dv], lse [H, Lq]) of one part (rows it never visits: 0 and -inf).
+        Without gradients each row tile's result is written into the part's output; with
+        gradients the row tiles (and zero blocks between them) are concatenated."""
+        hooks = self.hook_args(part.pattern)
+        sparse = part.pattern.uses_selectors()      # candidate tiles may hold no selected pair
+        s, dv = self.s, self.v.shape[-1]
+        pieces, next_row = [], 0
+        if not self.grad:
+            out = self.q.new_zeros((s.heads, s.q_len, dv), dtype=self.wide)
+            lse = self.q.new_full((s.heads, s.q_len), NEG_INF, dtype=self.wide)
+        for g in part.groups:
+            for tile in g.tiles:
+                rows = slice(g.q_row0 + g.q_step * tile.r0,
+                             g.q_row0 + g.q_step * (tile.r1 - 1) + 1, g.q_step)
+                o, l2 = self.row_tile(rows, g, tile, hooks, sparse)
+                if not self.grad:
+                    out[:, rows], lse[:, rows] = o, l2
+                    continue
+                assert rows.step == 1, "gathered parts run without gradients"
+                if rows.start > next_row:                   # rows with no kept tile
+                    pieces.append(self.empty_rows(rows.start - next_row))
+                pieces.append((o, l2))
+                next_row = rows.stop
+        if not self.grad:
+            return out, lse
+        if next_row < s.q_len:
+            pieces.append(self.empty_rows(s.q_len - next_row))
+        return (torch.cat([o for o, _ in pieces], dim=1),
+                torch.cat([l2 for _, l2 in pieces], dim=1))
+
+    def empty_rows(self, n: int):
+        """(out, lse) of ``n`` rows without an allowed key: zeros and -inf."""
+        s = self.s
+        return (self.q.new_zeros((s.heads, n, self.v.shape[-1]), dtype=self.wide),
+                self.q.new_full((s.heads, n), NEG_INF, dtype=self.wide))
+
+    def row_tile(self, rows: slice, g, tile, hooks, sparse: bool):
+        """(out [H, R, Dv], lse [H, R]) of one tile of rows: the fused engine where it applies
+        and its result is finite, else the general one."""
+        if self.fused:
+            state = _FusedRows(self, rows, hooks[0], hooks[1], sparse)
+            done = self.walk(state, g, tile, fused=True)
+            if done is not None:
+                return done
+        return self.walk(_Rows(self, rows, *hooks, sparse), g, tile, fused=False)
+
+    def walk(self, state, g, tile, fused: bool):
+        """Every segment of a row tile through ``state``, in steps of at most the segment cap
+        (a fused step takes a whole full segment: it holds no score block)."""
+        cap = torch_plan.segment_cap(self.s.heads, tile.r1 - tile.r0, self.bk)
+        for seg in tile.segments:
+            step = seg.c1 - seg.c0 if fused and seg.full else cap
+            for c0 in range(seg.c0, seg.c1, step):
+                c1 = min(seg.c1, c0 + step)
+                state.tile(slice(g.k_row0 + g.k_step * c0, g.k_row0 + g.k_step * (c1 - 1) + 1,
+                                 g.k_step), seg.full)
+        return state.finish()
+
+
+class _FusedRows:
+    """The state of one tile of rows on torch's fused CPU attention operator, one call per
+    step, results merged by log-sum-exp. For finite inputs without a score clause; ``finish``
+    returns None when a row's result is not finite (the general engine then runs the tile)."""
+
+    def __init__(self, call: _Call, rows: slice, module, mask_t, sparse: bool):
+        self.c, self.module, self.mask_t, self.sparse = call, module, mask_t, sparse
+        dev = call.q.device
+        self.qpos = torch.arange(rows.start, rows.stop, rows.step, device=dev).view(1, -1, 1) \
+            + call.offset
+        self.qt = call.q[:, rows].to(call.wide)[None]
+        shape = (call.s.heads, self.qt.shape[2])
+        self.lse = torch.full(shape, NEG_INF, dtype=call.wide, device=dev)
+        self.acc = self.qt.new_zeros(shape + (call.v.shape[-1],))
+
+    def tile(self, keys: slice, full: bool) -> None:
+        c = self.c
+        bias = some = None
+        if not full:
+            kpos = torch.arange(keys.start, keys.stop, keys.step, device=c.q.device).view(1, 1, -1)
+            mask = self.module.mask(self.qpos, kpos, c.h, *c.sizes, torch.float64, *self.mask_t)
+            mask = mask.expand(mask.shape[0] if mask.dim() == 3 else 1, self.qpos.shape[1],
+                               kpos.shape[2])
+            some = mask.any(dim=-1)
+            if self.sparse and not bool(some.any()):
+                return
+            bias = torch.zeros(mask.shape, dtype=c.wide, device=c.q.device)
+            bias = bias.masked_fill_(~mask, NEG_INF)[None]
+        out, lse = FUSED(self.qt, c.k[:, keys].to(c.wide)[None], c.v[:, keys].to(c.wide)[None],
+                         attn_mask=bias, scale=c.scale)
+        out, lse = out[0], lse[0].to(c.wide)
+        if some is not None:                    # a row with no allowed key: lse -inf, not 0
+            lse = torch.where(some, lse, NEG_INF)
+        total = torch.logaddexp(self.lse, lse)
+        safe = torch.where(total == NEG_INF, torch.zeros_like(total), total)
+        self.acc = (self.acc * torch.exp(self.lse - safe)[..., None]
+                    + out * torch.exp(lse - safe)[..., None])
+        self.lse = total
+
+    def finish(self):
+        """(out [H, R, Dv], lse [H, R]), or None when a row's lse is NaN or +inf."""
+        if not bool((self.lse < torch.inf).all()):
+            return None
+        return self.acc, self.lse
+
 
 class _Rows:
-    """The online-softmax state of one tile of query rows across its key tiles."""
+    """The online-softmax state of one tile of query rows across its key segments."""
 
-    def __init__(self, batch: _Batch, rows: np.ndarray):
-        self.b, self.rows = batch, rows
-        r0, r1 = int(rows[0]), int(rows[-1]) + 1
-        shape = (batch.heads, len(rows))
-        self.qt = batch.q[:, r0:r1].to(batch.wide)
-        self.m = torch.full(shape, -torch.inf, dtype=batch.wide, device=batch.q.device)
+    def __init__(self, call: _Call, rows: slice, module, mask_t, score_t, sparse: bool):
+        self.c, self.module, self.mask_t, self.score_t = call, module, mask_t, score_t
+        self.sparse = sparse
+        dev = call.q.device
+        self.qpos = torch.arange(rows.start, rows.stop, rows.step, device=dev).view(1, -1, 1) \
+            + call.offset
+        self.qt = call.q[:, rows].to(call.wide)
+        shape = (call.s.heads, self.qt.shape[1])
+        self.m = torch.full(shape, NEG_INF, dtype=call.wide, device=dev)
         self.l = torch.zeros_like(self.m)
-        self.acc = batch.q.new_zeros(shape + (batch.v.shape[-1],), dtype=batch.wide)
-        self.nan_row = torch.zeros(shape, dtype=torch.bool, device=batch.q.device)
+        self.acc = self.qt.new_zeros(shape + (call.v.shape[-1],))
+        self.nan_row = torch.zeros(shape, dtype=torch.bool, device=dev)
         self.inf_row = torch.zeros_like(self.nan_row)
         self.poison = None                  # (+inf, -inf, NaN) counts [H, R, Dv] once needed
 
-    def tile(self, c0: int, c1: int, full: bool) -> None:
-        b, cols = self.b, np.arange(c0, c1)
-        kt = b.k[:, c0:c1].to(b.wide)
-        s = b.scale * b.grouped(self.qt, kt.transpose(-1, -2))
-        s = _score(b.grid, b.xp, b.all_heads, self.rows, cols, s)
-        allowed = s != -torch.inf
+    def tile(self, keys: slice, full: bool) -> None:
+        c = self.c
+        kpos = torch.arange(keys.start, keys.stop, keys.step, device=c.q.device).view(1, 1, -1)
+        mask = None
         if not full:
-            mask = b.grid.mask(b.all_heads, self.rows, cols)
-            allowed = allowed & torch.as_tensor(np.array(mask, dtype=bool), device=s.device)
-        self.nan_row |= (allowed & torch.isnan(s)).any(-1)
-        self.inf_row |= (allowed & (s == torch.inf)).any(-1)
-        finite = allowed & torch.isfinite(s)
-        s = torch.where(finite, s, -torch.inf)
-        m_new = torch.maximum(self.m, s.amax(dim=-1))
-        safe = torch.where(torch.isfinite(m_new), m_new, torch.zeros_like(m_new))
-        alpha = torch.where(torch.isfinite(self.m), torch.exp(self.m - safe), torch.zeros_like(self.m))
-        p = torch.where(finite, torch.exp(s - safe[..., None]), torch.zeros_like(s))
-        vt, raw = b.v_tile(c0, c1)
-        self.l = self.l * alpha + p.sum(dim=-1)
-        self.acc = self.acc * alpha[..., None] + b.grouped(p, vt)
+            mask = self.module.mask(self.qpos, kpos, c.h, *c.sizes, torch.float64, *self.mask_t)
+            if self.sparse and not bool(mask.any()):
+                return
+        s = c.grouped(self.qt, c.k[:, keys].to(c.wide).transpose(-1, -2))
+        s = s.mul_(c.scale) if not c.grad else s * c.scale
+        if hasattr(self.module, "score"):
+            value = self.module.score(s, self.qpos, kpos, c.h, *c.sizes, c.wide, *self.score_t)
+            value = value.to(s.dtype)
+            if value.shape != s.shape:      # a broadcast value (or a module constant): the
+                value = value.expand(s.shape)  # in-place steps below need a block of its own
+                value = value if c.grad else value.clone()
+            s = value
+        if mask is not None:
+            s = s.masked_fill(~mask, NEG_INF)
+        top = s.amax(dim=-1)
+        vt, raw = c.v_tile(keys)
+        if raw is not None or not bool((top < torch.inf).all()):
+            allowed = s != NEG_INF              # NaN and +inf scores included
+            self.nan_row |= (allowed & torch.isnan(s)).any(-1)
+            self.inf_row |= (s == torch.inf).any(-1)
+            s = torch.where(torch.isfinite(s), s, NEG_INF)
+            top = s.amax(dim=-1)
+            if raw is not None:
+                self._count_poison(allowed, raw)
+        self._update(s, top, vt)
+
+    def _update(self, s, top, vt) -> None:
+        """Fold a block of scores (finite or -inf) into the state."""
+        m_new = torch.maximum(self.m, top)
+        safe = torch.where(m_new == NEG_INF, torch.zeros_like(m_new), m_new)
+        alpha = torch.exp(self.m - safe)
+        if self.c.grad:
+            p = torch.exp(s - safe[..., None])
+            self.l = self.l * alpha + p.sum(dim=-1)
+            self.acc = self.acc * alpha[..., None] + self.c.grouped(p, vt)
+        else:                               # in place: s is this tile's own block
+            p = s.sub_(safe[..., None]).exp_()
+            self.l.mul_(alpha).add_(p.sum(dim=-1))
+            self.acc.mul_(alpha[..., None]).add_(self.c.grouped(p, vt))
         self.m = m_new
-        if raw is not None:
-            self._count_poison(allowed, raw)
 
     def _count_poison(self, allowed, raw) -> None:
         a = allowed.to(raw.dtype)
-        counts = [self.b.grouped(a, kind.to(raw.dtype)) for kind in
+        counts = [self.c.grouped(a, kind.to(raw.dtype)) for kind in
                   (raw == torch.inf, raw == -torch.inf, torch.isnan(raw))]
         self.poison = counts if self.poison is None else \
             [old + new for old, new in zip(self.poison, counts)]
@@ -209,7 +351,7 @@ class _Rows:
         has = self.l > 0
         denom = torch.where(has, self.l, torch.ones_like(self.l))
         out = torch.where(has[..., None], self.acc / denom[..., None], torch.zeros_like(self.acc))
-        lse = torch.where(has, self.m + torch.log(denom), torch.full_like(self.m, -torch.inf))
+        lse = torch.where(has, self.m + torch.log(denom), torch.full_like(self.m, NEG_INF))
         if self.poison is not None:
             pos, neg, nan = (c > 0 for c in self.poison)
             out = torch.where(nan | (pos & neg), torch.nan,
@@ -217,15 +359,3 @@ class _Rows:
         lse = torch.where(self.nan_row, torch.nan, torch.where(self.inf_row, torch.inf, lse))
         out = torch.where((self.nan_row | self.inf_row)[..., None], torch.nan, out)
         return out, lse
-
-
-def _score(grid, xp, heads, rows, cols, s0):
-    if grid.ir.score is None:
-        return s0
-    numpy_env = grid.env(heads, rows, cols)
-    env: Env = grid.env(heads, rows, cols, score=s0, xp=xp)
-    with np.errstate(all="ignore"):
-        value = Evaluator(env, delegate=Evaluator(numpy_env)).sub(grid.ir.score)
-    if not isinstance(value, torch.Tensor):
-        value = xp.from_numpy(value)
-    return torch.broadcast_to(value.to(s0.dtype), s0.shape)

@@ -9,7 +9,10 @@ For each pattern and length N (q_len == kv_len == N, batch 1, tiles of 128 x 128
   reduction, without holding the whole [heads, N, N] mask);
 * ``FlexAttention``: ``torch.nn.attention.flex_attention.create_block_mask`` on the CPU in eager
   mode (``_compile=False``) with a hand-written ``mask_mod`` per pattern, run in a worker process
-  with a memory limit and a time limit.
+  with a memory limit and a time limit; with ``--flex-compiled`` also
+  ``torch.compile(create_block_mask)`` (inductor, C++ on the CPU), and the check of the target
+  "block_map at least 100x faster than compiled create_block_mask": the compiled Flex warm
+  median over attndsl's *first* call on a fresh pattern, case by case.
 
 and checks, wherever a brute force ran, that the attndsl map is sound (a tile marked empty holds
 no allowed pair, a tile marked full only allowed pairs) and whether it is exact. It also times
@@ -46,16 +49,22 @@ from cases import (  # noqa: E402
     BLOCK,
     CASES,
     CASES_BY_KEY,
-    EMPTY,
-    FULL,
-    PARTIAL,
     PER_HEAD_HEADS,
     ROOT,
     Case,
     demo_tensors,
     measure,
 )
-from flex_worker import FlexRunner, flex_worker  # noqa: E402
+from flex_worker import (  # noqa: E402
+    TARGET,
+    FlexRunner,
+    compare,
+    flex_worker,
+    fmt_ratio,
+    fmt_time,
+    run_compiled,
+    target_lines,
+)
 
 import attndsl  # noqa: E402
 from attndsl.blocks import block_map_by_tiles  # noqa: E402
@@ -67,28 +76,6 @@ TOTAL_SIZE = 131072
 
 
 # ------------------------------------------------------------------------------------ helpers
-
-
-def fmt_time(s: float | None) -> str:
-    if s is None:
-        return "—"
-    if s < 1e-3:
-        return f"{s * 1e6:.0f} µs"
-    if s < 1.0:
-        return f"{s * 1e3:.1f} ms"
-    return f"{s:.2f} s"
-
-
-def compare(ours: np.ndarray, brute: np.ndarray) -> dict:
-    """Soundness and exactness of ours against an exact map."""
-    unsound_empty = int(((ours == EMPTY) & (brute != EMPTY)).sum())
-    unsound_full = int(((ours == FULL) & (brute != FULL)).sum())
-    loose = int(((ours == PARTIAL) & (brute != PARTIAL)).sum())
-    return {"sound": unsound_empty == 0 and unsound_full == 0 and ours.shape == brute.shape,
-            "exact": bool(ours.shape == brute.shape and (ours == brute).all()),
-            "unsound_empty": unsound_empty, "unsound_full": unsound_full, "loose": loose,
-            "first_diff": None if ours.shape != brute.shape or (ours == brute).all()
-            else [int(x) for x in np.argwhere(ours != brute)[0]]}
 
 
 def tile_stats(m: np.ndarray) -> str:
@@ -145,6 +132,17 @@ class Row:
     flex_note: str = ""
     flex_cmp: dict | None = None
     flex_vs_np: bool | None = None
+    flexc_first: float | None = None        # torch.compile(create_block_mask)
+    flexc_warm: float | None = None
+    flexc_note: str = ""
+    flexc_cmp: dict | None = None
+
+    @property
+    def compiled_ratio(self) -> float | None:
+        """Compiled Flex (warm median) over attndsl's first call: the 100x target's ratio."""
+        if self.flexc_warm is None or not self.ours_first:
+            return None
+        return self.flexc_warm / self.ours_first
 
     @property
     def speedup(self) -> float | None:
@@ -208,7 +206,8 @@ def bench(cases, sizes, args, log) -> list[Row]:
     warmup.block_map(512, 512)          # imports and first-use costs outside the timings
     workdir = tempfile.mkdtemp(prefix="attndsl-bench-")
     runner = None
-    if not args.no_flex:
+    compiled_failed: set = set()
+    if not args.no_flex or args.flex_compiled:
         mem = args.flex_mem_gib
         if mem is None:
             avail = _mem_available_gib() or 8.0
@@ -243,7 +242,9 @@ def bench(cases, sizes, args, log) -> list[Row]:
                         np_last[case.key] = (pairs, row.np_time, n)
                         row.np_cmp = compare(ours, brute)
                 # --- FlexAttention
-                if runner is not None:
+                if runner is not None and args.flex_compiled:
+                    run_compiled(runner, row, ours, brute, compiled_failed)
+                if runner is not None and not args.no_flex:
                     if isinstance(case.flex, str) or case.flex is None:
                         row.flex_note = case.flex or "no mask_mod"
                     else:
@@ -287,12 +288,18 @@ def progress_line(r: Row) -> str:
         parts.append(f"flex {fmt_time(r.flex_first)} / {fmt_time(r.flex_warm)}")
     elif r.flex_note:
         parts.append(f"flex: {r.flex_note[:60]}")
+    if r.flexc_first is not None:
+        parts.append(f"flex compiled {fmt_time(r.flexc_first)} / {fmt_time(r.flexc_warm)} "
+                     f"({fmt_ratio(r.compiled_ratio)} attndsl's first call)")
+    elif r.flexc_note:
+        parts.append(f"flex compiled: {r.flexc_note[:60]}")
     parts.append(check_cell(r))
     return "  ".join(parts)
 
 
 def check_cell(r: Row) -> str:
-    cmps = [(name, c) for name, c in (("np", r.np_cmp), ("flex", r.flex_cmp)) if c is not None]
+    cmps = [(name, c) for name, c in (("np", r.np_cmp), ("flex", r.flex_cmp), ("flexc", r.flexc_cmp))
+            if c is not None]
     if not cmps:
         return "not checked"
     bad = [(name, c) for name, c in cmps if not c["sound"]]
@@ -306,10 +313,13 @@ def check_cell(r: Row) -> str:
 
 
 def results_table(rows: list[Row]) -> str:
+    compiled = any(r.flexc_first is not None or r.flexc_note for r in rows)
     head = ("| pattern | H | N | attndsl first | attndsl warm (median of 5) | NumPy brute force | "
-            "NumPy / attndsl warm | Flex first | Flex warm (median) | tiles empty/partial/full % | "
-            "check vs brute force |")
-    lines = [head, "|" + "---|" * 11]
+            "NumPy / attndsl warm | Flex first | Flex warm (median) | "
+            + ("Flex compiled first | Flex compiled warm (median) | compiled Flex warm / attndsl "
+               "first | " if compiled else "")
+            + "tiles empty/partial/full % | check vs brute force |")
+    lines = [head, "|" + "---|" * (14 if compiled else 11)]
     for r in rows:
         if r.np_time is None:
             npc = "—"
@@ -319,9 +329,14 @@ def results_table(rows: list[Row]) -> str:
             npc = fmt_time(r.np_time)
         flex_first = fmt_time(r.flex_first) if r.flex_first is not None else \
             ("skipped" if r.flex_note.startswith("skipped") else "failed" if r.flex_note else "—")
+        extra = ""
+        if compiled:
+            first_c = fmt_time(r.flexc_first) if r.flexc_first is not None else \
+                ("skipped" if r.flexc_note.startswith("skipped") else "failed" if r.flexc_note else "—")
+            extra = f"{first_c} | {fmt_time(r.flexc_warm)} | {fmt_ratio(r.compiled_ratio)} | "
         lines.append(f"| {r.case.key} | {r.case.heads} | {r.n} | {fmt_time(r.ours_first)} | "
                      f"{fmt_time(r.ours_warm)} | {npc} | {fmt_speedup(r)} | {flex_first} | "
-                     f"{fmt_time(r.flex_warm)} | {r.stats} | {check_cell(r)} |")
+                     f"{fmt_time(r.flex_warm)} | {extra}{r.stats} | {check_cell(r)} |")
     return "\n".join(lines)
 
 
@@ -331,13 +346,16 @@ def notes(rows: list[Row]) -> list[str]:
     for r in rows:
         if r.flex_note and r.flex_first is None:
             skipped.setdefault((r.n, r.flex_note), []).append(r.case.key)
+        if r.flexc_note:
+            out.append(f"- compiled FlexAttention, {r.case.key} at N={r.n}: {r.flexc_note}")
     for (n, reason), keys in skipped.items():
         out.append(f"- FlexAttention at N={n}, {', '.join(keys)}: {reason}")
     for r in rows:
         if r.flex_vs_np is False:
             out.append(f"- FlexAttention's map differs from the NumPy brute force for {r.case.key} at "
                        f"N={r.n} (the hand-written mask_mod or the interpreter is wrong)")
-        for name, c in (("NumPy", r.np_cmp), ("FlexAttention", r.flex_cmp)):
+        for name, c in (("NumPy", r.np_cmp), ("FlexAttention", r.flex_cmp),
+                        ("compiled FlexAttention", r.flexc_cmp)):
             if c is not None and not c["exact"]:
                 kind = "UNSOUND" if not c["sound"] else "inexact (sound)"
                 out.append(f"- attndsl vs {name}, {r.case.key} at N={r.n}, H={r.case.heads}: {kind}: "
@@ -453,6 +471,11 @@ def report(rows, entries, total, info, args, sizes) -> str:
         "beyond its start-up size. At each N after the first, the first pattern (the probe) runs when "
         f"its own pair-count prediction is under {args.limit:g} s; the others run when their time "
         "at the smaller N, scaled by the probe's growth, is under that limit.",
+        "- Flex compiled (with `--flex-compiled`): `torch.compile(create_block_mask)(mask_mod, 1, H, N, "
+        "N, device=\"cpu\", BLOCK_SIZE=128)` (inductor, C++ on the CPU; dynamo reset before each "
+        "case, so the first call includes compiling), first call and the median of the warm calls, "
+        "in the same worker. `compiled Flex warm / attndsl first` is the target's ratio "
+        f"(at least {TARGET:.0f}x): attndsl's first call on a fresh pattern, solving included.",
         "- check vs brute force: soundness (a tile attndsl marks empty holds no allowed pair; one it "
         "marks full, only allowed pairs) and exactness (the same three-valued map) against each brute "
         "force that ran; `tiles` is attndsl's map.",
@@ -467,6 +490,10 @@ def report(rows, entries, total, info, args, sizes) -> str:
                   for c in used]
     lines += ["Patterns:", ""] + case_notes + [""]
     extra = notes(rows)
+    targets = target_lines(rows)
+    if targets:
+        lines += [f"Target (compiled create_block_mask at least {TARGET:.0f}x slower than block_map):",
+                  ""] + targets + [""]
     if not args.no_flex:
         extra.insert(0, ("- FlexAttention ran on the CPU in eager mode (`_compile=False`)" if flex_ran
                          else "- FlexAttention did not run (see below); in eager mode on the CPU") +
@@ -501,7 +528,9 @@ def main(argv=None) -> int:
     ap.add_argument("--write", metavar="FILE",
                     help="append a dated section to FILE (e.g. docs/benchmarks.md)")
     ap.add_argument("--note", default="", help="a line added to the written section (e.g. machine load)")
-    ap.add_argument("--no-flex", action="store_true", help="skip FlexAttention")
+    ap.add_argument("--no-flex", action="store_true", help="skip eager FlexAttention")
+    ap.add_argument("--flex-compiled", action="store_true",
+                    help="also time torch.compile(create_block_mask) and check the 100x target")
     ap.add_argument("--no-numpy", action="store_true", help="skip the NumPy brute force")
     ap.add_argument("--no-examples", action="store_true", help="skip the all-examples total at 131072")
     ap.add_argument("--limit", type=float, default=60.0,
@@ -545,6 +574,8 @@ def main(argv=None) -> int:
     rows = bench(cases, sizes, args, log)
     entries, total = (None, 0.0) if args.no_examples else all_examples(TOTAL_SIZE, log)
     log(f"benchmark took {time.perf_counter() - t0:.0f} s")
+    for line in target_lines(rows):
+        log("target: " + line[2:])
     text = report(rows, entries, total, info, args, sizes)
     print(text)
     if args.write:

@@ -229,6 +229,22 @@ def _flex_longnet_segments(segment, r):
     return make
 
 
+def _flex_radial(frame):
+    def make(n, heads, torch):
+        def mask_mod(b, h, q, kv):
+            d = (q // frame - kv // frame).abs()
+            x = (q % frame - kv % frame).abs()
+            r2 = torch.ones_like(d)                 # 2^floor(log2(max(d, 1))), capped at 2048
+            for t in (2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048):
+                r2 = torch.where(d >= t, t, r2)
+            wide = x < frame // r2
+            thin = (x == 0) & (d % torch.clamp(r2 // frame, min=1) == 0)
+            near = torch.where(r2 <= frame, wide, thin)
+            return (kv < frame) | near
+        return mask_mod
+    return make
+
+
 def _docs_only(n, heads):
     return {"doc": demo_docs(n)[0]}
 
@@ -266,6 +282,8 @@ CASES = [
          heads=PER_HEAD_HEADS, flex=_flex_s2(16, 4, 64)),
     Case("longnet_segments", "dilated.attn", "longnet_segments", {"segment": 2048, "r": 4},
          heads=PER_HEAD_HEADS, flex=_flex_longnet_segments(2048, 4)),
+    Case("radial_256", "radial.attn", "radial", {"frame": 256}, flex=_flex_radial(256),
+         note="frames of 256 tokens; an if-chain over frame-distance bands"),
 ]
 CASES_BY_KEY = {c.key: c for c in CASES}
 

@@ -1,5 +1,11 @@
 """FlexAttention's create_block_mask run in a worker process with memory and time limits, so
-that running out of memory or hanging is recorded rather than ending the benchmark."""
+that running out of memory or hanging is recorded rather than ending the benchmark.
+
+A job runs create_block_mask in eager mode (``_compile=False``: mask_mod under vmap on the dense
+grid) or, with ``"compiled": true``, as ``torch.compile(create_block_mask)`` (inductor on the
+CPU: the first call includes compiling, warm calls run the generated C++ kernel). Dynamo is
+reset before each compiled job, so that every case is compiled afresh and none falls back to
+eager after hitting the recompile limit."""
 
 from __future__ import annotations
 
@@ -7,12 +13,83 @@ import gc
 import json
 import os
 import selectors
+import statistics
 import subprocess
 import sys
 import time
 
 import numpy as np
-from cases import BLOCK, CASES_BY_KEY, FULL, PARTIAL, Case, _flex_causal, measure
+from cases import BLOCK, CASES_BY_KEY, EMPTY, FULL, PARTIAL, Case, _flex_causal, measure
+
+TARGET = 100.0              # compiled create_block_mask (warm) / attndsl block_map (first call)
+
+
+def fmt_time(s: float | None) -> str:
+    if s is None:
+        return "—"
+    if s < 1e-3:
+        return f"{s * 1e6:.0f} µs"
+    if s < 1.0:
+        return f"{s * 1e3:.1f} ms"
+    return f"{s:.2f} s"
+
+
+def compare(ours: np.ndarray, brute: np.ndarray) -> dict:
+    """Soundness and exactness of ours against an exact map."""
+    unsound_empty = int(((ours == EMPTY) & (brute != EMPTY)).sum())
+    unsound_full = int(((ours == FULL) & (brute != FULL)).sum())
+    loose = int(((ours == PARTIAL) & (brute != PARTIAL)).sum())
+    return {"sound": unsound_empty == 0 and unsound_full == 0 and ours.shape == brute.shape,
+            "exact": bool(ours.shape == brute.shape and (ours == brute).all()),
+            "unsound_empty": unsound_empty, "unsound_full": unsound_full, "loose": loose,
+            "first_diff": None if ours.shape != brute.shape or (ours == brute).all()
+            else [int(x) for x in np.argwhere(ours != brute)[0]]}
+
+
+def run_compiled(runner, row, ours, brute, failed: set) -> None:
+    """Times torch.compile(create_block_mask) for row's case (not again once it failed)."""
+    case, n = row.case, row.n
+    if isinstance(case.flex, str) or case.flex is None:
+        row.flexc_note = case.flex or "no mask_mod"
+        return
+    if case.key in failed:
+        row.flexc_note = "skipped: failed at a smaller size"
+        return
+    ans = runner.run(case, n, compiled=True)
+    if "error" in ans:
+        row.flexc_note = ans["error"]
+        failed.add(case.key)
+        return
+    row.flexc_first = ans["first"]
+    row.flexc_warm = statistics.median(ans["warm"]) if ans["warm"] else None
+    if not ans["warm"]:
+        row.flexc_note = "no warm call (first call over the time budget)"
+    fmap = np.load(ans["map"])
+    os.unlink(ans["map"])
+    row.flexc_cmp = compare(ours, fmap)
+    if brute is not None and not (fmap == brute).all():
+        row.flexc_note = "compiled Flex's map differs from the NumPy brute force"
+
+
+def fmt_ratio(x: float | None) -> str:
+    return "—" if x is None else f"{x:,.0f}x" if x >= 10 else f"{x:.1f}x"
+
+
+def target_lines(rows: list) -> list[str]:
+    """Which cases meet the target (compiled Flex warm >= TARGET x attndsl's first call)."""
+    out = []
+    for r in rows:
+        ratio = r.compiled_ratio
+        if ratio is None:
+            if r.flexc_note:
+                out.append(f"- {r.case.key} at N={r.n}: not measured ({r.flexc_note[:80]})")
+            continue
+        verdict = "meets" if ratio >= TARGET else "**misses**"
+        out.append(f"- {r.case.key} at N={r.n}: {verdict} the {TARGET:.0f}x target: compiled Flex "
+                   f"{fmt_time(r.flexc_warm)} / attndsl {fmt_time(r.ours_first)} = {fmt_ratio(ratio)} "
+                   f"(warm attndsl {fmt_time(r.ours_warm)}: "
+                   f"{fmt_ratio(r.flexc_warm / r.ours_warm if r.ours_warm else None)})")
+    return out
 
 
 # ------------------------------------------------------------------------- FlexAttention worker
@@ -51,6 +128,12 @@ def flex_worker(mem_bytes: int, reps: int, budget_s: float) -> None:
     from torch.nn.attention.flex_attention import create_block_mask
 
     torch.set_num_threads(max(1, os.cpu_count() or 1))
+    import torch._dynamo
+    import torch._dynamo.config as dynamo_config
+    for name in ("cache_size_limit", "recompile_limit", "accumulated_cache_size_limit",
+                 "accumulated_recompile_limit"):
+        if hasattr(dynamo_config, name):
+            setattr(dynamo_config, name, 1 << 12)
     # one-time costs (lazy imports, first vmap, first large allocations) outside the timings
     create_block_mask(_flex_causal(1024, 1, torch), 1, 1, 1024, 1024, device="cpu", BLOCK_SIZE=BLOCK,
                       _compile=False)
@@ -65,16 +148,22 @@ def flex_worker(mem_bytes: int, reps: int, budget_s: float) -> None:
         try:
             mask_mod = case.flex(n, case.heads, torch)
             heads = case.heads
+            if job.get("compiled"):
+                torch._dynamo.reset()
+                compiled = torch.compile(create_block_mask)
 
-            def run(mask_mod=mask_mod, heads=heads, n=n):
-                return create_block_mask(mask_mod, 1, heads, n, n, device="cpu", BLOCK_SIZE=BLOCK,
-                                         _compile=False)
+                def run(mask_mod=mask_mod, heads=heads, n=n, compiled=compiled):
+                    return compiled(mask_mod, 1, heads, n, n, device="cpu", BLOCK_SIZE=BLOCK)
+            else:
+                def run(mask_mod=mask_mod, heads=heads, n=n):
+                    return create_block_mask(mask_mod, 1, heads, n, n, device="cpu",
+                                             BLOCK_SIZE=BLOCK, _compile=False)
 
             bm, first, warm = measure(run, reps, budget_s)
             nt = -(-n // BLOCK)
             m = flex_block_map(bm, heads, nt, nt)
             del bm
-            path = os.path.join(job["dir"], f"flex_{case.key}_{n}.npy")
+            path = os.path.join(job["dir"], f"flex_{case.key}_{n}_{int(bool(job.get('compiled')))}.npy")
             np.save(path, m)
             answer.update(first=first, warm=warm, map=path)
         except Exception as exc:   # out of memory, unsupported op under vmap, ...
@@ -132,12 +221,13 @@ class FlexRunner:
             self.proc.wait()
             self.proc = None
 
-    def run(self, case: Case, n: int) -> dict:
+    def run(self, case: Case, n: int, compiled: bool = False) -> dict:
         if self.start_error is not None:
             return {"error": self.start_error}
         if self.proc is None and not self._start():
             return {"error": self.start_error}
-        self.proc.stdin.write(json.dumps({"case": case.key, "n": n, "dir": self.workdir}) + "\n")
+        job = {"case": case.key, "n": n, "dir": self.workdir, "compiled": compiled}
+        self.proc.stdin.write(json.dumps(job) + "\n")
         self.proc.stdin.flush()
         t0 = time.perf_counter()
         answer = self._read(self.timeout_s)

@@ -215,7 +215,24 @@ def load_module(body: str, interpret: bool, prefix: str = "attndsl_gen"):
     again when missing, corrupt or different) and the module runs from the generated text
     itself. A folder that cannot be written is replaced by the private fallback folder."""
     ensure_mode(interpret)
-    key = module_key(body, interpret)
+    return _load(body, module_key(body, interpret), prefix)
+
+
+def torch_version() -> str:
+    import torch
+
+    return torch.__version__
+
+
+def load_torch_module(body: str, prefix: str = "attndsl_torch"):
+    """A generated torch module (codegen/torch_lower.py), cached like the Triton modules; its key
+    hashes the source, the codegen version and the torch version (no Triton involved)."""
+    text = "\0".join([body, CODEGEN_VERSION, torch_version(), "torch"])
+    return _load(body, hashlib.sha256(text.encode()).hexdigest()[:32], prefix)
+
+
+def _load(body: str, key: str, prefix: str):
+    """The module of ``body`` under ``key`` (see :func:`load_module`)."""
     name = f"{prefix}_{key}"
     text = _header(body) + body
     with _LOCK:

@@ -54,15 +54,16 @@ def _literal(value, kind: Type) -> str:
     return f"({v!r})"
 
 
-def _binary(sym):
+# rule makers shared with the torch lowering (codegen/torch_lower.py)
+def binary(sym):
     return lambda ctx, node, a: f"({a[0]} {sym} {a[1]})"
 
 
-def _call(fn):
+def call(fn):
     return lambda ctx, node, a: f"{fn}({', '.join(a)})"
 
 
-def _fold(fn):
+def fold(fn):
     def rule(ctx, node, a):
         out = a[0]
         for x in a[1:]:
@@ -71,15 +72,15 @@ def _fold(fn):
     return rule
 
 
-def _const(ctx, node, a):
-    return _literal(node.value, node.type)
+def const_rule(ctx, node, a):
+    return ctx.literal(node.value, node.type)
 
 
-def _param(ctx, node, a):
-    return _literal(ctx.values[node.value], node.type)
+def param_rule(ctx, node, a):
+    return ctx.literal(ctx.values[node.value], node.type)
 
 
-def _leaf(name):
+def leaf(name):
     return lambda ctx, node, a: name
 
 
@@ -103,54 +104,52 @@ def _index(ctx, node, a):
     return f"tl.load(t{slot} + {' + '.join(terms)})"
 
 
-def _unsupported(ctx, node, a):
+def needs_table(ctx, node, a):
+    """The rule of a selector: it is read from a table (codegen/tables.py), never lowered."""
     raise LoweringError(f"{node.op.value} must be replaced by a table before lowering")
 
 
-TRITON_RULES = {
-    Op.CONST: _const,
-    Op.PARAM: _param,
-    Op.Q: _leaf("q"),
-    Op.K: _leaf("k"),
-    Op.H: _leaf("h"),
-    # the sizes arrive as int32 kernel arguments (or constexpr 1); the language's int is 64-bit
-    Op.Q_LEN: _leaf("tl.cast(q_len, tl.int64)"),
-    Op.KV_LEN: _leaf("tl.cast(kv_len, tl.int64)"),
-    Op.HEADS: _leaf("tl.cast(heads, tl.int64)"),
-    Op.KV_HEADS: _leaf("tl.cast(kv_heads, tl.int64)"),
-    Op.SCORE: _leaf("s"),
+# the rules both lowerings share (the torch lowering, codegen/torch_lower.py, too): literals,
+# positions, the score, and Python's operators, which mean the language's on tiles of both
+COMMON_RULES = {
+    Op.CONST: const_rule,
+    Op.PARAM: param_rule,
+    Op.Q: leaf("q"),
+    Op.K: leaf("k"),
+    Op.H: leaf("h"),
+    Op.SCORE: leaf("s"),
     Op.NEG: lambda ctx, node, a: f"(-{a[0]})",
-    Op.ADD: _binary("+"),
-    Op.SUB: _binary("-"),
-    Op.MUL: _binary("*"),
-    Op.DIV: _binary("/"),
-    Op.FLOORDIV: _call("floordiv"),
-    Op.MOD: _call("floormod"),
-    Op.POW: _call("powf"),
-    Op.LT: _binary("<"),
-    Op.LE: _binary("<="),
-    Op.GT: _binary(">"),
-    Op.GE: _binary(">="),
-    Op.EQ: _binary("=="),
-    Op.NE: _binary("!="),
+    **{op: binary(sym) for op, sym in ((Op.ADD, "+"), (Op.SUB, "-"), (Op.MUL, "*"), (Op.DIV, "/"),
+                                       (Op.LT, "<"), (Op.LE, "<="), (Op.GT, ">"), (Op.GE, ">="),
+                                       (Op.EQ, "=="), (Op.NE, "!="), (Op.AND, "&"), (Op.OR, "|"))},
+}
+
+TRITON_RULES = {
+    # the sizes arrive as int32 kernel arguments (or constexpr 1); the language's int is 64-bit
+    Op.Q_LEN: leaf("tl.cast(q_len, tl.int64)"),
+    Op.KV_LEN: leaf("tl.cast(kv_len, tl.int64)"),
+    Op.HEADS: leaf("tl.cast(heads, tl.int64)"),
+    Op.KV_HEADS: leaf("tl.cast(kv_heads, tl.int64)"),
+    **COMMON_RULES,
+    Op.FLOORDIV: call("floordiv"),
+    Op.MOD: call("floormod"),
+    Op.POW: call("powf"),
     Op.NOT: _not,
-    Op.AND: _binary("&"),
-    Op.OR: _binary("|"),
     Op.IF: _if,
-    Op.ABS: _call("tl.abs"),
-    Op.MIN: _fold("tl.minimum"),
-    Op.MAX: _fold("tl.maximum"),
+    Op.ABS: call("tl.abs"),
+    Op.MIN: fold("tl.minimum"),
+    Op.MAX: fold("tl.maximum"),
     Op.FLOAT: _float,
-    Op.EXP: _call("tl.exp"),
-    Op.LOG: _call("tl.log"),
-    Op.SQRT: _call("tl.sqrt"),
-    Op.TANH: _call("tanh"),
-    Op.SIGMOID: _call("tl.sigmoid"),
+    Op.EXP: call("tl.exp"),
+    Op.LOG: call("tl.log"),
+    Op.SQRT: call("tl.sqrt"),
+    Op.TANH: call("tanh"),
+    Op.SIGMOID: call("tl.sigmoid"),
     Op.INDEX: _index,
-    Op.TOPK_BLOCKS: _unsupported,
-    Op.TOPP_BLOCKS: _unsupported,
-    Op.ROUTE: _unsupported,
-    Op.RANDOM_BLOCKS: _unsupported,
+    Op.TOPK_BLOCKS: needs_table,
+    Op.TOPP_BLOCKS: needs_table,
+    Op.ROUTE: needs_table,
+    Op.RANDOM_BLOCKS: needs_table,
 }
 
 
@@ -190,18 +189,25 @@ def _narrowed(line: str) -> str:
     return line
 
 
-class _Context:
-    def __init__(self, values: dict, slots: dict):
+class Context:
+    """The state of one lowering: parameter values, tensor slots, the op rule table and literal
+    spelling of the target, and the locals emitted so far (one per inner node)."""
+
+    def __init__(self, values: dict, slots: dict, rules: dict | None = None, literal=None):
         self.values = values
         self.slots = slots
+        self.rules = TRITON_RULES if rules is None else rules
+        self.literal = _literal if literal is None else literal
         self.lines: list[str] = []
         self.names: dict[int, str] = {}
         self.keep: list[Expr] = []          # keeps nodes alive so their ids stay unique
         self.constant: dict[int, bool] = {}
 
 
-def _emit(ctx: _Context, root: Expr) -> str:
-    """Locals for every inner node (children first, iteratively); the root's local name."""
+def emit(ctx: Context, root: Expr) -> str:
+    """Locals for every inner node (children first, iteratively; ``ctx.lines``), constant
+    sub-expressions folded with the interpreter's semantics; the root's local name (or its
+    literal). Shared by the Triton lowering and the torch lowering (codegen/torch_lower.py)."""
     stack = [(root, False)]
     while stack:
         node, ready = stack.pop()
@@ -216,9 +222,9 @@ def _emit(ctx: _Context, root: Expr) -> str:
         if constant and node.args:
             # folded with the interpreter's semantics: Python numbers inside the jit code would
             # be typed by Triton (int32 overflow, no .to(), ...), not by the language
-            text = _literal(evaluate_scalar(node, ctx.values), node.type)
+            text = ctx.literal(evaluate_scalar(node, ctx.values), node.type)
         else:
-            text = TRITON_RULES[node.op](ctx, node, [ctx.names[id(c)] for c in node.args])
+            text = ctx.rules[node.op](ctx, node, [ctx.names[id(c)] for c in node.args])
         if node.args and not constant:
             name = f"v{len(ctx.lines)}"
             ctx.lines.append(f"    {name} = {text}")
@@ -245,8 +251,8 @@ def hook_source(name: str, expr: Expr, values: dict, slots: dict, narrow: bool =
     if len(slots) > MAX_TENSORS:
         raise LoweringError(f"the Triton backend takes at most {MAX_TENSORS} tensor inputs")
     expr = share_equal(expr)
-    ctx = _Context(values, slots)
-    result = _emit(ctx, expr)
+    ctx = Context(values, slots)
+    result = emit(ctx, expr)
     if narrow:
         ctx.lines = [f"    {v} = {v}.to(tl.int32)" for v in ("q", "k", "h")] + [
             _narrowed(line) for line in ctx.lines]

@@ -86,12 +86,16 @@ def on_device(call: BoundCall) -> bool:
             and not any(r.uses(*SELECTOR_OPS) for r in pattern.ir.roots()))
 
 
-def analyse(call: BoundCall, data: CallData, block: tuple[int, int]) -> CallAnalysis:
-    """The launches of a call and the tile classes each walks (see the module)."""
+def analyse(call: BoundCall, data: CallData, block: tuple[int, int], gathers: bool = True,
+            host: bool = False) -> CallAnalysis:
+    """The launches of a call and the tile classes each walks (see the module). ``gathers``:
+    residue-class components allowed; ``host``: tile classes on the host even where the device
+    could compute them (the torch backend)."""
     s, pattern = call.shape, call.pattern
-    parts = gather.components(pattern, s.q_len, s.kv_len, s.heads, s.kv_heads, block)
+    parts = gather.components(pattern, s.q_len, s.kv_len, s.heads, s.kv_heads, block) \
+        if gathers else None
     if parts is None:
-        if on_device(call):
+        if on_device(call) and not host:
             launches = (LaunchAnalysis(pattern, "device"),)
         else:
             maps = block_maps(pattern, s.q_len, s.kv_len, s.heads, s.kv_heads, data.tensors, block)

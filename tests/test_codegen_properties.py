@@ -446,10 +446,10 @@ def _inputs(case: Case, quantised: bool):
     return (np.asarray(x, np.float32) for x in (q, k, v)), tensors
 
 
-def check_kernel(pat, q, k, v, tensors, scale=None, what=""):
+def check_kernel(pat, q, k, v, tensors, scale=None, what="", backend=BACKEND):
     """Kernel against the reference on one call (q, k, v: fp32 NumPy arrays)."""
     out, lse = pat(*(torch.from_numpy(x).to(DEVICE) for x in (q, k, v)), return_lse=True,
-                   scale=scale, backend=BACKEND, **tensors)
+                   scale=scale, backend=backend, **tensors)
     out, lse = out.double().cpu().numpy(), lse.double().cpu().numpy()
     ref, ref_lse = pat.reference(q.astype(np.float64), k.astype(np.float64), v.astype(np.float64),
                                  scale=scale, **tensors)
@@ -471,7 +471,7 @@ def check_kernel(pat, q, k, v, tensors, scale=None, what=""):
     return out, ref, ref_lse
 
 
-def run_case(case: Case, quantised: bool, scale=None):
+def run_case(case: Case, quantised: bool, scale=None, backend=BACKEND):
     pat = attndsl.compile(case.source)["p"].bind(**case.bind)
     (q, k, v), tensors = _inputs(case, quantised)
     # random masks are often all true or all false: keep only some of those
@@ -481,7 +481,7 @@ def run_case(case: Case, quantised: bool, scale=None):
     what = (f"\n{case.source}bind={case.bind} B={case.batch} H={case.heads}/{case.kv_heads} "
             f"Lq={case.q_len} Lkv={case.kv_len} D={case.d} seed={case.seed} scale={scale} "
             f"doc_batched={case.doc_batched}")
-    check_kernel(pat, q, k, v, tensors, scale, what)
+    check_kernel(pat, q, k, v, tensors, scale, what, backend)
 
 
 @_settings(150)
@@ -496,6 +496,18 @@ def test_random_masks_and_scores_match_the_reference(case, scale):
     if scale is None and case.d != 16:          # the default 1/sqrt(24) is no exact multiple
         scale = 0.25
     run_case(case, quantised=True, scale=scale)
+
+
+@_settings(80)
+@given(st.booleans().flatmap(lambda s: cases(with_score=s)), st.sampled_from(["8x4", "16x8"]),
+       st.sampled_from(["1", "0"]))
+def test_random_patterns_match_the_reference_on_the_torch_backend(case, block, fused):
+    """The torch backend's generated functions, plans and both engines on tiles small enough
+    that every call crosses several (codegen/torch_plan.py, codegen/torch_lower.py)."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("ATTNDSL_TORCH_BLOCK", block)
+        mp.setenv("ATTNDSL_TORCH_FUSED", fused)
+        run_case(case, quantised=True, scale=0.25, backend="torch")
 
 
 # ----------------------------------------------------------------------------- integer edge cases

@@ -285,6 +285,17 @@ def ref_video_swin(P, h, q, k, ctx):
             & (qw // P["ww"] == kw // P["ww"]))
 
 
+def ref_radial(P, h, q, k, ctx):
+    # Radial Attention (arXiv:2506.19852, section 4.1): frames of s tokens; temporal distance d,
+    # band 2^r = 2^floor(log2(max(d, 1))) (the example spells out d < 2^12); spatial distance x
+    s = P["frame"]
+    d = np.abs(q // s - k // s)
+    x = np.abs(q % s - k % s)
+    r2 = np.minimum(2 ** np.floor(np.log2(np.maximum(d, 1))).astype(np.int64), 2048)
+    near = np.where(r2 <= s, x < s // r2, (x == 0) & (d % np.maximum(1, r2 // s) == 0))
+    return (k < s) | near
+
+
 def _streaming(P, q, k):
     return causal(q, k) & ((k < P["n_sinks"]) | (q - k < P["window"]))
 
@@ -454,6 +465,9 @@ CASES = [
          {"height": 16, "width": 16, "wt": 2, "wh": 8, "ww": 8}, ref_video_swin,
          binds=[{}, {"height": 4, "width": 6, "wt": 2, "wh": 2, "ww": 3}],
          shapes=SHAPES + [(300, 600)]),
+    Case("radial.attn", "radial", {"frame": 256}, ref_radial,
+         binds=[{}, {"frame": 4}, {"frame": 3}, {"frame": 1}],
+         shapes=SHAPES + [(300, 600), (700, 700)]),
     Case("duo_attention.attn", "duo_attention",
          {"n_retrieval": 2, "n_sinks": 4, "window": 256}, ref_duo,
          binds=[{}, {"n_retrieval": 1, "n_sinks": 2, "window": 8},

@@ -9,9 +9,9 @@ registry or in any pass's table makes these tests fail, naming the op and the ta
 from __future__ import annotations
 
 import pytest
-from attndsl.codegen import lower
+from attndsl.codegen import lower, torch_lower
 
-from attndsl import checker, interp, ir, ops, printer, torch_backend
+from attndsl import checker, interp, ir, ops, printer
 from attndsl.analysis import cost, intervals, solve
 from attndsl.constants import CONSTANT_OPS
 from attndsl.ops import ANY, ELEM_TYPE, FORMS, NUM, OPS, PARAM_TYPE, VALUE_TYPE, Op, Prec, Type, table_gaps
@@ -25,7 +25,7 @@ TABLES = {
     "closed forms (analysis.cost.SYMPY_RULES)": cost.SYMPY_RULES,
     "solver (analysis.solve.SOLVE_RULES)": solve.SOLVE_RULES,
     "triton (codegen.lower.TRITON_RULES)": lower.TRITON_RULES,
-    "torch (torch_backend.TORCH_RULES)": torch_backend.TORCH_RULES,
+    "torch (codegen.torch_lower.TORCH_RULES)": torch_lower.TORCH_RULES,
 }
 
 
@@ -108,14 +108,9 @@ def test_checker_surface_names_come_from_the_registry():
                                  "tanh", "sigmoid"}
 
 
-def test_torch_rules_name_functions_of_both_namespaces():
-    for op, names in torch_backend.TORCH_RULES.items():
-        if names is torch_backend.NUMPY:
-            # never computed in torch: it cannot depend on 'score'
-            info = OPS[op]
-            assert op is not Op.SCORE
-            assert info.arity == 0 or info.constant_args == tuple(range(info.arity)), op
-            continue
-        for name in names:
-            assert callable(getattr(torch_backend.TorchOps, name, None)), (op, name)
-            assert callable(getattr(interp.NumpyOps, name, None)), (op, name)
+def test_the_lowerings_refuse_only_the_selectors():
+    """Selectors are replaced by tables before lowering (codegen/tables.py): both lowerings
+    refuse them, and only them."""
+    for table in (lower.TRITON_RULES, torch_lower.TORCH_RULES):
+        refusing = {op for op, rule in table.items() if rule is lower.needs_table}
+        assert refusing == set(ops.SELECTOR_OPS)

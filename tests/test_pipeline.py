@@ -46,12 +46,13 @@ def test_dump_prints_every_stage_of_a_kernel_call(monkeypatch, capfd, tmp_path):
 
 
 def test_dump_prints_the_front_end_and_the_torch_backend(monkeypatch, capfd):
-    monkeypatch.setenv("ATTNDSL_DUMP", "ast,ir,analysis")
+    monkeypatch.setenv("ATTNDSL_DUMP", "ast,ir,analysis,plan,source")
     pat = attndsl.compile(WINDOW)["p"]
     pat(*_qkv(), backend="torch")
     err = capfd.readouterr().err
-    assert _headers(err) == ["ast", "ir", "analysis"]
-    assert "mask = " in err and "torch backend, tile" in err
+    assert _headers(err) == ["ast", "ir", "analysis", "plan", "source"]
+    assert "mask = " in err and "torch backend: tile 64x64" in err
+    assert "def mask(q, k, h, q_len, kv_len, heads, kv_heads, fdt):" in err
 
 
 def test_dump_names_only_the_stages_asked_for(monkeypatch, capfd):

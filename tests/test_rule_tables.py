@@ -26,7 +26,6 @@ from attndsl.ir import (
     Type,
 )
 from attndsl.ops import ANY, ELEM_TYPE, NUM, OPS, PARAM_TYPE, VALUE_TYPE
-from attndsl.torch_backend import TorchOps
 
 Ti, Tf, Tb = Type.INT, Type.FLOAT, Type.BOOL
 q = Expr(Op.Q, Ti)
@@ -145,12 +144,6 @@ def test_op_groups_are_consistent():
     for op in LEAF_OPS:
         node = one_node(op)
         assert node.args == () and node.op is op
-
-
-def test_torch_namespace_offers_every_numpy_function():
-    numpy_names = {n for n in vars(interp.NumpyOps) if not n.startswith("_")}
-    torch_names = {n for n in dir(TorchOps) if not n.startswith("_")}
-    assert numpy_names - {"float_dtype"} <= torch_names
 
 
 def test_printer_output_depends_only_on_the_ir():

@@ -5,15 +5,16 @@ gradients through the score clause; bounded memory (no dense [q_len, kv_len] mat
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
+from attndsl.codegen.torch_plan import SEGMENT_ELEMENTS, cpu_block
 from conftest import pattern
 from torch.overrides import TorchFunctionMode
 
-from attndsl import AttnCallError
-from attndsl import reference as ref_module
-from attndsl.torch_backend import BLOCK_K, BLOCK_Q
+from attndsl import AttnCallError, torch_backend
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -68,9 +69,10 @@ def test_gqa(heads, kv_heads):
 
 @pytest.mark.parametrize("q_len, kv_len", [
     (1, 1), (1, 300), (5, 513), (64, 256), (65, 257), (130, 130), (200, 77), (63, 255),
+    (255, 129), (257, 127), (300, 385),
 ])
 def test_lengths_that_are_not_tile_multiples(q_len, kv_len):
-    assert (BLOCK_Q, BLOCK_K) == (64, 256)       # the tiles these lengths straddle
+    assert cpu_block(q_len, kv_len) == (64, 64)         # the tiles these lengths straddle
     pat = pattern(STREAMING)
     q, k, v = tensors(1, 2, 1, q_len, kv_len, d=8, dv=5, dtype=torch.float64)
     compare(pat, q, k, v)
@@ -284,12 +286,18 @@ def test_no_dense_q_len_by_kv_len_matrix(monkeypatch):
     pat = pattern("pattern t:\n    mask = sliding(64)\n")
     q, k, v = tensors(1, 1, 1, n, n, d=d)
     tiles = []
-    real_mask = ref_module.CallGrid.mask
+    real_hooks = torch_backend.torch_hooks
 
-    def spy(self, heads, rows, cols):
-        tiles.append((len(rows), len(cols)))
-        return real_mask(self, heads, rows, cols)
-    monkeypatch.setattr(ref_module.CallGrid, "mask", spy)
+    class Spy:                               # the generated module, its mask calls recorded
+        def __init__(self, module):
+            self.module = module
+
+        def mask(self, qpos, kpos, *rest):
+            tiles.append((qpos.numel(), kpos.numel()))
+            return self.module.mask(qpos, kpos, *rest)
+
+    monkeypatch.setattr(torch_backend, "torch_hooks",
+                        lambda p: replace(real_hooks(p), module=Spy(real_hooks(p).module)))
     tracemalloc.start()                      # NumPy's allocations are traced; torch's are not,
     try:                                     # torch's tensors are recorded by _LargestTensor
         t0 = time.perf_counter()
@@ -301,13 +309,14 @@ def test_no_dense_q_len_by_kv_len_matrix(monkeypatch):
         tracemalloc.stop()
     assert out.shape == (1, 1, n, d)
     assert elapsed < 60, elapsed
-    # every torch tensor is at most a tile of scores or a [len, D] operand ...
-    assert rec.largest <= max(BLOCK_Q * BLOCK_K, n * d)
+    # every torch tensor is at most a step's block of scores or a [len, D] operand ...
+    assert rec.largest <= max(SEGMENT_ELEMENTS, n * d)
     assert rec.largest < n * n // 256
     # ... NumPy never holds anything near a dense bool mask (64 MiB here) ...
     assert numpy_peak < n * n // 16, numpy_peak
-    # ... and the mask is evaluated tile by tile
-    assert tiles and max(r * c for r, c in tiles) <= BLOCK_Q * BLOCK_K
+    # ... and the mask is evaluated step by step, on the window's tiles only
+    assert tiles and max(r * c for r, c in tiles) <= SEGMENT_ELEMENTS
+    assert sum(r * c for r, c in tiles) < 8 * n * 64
     # and the result is right (checked on a few rows against a dense computation)
     rows = torch.tensor([0, 1, 63, 64, 1000, n - 1])
     s = (q[0, 0, rows] @ k[0, 0].T) / 4.0

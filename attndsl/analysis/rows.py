@@ -138,7 +138,7 @@ def merge(lo: np.ndarray, hi: np.ndarray):
     return out_lo, out_hi
 
 
-def _range_counts(tile_rows, first, last, n_qt: int, n_kt: int):
+def range_counts(tile_rows, first, last, n_qt: int, n_kt: int):
     """How many rows of each (head, row tile) have key tile J in their range [first, last].
 
     first, last: [H, R, P]. Consecutive rows of one row tile with the same range are counted
@@ -176,11 +176,11 @@ def touch_and_cover(lo, hi, grid: CallGrid, rows: np.ndarray, block, first_tile:
     nonempty = lo <= hi
     first_t = np.where(nonempty, lo // bk, 1)
     last_t = np.where(nonempty, hi // bk, 0)
-    touched = _range_counts(tile_rows, first_t, last_t, n_qt, n_kt) > 0
+    touched = range_counts(tile_rows, first_t, last_t, n_qt, n_kt) > 0
     first_c = np.where(nonempty, -(-lo // bk), 1)
     end = np.where(hi == grid.kv_len - 1, n_kt - 1, (hi + 1) // bk - 1)
     last_c = np.where(nonempty, end, 0)
-    cover_rows = _range_counts(tile_rows, first_c, last_c, n_qt, n_kt)
+    cover_rows = range_counts(tile_rows, first_c, last_c, n_qt, n_kt)
     rows_per_tile = np.bincount(tile_rows, minlength=n_qt)
     covered = cover_rows == rows_per_tile[None, :, None]
     return touched, covered

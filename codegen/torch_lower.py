@@ -1,0 +1,148 @@
+"""Torch lowering: a pattern's mask and score clause -> a generated module of torch functions.
+
+Input: the mask and score IR of a :class:`~attndsl.bound.BoundPattern` with its selectors
+replaced by table reads (codegen/tables.py), its parameter values and the slot of each tensor
+input. Output (:func:`torch_hooks`): a module, written to the kernel cache like the Triton
+modules (codegen/cache.py, keyed by its source and the torch version), with
+
+* ``mask(q, k, h, q_len, kv_len, heads, kv_heads, fdt, t0, ...)``: a bool tensor broadcastable
+  to ``[H, R, C]`` for query positions ``q`` ``[1, R, 1]``, key positions ``k`` ``[1, 1, C]``
+  and heads ``h`` ``[H, 1, 1]`` (int64 tensors), the sizes as 0-d int64 tensors, the float type
+  ``fdt`` of float arithmetic, and the tensor inputs ``tI`` of this batch element (int64 or
+  ``fdt``);
+* ``score(s, q, k, h, ...)`` when the pattern has a score clause: the new scores (float,
+  broadcastable to ``s``'s shape), ``s`` the scaled dot products.
+
+One rule per op in :data:`TORCH_RULES` (the op registry's torch table; tests/test_op_registry.py
+checks it). Semantics are the interpreter's (attndsl/interp.py): integers are int64 tensors (every
+literal is a module-level 0-d tensor, so nothing is computed in Python's unbounded ints),
+``//``/``%`` floor, ``sigmoid`` is ``(1 + tanh(x / 2)) / 2``, and a tensor index is clamped into
+range (the runtime has proved or checked every live index in range before a tile runs, so the
+clamp changes only values that ``and``/``or``/``if`` discard). Constant sub-expressions are
+folded with the interpreter, equal sub-expressions computed once (codegen/lower.py), and no
+user identifier is written out.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from attndsl.bound import BoundPattern
+from attndsl.caches import LRUCache
+from attndsl.ir import Expr, Op, Type
+
+from .cache import load_torch_module
+from .lower import COMMON_RULES, Context, call, emit, fold, leaf, needs_table, share_equal
+from .tables import with_tables
+
+SIZE_ARGS = ("q", "k", "h", "q_len", "kv_len", "heads", "kv_heads", "fdt")
+
+_GATHER = '''def gather(t, *index):
+    """t[index...] with every index clamped into range (broadcast like the indices)."""
+    index = [torch.as_tensor(i) for i in index]
+    if t.numel() == 0:
+        return torch.zeros(torch.broadcast_shapes(*(i.shape for i in index)), dtype=t.dtype)
+    return t[tuple(i.clamp(0, n - 1) for i, n in zip(index, t.shape))]
+'''
+
+
+class _Literals:
+    """Module-level 0-d tensors for the literals of a module, one per distinct value."""
+
+    def __init__(self):
+        self.names: dict[tuple, str] = {}
+
+    def __call__(self, value, kind: Type) -> str:
+        if kind is Type.BOOL:
+            key, text = (kind, bool(value)), f"torch.tensor({bool(value)})"
+        elif kind is Type.INT:
+            key, text = (kind, int(value)), f"torch.tensor({int(value)}, dtype=torch.int64)"
+        else:
+            v = float(value)
+            spelled = repr(v) if math.isfinite(v) else f'float("{v}")'
+            key, text = (kind, repr(v)), f"torch.tensor({spelled}, dtype=torch.float64)"
+        if key not in self.names:
+            self.names[key] = (f"C{len(self.names)}", text)
+        return self.names[key][0]
+
+    def lines(self) -> list[str]:
+        return [f"{name} = {text}" for name, text in self.names.values()]
+
+
+def _index(ctx, node, a):
+    return f"gather(t{ctx.slots[node.value]}, {', '.join(a)})"
+
+
+TORCH_RULES = {
+    **COMMON_RULES,
+    Op.Q_LEN: leaf("q_len"),
+    Op.KV_LEN: leaf("kv_len"),
+    Op.HEADS: leaf("heads"),
+    Op.KV_HEADS: leaf("kv_heads"),
+    Op.FLOORDIV: lambda ctx, node, a: f'torch.div({a[0]}, {a[1]}, rounding_mode="floor")',
+    Op.MOD: call("torch.remainder"),
+    Op.POW: call("torch.pow"),
+    Op.NOT: call("torch.logical_not"),
+    Op.IF: call("torch.where"),
+    Op.ABS: call("torch.abs"),
+    Op.MIN: fold("torch.minimum"),
+    Op.MAX: fold("torch.maximum"),
+    Op.FLOAT: lambda ctx, node, a: f"{a[0]}.to(fdt)",
+    Op.EXP: call("torch.exp"),
+    Op.LOG: call("torch.log"),
+    Op.SQRT: call("torch.sqrt"),
+    Op.TANH: call("torch.tanh"),
+    Op.SIGMOID: lambda ctx, node, a: f"(0.5 * (1.0 + torch.tanh(0.5 * {a[0]})))",
+    Op.INDEX: _index,
+    Op.TOPK_BLOCKS: needs_table,
+    Op.TOPP_BLOCKS: needs_table,
+    Op.ROUTE: needs_table,
+    Op.RANDOM_BLOCKS: needs_table,
+}
+
+
+def _function(name: str, expr: Expr, first: tuple, values: dict, slots: dict,
+              literals: _Literals) -> str:
+    ctx = Context(values, slots, TORCH_RULES, literals)
+    result = emit(ctx, share_equal(expr))
+    args = ", ".join(first + SIZE_ARGS + tuple(f"t{i}" for i in range(len(slots))))
+    body = "\n".join(ctx.lines + [f"    return {result}"])
+    return f"def {name}({args}):\n{body}\n"
+
+
+def module_source(mask: Expr, score: Expr | None, values: dict, slots: dict) -> str:
+    """The text of the torch module for a mask and an optional score clause (see the module)."""
+    literals = _Literals()
+    functions = [_function("mask", mask, (), values, slots, literals)]
+    if score is not None:
+        functions.append(_function("score", score, ("s",), values, slots, literals))
+    helpers = [_GATHER] if any(e.op is Op.INDEX for root in (mask, score) if root is not None
+                               for e in root.walk()) else []
+    head = "\n".join(["import torch", ""] + literals.lines())
+    return "\n\n".join([head] + helpers + functions)
+
+
+@dataclass(frozen=True)
+class TorchHooks:
+    """A pattern's generated torch module, its source, and the tensor slots it reads (user
+    inputs first, then the derived selector tables, codegen/tables.py)."""
+
+    module: object
+    source: str
+    slots: dict
+    derived: dict
+
+
+TORCH_MODULES = LRUCache("codegen.torch_modules", 128)
+
+
+def torch_hooks(pattern: BoundPattern) -> TorchHooks:
+    """The loaded torch module of a pattern's mask and score clause (selectors as tables),
+    kept per pattern content."""
+    def build():
+        mask, score, slots, derived = with_tables(pattern)
+        source = module_source(mask, score, dict(pattern.values), slots)
+        return TorchHooks(load_torch_module(source), source, slots, derived)
+
+    return TORCH_MODULES.get(pattern.key, build)

@@ -1,0 +1,152 @@
+"""The analysis's work, not its wall time (targets in time live in bench/bench_block_map.py).
+
+Pair-by-pair work is counted by ``blockmap.REFINED``: exact descriptors (bands, and residue
+pieces at tiles as wide as their gaps) must decide every tile without it, so that the dilated
+window's refinement cliff (block_map at 8K spent its time refining tiles it then left as they
+were) cannot come back unnoticed. Radial Attention's if-chains (examples/radial.attn) are checked
+sound and exact against brute force, and decided without refining whole tiles.
+"""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import attndsl
+from attndsl.analysis import blockmap
+from attndsl.analysis.api import row_sets
+from attndsl.analysis.residues import _max_gap, _max_run, residue_bounds
+from attndsl.blocks import block_map_by_tiles
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+
+
+def _load(file, name, **params):
+    return attndsl.load(str(EXAMPLES / file))[name].bind(**params)
+
+
+def _counted(pattern, n, heads=1, block=(128, 128), kv_len=None):
+    attndsl.caches.clear()
+    blockmap.REFINED.reset()
+    m = pattern.block_map(n, n if kv_len is None else kv_len, heads, block=block)
+    return m, blockmap.REFINED.pairs, blockmap.REFINED.sampled
+
+
+def _brute(pattern, q_len, kv_len, heads, block):
+    return block_map_by_tiles(pattern.grid(q_len, kv_len, heads, heads, {}), block)
+
+
+def _check(ours, brute):
+    assert not ((ours == 0) & (brute != 0)).any(), "a tile marked empty holds an allowed pair"
+    assert not ((ours == 2) & (brute != 2)).any(), "a tile marked full holds a masked pair"
+
+
+@pytest.mark.parametrize("n, block", [(8192, (128, 128)), (8000, (128, 64)), (5000, (64, 128)),
+                                      (8192, (16, 16))])
+def test_dilated_window_is_decided_without_pair_evaluation(n, block):
+    """The cliff: dilated(512, 4) at 8K refined ~1000 tiles pair by pair, changing none."""
+    pattern = _load("dilated.attn", "dilated_window")
+    _m, pairs, sampled = _counted(pattern, n, block=block)
+    assert pairs == 0 and sampled == 0
+
+
+@pytest.mark.parametrize("file, name, params, heads", [
+    ("dilated.attn", "dilated_window", {"window": 256, "dilation": 4}, 1),
+    ("dilated.attn", "dilated_window", {"window": 33, "dilation": 7}, 1),
+    ("dilated.attn", "longnet_segments", {"segment": 512, "r": 4}, 4),
+])
+def test_residue_patterns_exact_without_refinement(monkeypatch, file, name, params, heads):
+    """With refinement off, exact residue descriptors still give the exact map."""
+    monkeypatch.setattr(blockmap, "REFINE_PAIRS", 0)
+    pattern = _load(file, name, **params)
+    for n, kv, block in [(1000, 1000, (128, 128)), (777, 900, (64, 32)), (1536, 1536, (128, 64))]:
+        attndsl.caches.clear()
+        ours = pattern.block_map(n, kv, heads, block=block)
+        assert (ours == _brute(pattern, n, kv, heads, block)).all(), (n, kv, block)
+
+
+def test_residue_bounds():
+    assert _max_gap({0}, 4) == 4 and _max_gap({0, 3}, 8) == 5
+    assert _max_run({0}, 4) == 1 and _max_run({0, 3}, 4) == 2 and _max_run({0, 1, 2, 3}, 4) is None
+    sets = row_sets(_load("dilated.attn", "dilated_window").bound())
+    assert sets.exact
+    rb = residue_bounds(sets.upper, (128, 128))
+    assert rb.touch_exact and rb.run == 1
+    assert not residue_bounds(sets.upper, (128, 2)).touch_exact     # tiles narrower than the gap
+
+
+RESIDUE_SRC = """
+pattern dil(w = 8, d = 3):
+    mask = dilated(w, d)
+pattern strided_like(s = 8):
+    mask = causal and (q - k <= s or (q - k) % s == 0)
+pattern fixed_like(s = 8, c = 2):
+    mask = causal and (q // s == k // s or k % s >= s - c)
+pattern two_classes(a = 3, b = 5):
+    mask = (k - q) % a == 0 or (k - q) % b == 1
+pattern band_and_residue(m = 4):
+    mask = abs(q - k) <= 5 or (k % m != 1 and k < q)
+pattern per_head(r = 3):
+    mask = causal and ((k - h) % r == 0 or k == q)
+"""
+
+
+def test_residue_maps_sound_and_exact_at_random_sizes(monkeypatch):
+    """Random residue patterns, lengths and tile shapes: sound without refinement, exact with."""
+    prog = attndsl.compile(RESIDUE_SRC)
+    rng = random.Random(12)
+    draws = {"dil": lambda: {"w": rng.randint(1, 20), "d": rng.randint(1, 9)},
+             "strided_like": lambda: {"s": rng.randint(1, 20)},
+             "fixed_like": lambda: {"s": rng.randint(3, 20), "c": rng.randint(1, 2)},
+             "two_classes": lambda: {"a": rng.randint(2, 6), "b": rng.randint(2, 7)},
+             "band_and_residue": lambda: {"m": rng.randint(2, 7)},
+             "per_head": lambda: {"r": rng.randint(1, 5)}}
+    for _ in range(60):
+        name = rng.choice(sorted(draws))
+        pattern = prog[name].bind(**draws[name]())
+        q_len, kv_len = rng.randint(1, 120), rng.randint(1, 120)
+        block = (rng.randint(1, 24), rng.randint(1, 24))
+        heads = 3 if name == "per_head" else 1
+        brute = _brute(pattern, q_len, kv_len, heads, block)
+        attndsl.caches.clear()
+        assert (pattern.block_map(q_len, kv_len, heads, block=block) == brute).all()
+        with monkeypatch.context() as mp:
+            mp.setattr(blockmap, "REFINE_PAIRS", 0)
+            attndsl.caches.clear()
+            _check(pattern.block_map(q_len, kv_len, heads, block=block), brute)
+
+
+@pytest.mark.parametrize("frame, n, block", [(64, 1024, (64, 64)), (16, 700, (32, 16)),
+                                             (100, 1200, (128, 128)), (256, 2048, (128, 128))])
+def test_radial_sound_and_exact(monkeypatch, frame, n, block):
+    pattern = _load("radial.attn", "radial", frame=frame)
+    brute = _brute(pattern, n, n, 1, block)
+    attndsl.caches.clear()
+    assert (pattern.block_map(n, n, 1, block=block) == brute).all()
+    monkeypatch.setattr(blockmap, "REFINE_PAIRS", 0)
+    attndsl.caches.clear()
+    _check(pattern.block_map(n, n, 1, block=block), brute)
+
+
+def test_radial_is_not_refined_whole():
+    """Radial at 4K refined every partial tile pair by pair (11M pairs, seconds); samples now
+    prove them partial: no tile is evaluated whole."""
+    pattern = _load("radial.attn", "radial")
+    m, pairs, sampled = _counted(pattern, 4096)
+    assert pairs == 0
+    assert 0 < sampled <= int((m == 1).sum()) * blockmap.SAMPLE ** 2
+    assert (m == _brute(pattern, 4096, 4096, 1, (128, 128))).all()
+
+
+def test_radial_mask_shrinks_with_distance():
+    """The example means what its comment says (a few pairs, by hand)."""
+    pattern = _load("radial.attn", "radial", frame=256)
+    q = 256 * 39 + 100                       # position 100 of frame 39
+    row = pattern.dense_mask(256 * 40, 256 * 40, rows=(q, q + 1))[0, 0]
+    for j, radius in [(38, 256), (36, 128), (33, 64), (31, 32), (20, 16), (2, 8)]:
+        keys = np.flatnonzero(row[256 * j:256 * (j + 1)])
+        assert len(keys) == min(100 + radius, 256) - max(100 - radius + 1, 0), j
+    assert row[:256].all()                   # the sink frame
