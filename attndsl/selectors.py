@@ -74,7 +74,11 @@ def _pooled(x: np.ndarray, block_of: np.ndarray, n_blocks: int) -> np.ndarray:
     """Mean of the vectors of x [G, L, D] per block id in [0, n_blocks) -> [G, n_blocks, D]."""
     g, _, d = x.shape
     sums = np.zeros((g, n_blocks, d))
-    np.add.at(sums, (slice(None), block_of), x)
+    if block_of.size and np.all(block_of[1:] >= block_of[:-1]):     # runs of one block each
+        starts = np.flatnonzero(np.r_[True, block_of[1:] != block_of[:-1]])
+        sums[:, block_of[starts]] = np.add.reduceat(x, starts, axis=1)
+    else:
+        np.add.at(sums, (slice(None), block_of), x)
     counts = np.bincount(block_of, minlength=n_blocks).astype(np.float64)
     with np.errstate(invalid="ignore", divide="ignore"):
         return sums / counts[None, :, None]

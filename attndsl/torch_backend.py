@@ -62,10 +62,12 @@ def blockwise_attention(call: BoundCall, data: CallData, q, k, v):
     outs, lses = [], []
     for b in range(s.batch):
         parts = planned.rows[min(b, len(planned.rows) - 1)]   # one entry serves every row
-        ctx = _Call(call, data, b, q[b], k[b], v[b], wide, grad, finite_v, fused,
-                    planned.block[1])
-        results = [ctx.part(part) for part in parts]
-        out, lse = results[0] if len(results) == 1 else merge(results)
+        results = [_Call(call, data, b, q[b], k[b], v[b], wide, grad, finite_v, fused,
+                         planned.block[1], part.heads).part(part) for part in parts]
+        if parts[0].heads is not None:          # parts of disjoint heads, in head order
+            out, lse = (torch.cat([r[i] for r in results]) for i in (0, 1))
+        else:                                   # parts of disjoint pairs of all heads
+            out, lse = results[0] if len(results) == 1 else merge(results)
         outs.append(out)
         lses.append(lse)
     return torch.stack(outs).to(q.dtype), torch.stack(lses)
@@ -110,16 +112,21 @@ class _Call:
     """One batch element of a call: operands, hook arguments, and each part's walk."""
 
     def __init__(self, call: BoundCall, data: CallData, b: int, q, k, v, wide, grad, finite_v,
-                 fused: bool, bk: int):
+                 fused: bool, bk: int, heads: tuple[int, int] | None):
         s = call.shape
         self.fused, self.bk = fused, bk
-        self.s, self.q, self.k, self.v, self.wide = s, q, k, v, wide
+        self.s, self.wide = s, wide
         self.grad, self.finite_v = grad, finite_v
         self.data, self.b = data, b
-        self.group = s.heads // s.kv_heads
+        first, count = heads if heads is not None else (0, s.heads)
+        group = s.heads // s.kv_heads
+        kv_first, kv_count = first // group, max(1, count // group)
+        self.q, self.k, self.v = (q[first:first + count], k[kv_first:kv_first + kv_count],
+                                  v[kv_first:kv_first + kv_count])
+        self.n_heads, self.n_kv, self.group = count, kv_count, count // kv_count
         self.scale = call.scale
         self.offset = s.kv_len - s.q_len
-        self.h = torch.arange(s.heads, device=q.device).view(-1, 1, 1)
+        self.h = torch.arange(first, first + count, device=q.device).view(-1, 1, 1)
         self.sizes = tuple(torch.tensor(n, dtype=torch.int64, device=q.device)
                            for n in (s.q_len, s.kv_len, s.heads, s.kv_heads))
         self._v_finite: dict[tuple, bool] = {}
@@ -128,7 +135,7 @@ class _Call:
     def grouped(self, a, b):
         """[H, R, X] @ [KVH, X, Y] -> [H, R, Y]: each key/value head serves its query heads."""
         h, r, x = a.shape
-        out = a.reshape(self.s.kv_heads, self.group * r, x) @ b
+        out = a.reshape(self.n_kv, self.group * r, x) @ b
         return out.reshape(h, r, b.shape[-1])
 
     def v_tile(self, keys: slice):
@@ -178,8 +185,8 @@ class _Call:
         s, dv = self.s, self.v.shape[-1]
         pieces, next_row = [], 0
         if not self.grad:
-            out = self.q.new_zeros((s.heads, s.q_len, dv), dtype=self.wide)
-            lse = self.q.new_full((s.heads, s.q_len), NEG_INF, dtype=self.wide)
+            out = self.q.new_zeros((self.n_heads, s.q_len, dv), dtype=self.wide)
+            lse = self.q.new_full((self.n_heads, s.q_len), NEG_INF, dtype=self.wide)
         for g in part.groups:
             for tile in g.tiles:
                 rows = slice(g.q_row0 + g.q_step * tile.r0,
@@ -202,9 +209,8 @@ class _Call:
 
     def empty_rows(self, n: int):
         """(out, lse) of ``n`` rows without an allowed key: zeros and -inf."""
-        s = self.s
-        return (self.q.new_zeros((s.heads, n, self.v.shape[-1]), dtype=self.wide),
-                self.q.new_full((s.heads, n), NEG_INF, dtype=self.wide))
+        return (self.q.new_zeros((self.n_heads, n, self.v.shape[-1]), dtype=self.wide),
+                self.q.new_full((self.n_heads, n), NEG_INF, dtype=self.wide))
 
     def row_tile(self, rows: slice, g, tile, hooks, sparse: bool):
         """(out [H, R, Dv], lse [H, R]) of one tile of rows: the fused engine where it applies
@@ -217,16 +223,33 @@ class _Call:
         return self.walk(_Rows(self, rows, *hooks, sparse), g, tile, fused=False)
 
     def walk(self, state, g, tile, fused: bool):
-        """Every segment of a row tile through ``state``, in steps of at most the segment cap
-        (a fused step takes a whole full segment: it holds no score block)."""
-        cap = torch_plan.segment_cap(self.s.heads, tile.r1 - tile.r0, self.bk)
-        for seg in tile.segments:
-            step = seg.c1 - seg.c0 if fused and seg.full else cap
-            for c0 in range(seg.c0, seg.c1, step):
-                c1 = min(seg.c1, c0 + step)
-                state.tile(slice(g.k_row0 + g.k_step * c0, g.k_row0 + g.k_step * (c1 - 1) + 1,
-                                 g.k_step), seg.full)
+        """Every segment of a row tile through ``state``, in steps of at most the segment cap.
+        The fused engine takes each run of adjacent segments as one step (one operator call;
+        a step with no partial segment is not capped: it holds no block of mask values), the
+        general engine each segment on its own. A step is its key slice and the ranges, in
+        step offsets, where the mask decides (none: every pair of the step is allowed)."""
+        cap = torch_plan.segment_cap(self.n_heads, tile.r1 - tile.r0, self.bk)
+        for run in (_adjacent(tile.segments) if fused else [[seg] for seg in tile.segments]):
+            c0, c1 = run[0].c0, run[-1].c1
+            step = c1 - c0 if fused and all(seg.full for seg in run) else cap
+            for a in range(c0, c1, step):
+                b = min(c1, a + step)
+                partial = tuple((max(seg.c0, a) - a, min(seg.c1, b) - a) for seg in run
+                                if not seg.full and seg.c0 < b and seg.c1 > a)
+                state.tile(slice(g.k_row0 + g.k_step * a, g.k_row0 + g.k_step * (b - 1) + 1,
+                                 g.k_step), partial)
         return state.finish()
+
+
+def _adjacent(segments):
+    """The runs of segments that follow each other without a gap."""
+    runs = []
+    for seg in segments:
+        if runs and runs[-1][-1].c1 == seg.c0:
+            runs[-1].append(seg)
+        else:
+            runs.append([seg])
+    return runs
 
 
 class _FusedRows:
@@ -240,23 +263,30 @@ class _FusedRows:
         self.qpos = torch.arange(rows.start, rows.stop, rows.step, device=dev).view(1, -1, 1) \
             + call.offset
         self.qt = call.q[:, rows].to(call.wide)[None]
-        shape = (call.s.heads, self.qt.shape[2])
+        shape = (call.n_heads, self.qt.shape[2])
         self.lse = torch.full(shape, NEG_INF, dtype=call.wide, device=dev)
         self.acc = self.qt.new_zeros(shape + (call.v.shape[-1],))
 
-    def tile(self, keys: slice, full: bool) -> None:
+    def tile(self, keys: slice, partial: tuple) -> None:
         c = self.c
         bias = some = None
-        if not full:
-            kpos = torch.arange(keys.start, keys.stop, keys.step, device=c.q.device).view(1, 1, -1)
-            mask = self.module.mask(self.qpos, kpos, c.h, *c.sizes, torch.float64, *self.mask_t)
-            mask = mask.expand(mask.shape[0] if mask.dim() == 3 else 1, self.qpos.shape[1],
-                               kpos.shape[2])
-            some = mask.any(dim=-1)
-            if self.sparse and not bool(some.any()):
+        if partial:
+            n_rows, n_keys = self.qpos.shape[1], len(range(keys.start, keys.stop, keys.step))
+            masks = []
+            for a, b in partial:
+                kpos = torch.arange(keys.start + keys.step * a, keys.start + keys.step * b,
+                                    keys.step, device=c.q.device).view(1, 1, -1)
+                m = self.module.mask(self.qpos, kpos, c.h, *c.sizes, torch.float64, *self.mask_t)
+                masks.append(m.expand(m.shape[0] if m.dim() == 3 else 1, n_rows, b - a))
+            covered = sum(b - a for a, b in partial) == n_keys    # no full segment in the step
+            some = torch.stack([m.any(dim=-1) for m in masks]).any(dim=0) if covered else None
+            if self.sparse and covered and not bool(some.any()):
                 return
-            bias = torch.zeros(mask.shape, dtype=c.wide, device=c.q.device)
-            bias = bias.masked_fill_(~mask, NEG_INF)[None]
+            bias = torch.zeros((max(m.shape[0] for m in masks), n_rows, n_keys), dtype=c.wide,
+                               device=c.q.device)
+            for (a, b), m in zip(partial, masks):
+                bias[:, :, a:b].masked_fill_(~m, NEG_INF)
+            bias = bias[None]
         out, lse = FUSED(self.qt, c.k[:, keys].to(c.wide)[None], c.v[:, keys].to(c.wide)[None],
                          attn_mask=bias, scale=c.scale)
         out, lse = out[0], lse[0].to(c.wide)
@@ -285,7 +315,7 @@ class _Rows:
         self.qpos = torch.arange(rows.start, rows.stop, rows.step, device=dev).view(1, -1, 1) \
             + call.offset
         self.qt = call.q[:, rows].to(call.wide)
-        shape = (call.s.heads, self.qt.shape[1])
+        shape = (call.n_heads, self.qt.shape[1])
         self.m = torch.full(shape, NEG_INF, dtype=call.wide, device=dev)
         self.l = torch.zeros_like(self.m)
         self.acc = self.qt.new_zeros(shape + (call.v.shape[-1],))
@@ -293,11 +323,11 @@ class _Rows:
         self.inf_row = torch.zeros_like(self.nan_row)
         self.poison = None                  # (+inf, -inf, NaN) counts [H, R, Dv] once needed
 
-    def tile(self, keys: slice, full: bool) -> None:
+    def tile(self, keys: slice, partial: tuple) -> None:
         c = self.c
         kpos = torch.arange(keys.start, keys.stop, keys.step, device=c.q.device).view(1, 1, -1)
         mask = None
-        if not full:
+        if partial:                             # a segment's step: all of it decided by the mask
             mask = self.module.mask(self.qpos, kpos, c.h, *c.sizes, torch.float64, *self.mask_t)
             if self.sparse and not bool(mask.any()):
                 return

@@ -34,7 +34,7 @@ from . import gather, narrow
 from .config import Config, launch_grid
 from .device_tiles import device_tiles
 from .narrow import fits_int32
-from .tables import table_values, with_tables
+from .tables import selection_pattern, table_values, with_tables
 from .tile_tables import DeviceTiles, band_tables, from_block_maps
 
 PLANS = LRUCache("codegen.plans", 32)
@@ -90,13 +90,20 @@ def analyse(call: BoundCall, data: CallData, block: tuple[int, int], gathers: bo
             host: bool = False) -> CallAnalysis:
     """The launches of a call and the tile classes each walks (see the module). ``gathers``:
     residue-class components allowed; ``host``: tile classes on the host even where the device
-    could compute them (the torch backend)."""
+    could compute them, and for selector patterns the call's exact classes, its selection
+    included (the torch backend; the kernels take the relaxed classes, cached per pattern)."""
     s, pattern = call.shape, call.pattern
     parts = gather.components(pattern, s.q_len, s.kv_len, s.heads, s.kv_heads, block) \
         if gathers else None
     if parts is None:
         if on_device(call) and not host:
             launches = (LaunchAnalysis(pattern, "device"),)
+        elif host and pattern.uses_selectors():     # the call's selection, tile by tile
+            _, _, _, derived = with_tables(pattern)
+            tables = table_values(derived, data.grids, s.q_len, s.kv_len)
+            maps = block_maps(selection_pattern(pattern), s.q_len, s.kv_len, s.heads,
+                              s.kv_heads, {**data.tensors, **tables}, block)
+            launches = (LaunchAnalysis(pattern, "tiles", tuple(maps)),)
         else:
             maps = block_maps(pattern, s.q_len, s.kv_len, s.heads, s.kv_heads, data.tensors, block)
             launches = (LaunchAnalysis(pattern, "tiles", tuple(maps)),)

@@ -24,7 +24,7 @@ import numpy as np
 
 from attndsl.caches import LRUCache
 from attndsl.interp import evaluate_scalar
-from attndsl.ir import Expr, Op, Type
+from attndsl.ir import Expr, Op, Param, TensorType, Type
 from attndsl.selectors import random_block_table
 
 
@@ -122,3 +122,21 @@ def table_values(derived: dict, grids, q_len: int, kv_len: int) -> dict:
             which = 0 if d.kind == "route_q" else 1
             out[name] = np.stack([g.selectors.table(d.node)[which] for g in grids]).astype(np.int64)
     return out
+
+
+SELECTION_PATTERNS = LRUCache("codegen.selection_patterns", 64)
+
+
+def selection_pattern(pattern):
+    """The pattern with its selectors read from their tables and the tables declared as int
+    tensor inputs (their '#' names): analysed with a call's tables
+    (:func:`table_values`) as tensor inputs, its tile classes are the call's exact ones, the
+    selected blocks included (attndsl.analysis reads a block table at tile-constant indices
+    entry by entry)."""
+    def make():
+        mask, score, _, derived = with_tables(pattern)
+        params = tuple(pattern.ir.params) + tuple(
+            Param(name, TensorType(Type.INT, d.rank)) for name, d in derived.items())
+        return pattern.with_clauses(mask, score, params)
+
+    return SELECTION_PATTERNS.get(pattern.key, make)

@@ -34,22 +34,27 @@ import numpy as np
 from attndsl.bound import BoundPattern
 from attndsl.caches import LRUCache
 from attndsl.call import BoundCall, CallData
+from attndsl.ir import Op
 
 from .plan import CallAnalysis
 from .plan import analyse as analyse_launches
+from .tables import with_tables
 
 FULL, PARTIAL = 2, 1
 # The cost model of a tile of rows (seconds on a 2-core CPU, torch's fused operator; only their
 # ratios matter): per (head, query, key) pair scored, per (query, key) pair of a partial segment
-# (its mask and bias), per segment step, per tile of rows.
+# (its bias, and its mask: :func:`mask_cost`), per segment step, per tile of rows.
 PAIR_COST = 1.7e-9
-MASK_COST = 2.0e-9
+MASK_COST = 1.0e-9              # per (query, key) pair: the bias; plus per node of the mask:
+NODE_COST = 0.3e-9              # an elementwise op,
+READ_COST = 3.0e-9              # a tensor read (a gather); both times the heads when per head
 SEGMENT_COST = 60e-6
 TILE_COST = 100e-6
 MAX_ROWS = 1024                 # rows of a merged tile
 # elements of one [heads, rows, keys] block of scores the backend holds at once (float32: 4 MiB)
 SEGMENT_ELEMENTS = 1 << 20
 TORCH_PLANS = LRUCache("codegen.torch_plans", 64)
+MASK_COSTS = LRUCache("codegen.torch_mask_costs", 256)
 
 
 @dataclass(frozen=True)
@@ -90,6 +95,7 @@ class Part:
     pattern: BoundPattern
     groups: tuple[Group, ...]
     gathered: bool
+    heads: tuple[int, int] | None = None    # (first, count) of its query heads; None: all
 
 
 @dataclass(frozen=True)
@@ -171,7 +177,7 @@ def _plan(analysis: CallAnalysis) -> TorchPlan:
         for bm in launch.maps:      # batch rows that share their inputs share one map object
             parts = next((p for m, p in done if m is bm), None)
             if parts is None:
-                parts = (_plain(launch.pattern, bm, s, block),)
+                parts = _plain(launch.pattern, bm, s, block)
                 done.append((bm, parts))
             rows.append(parts)
         return TorchPlan(block, tuple(rows))
@@ -180,11 +186,12 @@ def _plan(analysis: CallAnalysis) -> TorchPlan:
         if launch.kind == "gather":
             part, bm = launch.component, launch.maps[0]
             groups = tuple(Group(q0, part.step_q, nq, k0, part.step_k, nk,
-                                 _row_tiles(bm[g:g + 1], nq, nk, block, s.heads))
+                                 _row_tiles(bm[g:g + 1], nq, nk, block, s.heads,
+                                            mask_cost(launch.pattern, s.heads))[0])
                            for g, (q0, nq, k0, nk) in enumerate(part.groups))
             out.append(Part(launch.pattern, groups, True))
         else:                       # the plain component of a gathered call: no tensor inputs
-            out.append(_plain(launch.pattern, launch.maps[0], s, block))
+            out.extend(_plain(launch.pattern, launch.maps[0], s, block))
     return TorchPlan(block, (tuple(out),) * s.batch)
 
 
@@ -194,13 +201,45 @@ def _strided(part) -> bool:
     return part.run_k == 1 and all(q0 >= 0 and k0 >= 0 for q0, _, k0, _ in part.groups)
 
 
-def _plain(pattern, bm, s, block) -> Part:
-    tiles = _row_tiles(bm, s.q_len, s.kv_len, block, s.heads)
-    return Part(pattern, (Group(0, 1, s.q_len, 0, 1, s.kv_len, tiles),), False)
+def _plain(pattern, bm, s, block) -> tuple[Part, ...]:
+    """The parts of a plain (not gathered) launch: one over every head, or, when that is
+    cheaper by the cost model, one per set of heads with one map (:func:`head_sets`), each
+    walking only its own tiles."""
+    def part(heads: tuple[int, int] | None) -> tuple[Part, float]:
+        first, count = heads or (0, s.heads)
+        rows = bm if bm.shape[0] == 1 else bm[first:first + count]
+        tiles, cost = _row_tiles(rows, s.q_len, s.kv_len, block, count, mask_cost(pattern, count))
+        return Part(pattern, (Group(0, 1, s.q_len, 0, 1, s.kv_len, tiles),), False, heads), cost
+
+    whole, cost = part(None)
+    sets = head_sets(bm, s.heads, s.kv_heads)
+    if len(sets) == 1:
+        return (whole,)
+    split = [part(h) for h in sets]
+    return tuple(p for p, _ in split) if sum(c for _, c in split) < cost else (whole,)
 
 
-def _row_tiles(bm: np.ndarray, n_q: int, n_k: int, block, heads: int) -> tuple[RowTile, ...]:
-    """Row tiles of a [H or 1, nQT, nKT] map over ``n_q`` rows and ``n_k`` keys.
+def head_sets(bm: np.ndarray, heads: int, kv_heads: int) -> list[tuple[int, int]]:
+    """(first, count) of runs of consecutive query heads with one tile map, each a whole number
+    of key/value head groups (its K and V are a slice of heads) or else split into single
+    heads; one set of every head when the map is shared."""
+    if bm.shape[0] == 1:
+        return [(0, heads)]
+    group = heads // kv_heads
+    cuts = [0] + [h for h in range(1, heads) if not np.array_equal(bm[h], bm[h - 1])] + [heads]
+    out = []
+    for a, b in zip(cuts, cuts[1:]):
+        if a % group == 0 and (b - a) % group == 0:
+            out.append((a, b - a))
+        else:
+            out.extend((h, 1) for h in range(a, b))
+    return out
+
+
+def _row_tiles(bm: np.ndarray, n_q: int, n_k: int, block, heads: int,
+               mask_pair: float) -> tuple[tuple[RowTile, ...], float]:
+    """Row tiles of a [H or 1, nQT, nKT] map over ``n_q`` rows and ``n_k`` keys, and their
+    modelled cost.
 
     A key tile is kept for a tile of rows when any head keeps it, full when full for every
     head. Consecutive tiles of rows are merged while the merged tile costs less than the two
@@ -213,35 +252,53 @@ def _row_tiles(bm: np.ndarray, n_q: int, n_k: int, block, heads: int) -> tuple[R
     kept = (bm[:, :n_rows, :n_cols] > 0).any(axis=0)
     full = (bm[:, :n_rows, :n_cols] == FULL).all(axis=0) & kept
     widths = np.minimum(bk, n_k - np.arange(n_cols) * bk)
-    out = []
+    out, total = [], 0.0
     cur = None                              # (first row tile, end row tile, kept, full, cost)
     for i in range(n_rows):
         if not kept[i].any():
+            total += 0.0 if cur is None else cur[4]
             cur = _flush(out, cur, n_q, bq, bk, n_k)
             continue
         rows = min(n_q, (i + 1) * bq) - i * bq
-        alone = step_cost(rows, kept[i], full[i], widths, heads)
+        alone = step_cost(rows, kept[i], full[i], widths, heads, mask_pair)
         if cur is not None and (i + 1 - cur[0]) * bq <= MAX_ROWS:
             k2, f2 = cur[2] | kept[i], cur[3] & full[i]
-            merged = step_cost(min(n_q, (i + 1) * bq) - cur[0] * bq, k2, f2, widths, heads)
+            merged = step_cost(min(n_q, (i + 1) * bq) - cur[0] * bq, k2, f2, widths, heads,
+                               mask_pair)
             if merged <= cur[4] + alone:
                 cur = (cur[0], i + 1, k2, f2, merged)
                 continue
+        total += 0.0 if cur is None else cur[4]
         _flush(out, cur, n_q, bq, bk, n_k)
         cur = (i, i + 1, kept[i], full[i], alone)
+    total += 0.0 if cur is None else cur[4]
     _flush(out, cur, n_q, bq, bk, n_k)
-    return tuple(out)
+    return tuple(out), total
+
+
+def mask_cost(pattern: BoundPattern, heads: int) -> float:
+    """The modelled cost (seconds) of the mask and bias at one (query, key) pair of a partial
+    segment: its distinct nodes with selectors as table reads (codegen/tables.py), times the
+    heads when the mask reads ``h``."""
+    def per_head() -> tuple[float, bool]:
+        mask = with_tables(pattern)[0]
+        nodes = {id(e): e for e in mask.walk()}.values()
+        return (sum(READ_COST if e.op is Op.INDEX else NODE_COST for e in nodes if e.args),
+                mask.uses(Op.H))
+
+    cost, uses_h = MASK_COSTS.get(pattern.key, per_head)
+    return MASK_COST + cost * (heads if uses_h else 1)
 
 
 def step_cost(rows: int, kept: np.ndarray, full: np.ndarray, widths: np.ndarray,
-              heads: int) -> float:
+              heads: int, mask_pair: float) -> float:
     """The modelled cost (seconds) of one tile of ``rows`` rows over key tiles ``kept``
-    (``full`` among them) of ``widths`` keys each."""
+    (``full`` among them) of ``widths`` keys each (``mask_pair``: :func:`mask_cost`)."""
     cls = np.where(kept, np.where(full, FULL, PARTIAL), 0)
     runs = int(np.count_nonzero((cls != 0) & (cls != np.r_[0, cls[:-1]])))
     pairs = rows * int(widths[kept].sum())
     partial = rows * int(widths[kept & ~full].sum())
-    return TILE_COST + runs * SEGMENT_COST + pairs * heads * PAIR_COST + partial * MASK_COST
+    return TILE_COST + runs * SEGMENT_COST + pairs * heads * PAIR_COST + partial * mask_pair
 
 
 def _flush(out: list, cur, n_q: int, bq: int, bk: int, n_k: int) -> None:

@@ -214,3 +214,60 @@ def test_a_non_finite_value_falls_back_to_the_exact_engine(monkeypatch):
     assert np.array_equal(np.isposinf(lse.numpy()), np.isposinf(ref_lse))
     fine = ~np.isnan(ref)
     np.testing.assert_allclose(out.numpy()[fine], ref[fine], atol=1e-10)
+
+
+# ----------------------------------------------------------------------------- per call, per head
+def _plan_of(pat, q, k, v, **tensors):
+    from attndsl.runtime import bind
+    call, data = bind(pat.bound(), q, k, v, False, None, "torch", tensors)
+    return torch_plan.plan(torch_plan.analyse(call, data))
+
+
+def _visited(plan, heads: int, n: int) -> np.ndarray:
+    """bool [H, n, n]: the pairs the plan's segments cover, per head."""
+    seen = np.zeros((heads, n, n), dtype=bool)
+    for part in plan.rows[0]:
+        first, count = part.heads or (0, heads)
+        for g in part.groups:
+            for t in g.tiles:
+                rows = g.q_row0 + g.q_step * np.arange(t.r0, t.r1)
+                for s in t.segments:
+                    cols = g.k_row0 + g.k_step * np.arange(s.c0, s.c1)
+                    seen[first:first + count, rows[:, None], cols[None, :]] = True
+    return seen
+
+
+def test_heads_with_their_own_tiles_are_planned_apart(monkeypatch):
+    monkeypatch.setenv("ATTNDSL_TORCH_BLOCK", "32x32")
+    pat = pattern("pattern t:\n    mask = causal and (h < 2 or q - k < 32 or k < 4)\n")
+    q, k, v = _call(pat, 1024, heads=4, kv_heads=2, d=64)
+    planned = _plan_of(pat, q, k, v)
+    assert [p.heads for p in planned.rows[0]] == [(0, 2), (2, 2)]
+    seen = _visited(planned, 4, 1024)
+    allowed = np.broadcast_to(pat.dense_mask(1024, 1024, 4, 2), seen.shape)
+    assert (seen >= allowed).all()                          # every allowed pair is visited
+    assert seen[2:].sum() < 0.6 * seen[:2].sum()            # the window heads walk less
+    out = pat(q, k, v)
+    np.testing.assert_allclose(out.numpy(), pat.reference(q.numpy(), k.numpy(), v.numpy())[0],
+                               atol=1e-12)
+
+
+def test_a_selection_is_analysed_from_the_calls_own_tables(monkeypatch):
+    """The torch backend's tile classes of a selector pattern are the call's exact ones: a
+    tile of unselected blocks is empty, a selected block's tile full (no mask), only the own
+    block's diagonal tiles partial."""
+    from attndsl.runtime import bind
+    monkeypatch.setenv("ATTNDSL_TORCH_BLOCK", "16x16")
+    pat = pattern("pattern t:\n    mask = causal and (topk_blocks(2, 32) or q // 32 == k // 32)\n")
+    q, k, v = _call(pat, 320, heads=2, kv_heads=1)
+    call, data = bind(pat.bound(), q, k, v, False, None, "torch", {})
+    bm = torch_plan.analyse(call, data).launches[0].maps[0]
+    allowed = np.broadcast_to(pat.dense_mask(320, 320, 2, 1, query=q[0].numpy(),
+                                             key=k[0].numpy()), (2, 320, 320))
+    tiles = allowed.reshape(2, 20, 16, 20, 16)
+    want = np.where(tiles.all(axis=(2, 4)), 2, np.where(tiles.any(axis=(2, 4)), 1, 0))
+    assert np.array_equal(bm, want)
+    assert (want == 2).sum() > 2 * (want == 1).sum()        # mostly full: the selected blocks
+    out = pat(q, k, v)
+    np.testing.assert_allclose(out.numpy(), pat.reference(q.numpy(), k.numpy(), v.numpy())[0],
+                               atol=1e-12)

@@ -285,6 +285,29 @@ def _if(an, node):
     return Num(lo, hi, nan)
 
 
+MAX_BOX = 64           # index boxes of a multi-dimensional tensor read entry by entry
+
+
+def _box_extremes(t: np.ndarray, args):
+    """(min, max) of ``t`` over each tile's box of indices (the product of the arguments'
+    clipped intervals), when every box holds at most :data:`MAX_BOX` entries: each offset of the
+    largest box is read at once for every tile (an offset past a smaller box is clamped to its
+    last index, which it holds). None when a box is larger: the caller bounds by the whole
+    tensor. A block table read at tile-constant indices (a selector's ``T[h, q // b, k // b]``
+    with tiles inside its blocks) is then exact per tile."""
+    lo = [np.clip(a.lo, 0, n - 1) for a, n in zip(args, t.shape)]
+    hi = [np.clip(a.hi, 0, n - 1) for a, n in zip(args, t.shape)]
+    spans = [int(np.max(b - a, initial=0)) + 1 for a, b in zip(lo, hi)]
+    if int(np.prod(spans)) > MAX_BOX:
+        return None
+    mn = mx = None
+    for offsets in np.ndindex(*spans):
+        values = t[tuple(np.minimum(a + o, b) for a, b, o in zip(lo, hi, offsets))]
+        mn = values if mn is None else np.minimum(mn, values)
+        mx = values if mx is None else np.maximum(mx, values)
+    return mn, mx
+
+
 def _range_extremes(arr: np.ndarray, lo: np.ndarray, hi: np.ndarray):
     """min and max of arr[lo..hi] (inclusive, 0 <= lo <= hi < len) by a sparse table."""
     n = len(arr)
@@ -326,8 +349,10 @@ def _index(an, node):
         mx = _range_extremes(np.where(np.isnan(t), -np.inf, t), lo, hi)[1]
         none = mn > mx
         return Num(np.where(none, -np.inf, mn), np.where(none, np.inf, mx), True)
-    for arg in node.args:
-        an.value(arg)
+    args = [an.value(arg) for arg in node.args]
+    box = None if is_float and np.isnan(t).any() else _box_extremes(t, args)
+    if box is not None:
+        return Num(*box, False)
     if is_float and np.isnan(t).all():
         return Num(np.float64(-np.inf), np.float64(np.inf), True)
     if is_float:
