@@ -35,8 +35,8 @@ def _counted(pattern, n, heads=1, block=(128, 128), kv_len=None):
     return m, blockmap.REFINED.pairs, blockmap.REFINED.sampled
 
 
-def _brute(pattern, q_len, kv_len, heads, block):
-    return block_map_by_tiles(pattern.grid(q_len, kv_len, heads, heads, {}), block)
+def _brute(pattern, q_len, kv_len, heads, block, **tensors):
+    return block_map_by_tiles(pattern.grid(q_len, kv_len, heads, heads, tensors), block)
 
 
 def _check(ours, brute):
@@ -150,3 +150,37 @@ def test_radial_mask_shrinks_with_distance():
         keys = np.flatnonzero(row[256 * j:256 * (j + 1)])
         assert len(keys) == min(100 + radius, 256) - max(100 - radius + 1, 0), j
     assert row[:256].all()                   # the sink frame
+
+
+TABLE_SRC = """
+pattern block_table(b = 8, tab: int[][]):
+    mask = tab[h, q // b] == k // b or q == k
+pattern cell_table(b = 8, sel: int[][][]):
+    mask = k <= q and sel[h, q // b, k // b] == 1
+"""
+
+
+def test_multi_dimensional_tables_read_per_tile_are_sound_and_exact(monkeypatch):
+    """A 2-D or 3-D table read at indices that are constant on a tile (tiles inside the
+    table's blocks) decides each tile without refinement, exactly; at other tile shapes (boxes
+    of several entries, or too many) the classes stay sound."""
+    prog = attndsl.compile(TABLE_SRC)
+    rng = np.random.default_rng(5)
+    for trial in range(24):
+        heads, n, b = 2, int(rng.integers(20, 90)), int(rng.choice([4, 8, 16]))
+        nb = -(-n // b)
+        if trial % 2:
+            name, tensors = "block_table", {"tab": rng.integers(0, nb, (heads, nb))}
+        else:
+            name, tensors = "cell_table", {"sel": rng.integers(0, 2, (heads, nb, nb))}
+        pattern = prog[name].bind(b=b)
+        for block in ((b, b), (b // 2, b // 4 or 1), (3 * b, 2 * b), (5, 7)):
+            brute = _brute(pattern, n, n, heads, block, **tensors)
+            with monkeypatch.context() as mp:
+                mp.setattr(blockmap, "REFINE_PAIRS", 0)
+                mp.setattr(blockmap, "SAMPLE_PAIRS", 0)
+                attndsl.caches.clear()
+                got = pattern.block_map(n, n, heads, block=block, **tensors)
+            _check(got, brute)
+            if b % block[0] == 0 and b % block[1] == 0 and name == "cell_table":
+                assert np.array_equal(got, brute), (name, n, b, block)
