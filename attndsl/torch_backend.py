@@ -5,24 +5,30 @@ Input: a :class:`~attndsl.call.BoundCall` and its :class:`~attndsl.call.CallData
 dtype, lse [B, H, Lq] float32, float64 for float64 inputs), differentiable through q, k, v and
 the score clause (autograd over the tile loop).
 
-:func:`blockwise_attention` reads as its stages: analyse (the Triton backend's analysis at the
-CPU tile shape, codegen/torch_plan.py), plan (row tiles and key segments), generate (the mask
-and score clause lowered to torch functions, codegen/torch_lower.py, cached by content), run
-(each part's row tiles), merge (the parts' results by log-sum-exp).
+:func:`blockwise_attention` reads as its stages: analyse and plan (codegen/torch_plan.py: the
+tile classes at the CPU tile shape, then parts, merged row tiles and key segments), generate
+(the mask and score clause lowered to torch functions, codegen/torch_lower.py, cached by
+content), run (each part's row tiles, step by step), merge (a gathered call's parts by
+log-sum-exp; parts of disjoint head sets side by side).
 
-* Empty tiles are never visited; a segment of full tiles is one matmul with no mask; a partial
-  segment evaluates the generated mask on its [H or 1, rows, keys] block only. Band runs are
-  slices of q, k and v and residue-class gathers strided views: nothing is copied but the
-  visited tile's conversion to the accumulation type (float32, float64 for float64 inputs), and
-  memory is O((q_len + kv_len) x block), never a dense [q_len, kv_len] matrix.
+* Empty tiles are never visited; a step of full tiles evaluates no mask; a partial step
+  evaluates the generated mask on its [H or 1, rows, keys] block only. Runs of keys are slices
+  of k and v and residue-class gathers strided views: nothing is copied but a visited tile's
+  conversion to the accumulation type (float32, float64 for float64 inputs), and memory is
+  O((q_len + kv_len) x block), never a dense [q_len, kv_len] matrix.
+* Two engines run a row tile. The fused one (:class:`_FusedRows`: torch's CPU attention
+  operator per step, results merged by log-sum-exp) where there is no gradient, no score
+  clause, one head size and finite q, k and v; the general one (:class:`_Rows`: matmuls and an
+  online softmax, differentiable) elsewhere, and for any row tile whose fused result is not
+  finite.
 * Grouped-query attention reads each key/value head once for its group of query heads, from a
   view (an expanded, stride-0 K stays unexpanded).
 * Non-finite values follow docs/language.md ("Non-finite values"), as the reference
   (:func:`attndsl.reference.attend`): a NaN or +inf score at an allowed pair flags its row, the
   softmax runs over the finite allowed scores, and a non-finite V entry counts only at the
-  rows whose allowed keys include it. A tile whose scores are finite takes the fast path (one
-  check of its row maxima); V is checked once per call. Calls with gradients, or with a
-  non-finite V, run the plain single-part walk (no gathers), in place of nothing.
+  rows whose allowed keys include it. The general engine takes a fast step when a block's row
+  maxima are finite (or -inf) and V is finite (checked once per call). Calls with gradients,
+  or with a non-finite V, are planned without gathers (one part over all pairs).
 """
 
 from __future__ import annotations
@@ -223,33 +229,37 @@ class _Call:
         return self.walk(_Rows(self, rows, *hooks, sparse), g, tile, fused=False)
 
     def walk(self, state, g, tile, fused: bool):
-        """Every segment of a row tile through ``state``, in steps of at most the segment cap.
-        The fused engine takes each run of adjacent segments as one step (one operator call;
-        a step with no partial segment is not capped: it holds no block of mask values), the
-        general engine each segment on its own. A step is its key slice and the ranges, in
-        step offsets, where the mask decides (none: every pair of the step is allowed)."""
+        """Every segment of a row tile through ``state``, step by step (:func:`_steps`). A
+        step is its key slice and the ranges, in step offsets, where the mask decides (none:
+        every pair of the step is allowed)."""
         cap = torch_plan.segment_cap(self.n_heads, tile.r1 - tile.r0, self.bk)
-        for run in (_adjacent(tile.segments) if fused else [[seg] for seg in tile.segments]):
-            c0, c1 = run[0].c0, run[-1].c1
-            step = c1 - c0 if fused and all(seg.full for seg in run) else cap
-            for a in range(c0, c1, step):
-                b = min(c1, a + step)
-                partial = tuple((max(seg.c0, a) - a, min(seg.c1, b) - a) for seg in run
-                                if not seg.full and seg.c0 < b and seg.c1 > a)
-                state.tile(slice(g.k_row0 + g.k_step * a, g.k_row0 + g.k_step * (b - 1) + 1,
-                                 g.k_step), partial)
+        for a, b, partial in _steps(tile.segments, cap, fused):
+            state.tile(slice(g.k_row0 + g.k_step * a, g.k_row0 + g.k_step * (b - 1) + 1,
+                             g.k_step), partial)
         return state.finish()
 
 
-def _adjacent(segments):
-    """The runs of segments that follow each other without a gap."""
-    runs = []
+def _steps(segments, cap: int, fused: bool):
+    """(first key, end key, partial ranges in step offsets) of the steps over a row tile's
+    segments. A step holds at most ``cap`` keys where it evaluates the mask; the fused engine
+    also joins adjacent segments into one step (one operator call) while they fit in ``cap``,
+    and takes a longer full segment whole (it holds no block of mask values)."""
+    steps: list[list] = []          # [first, end, partial ranges (absolute), joinable]
     for seg in segments:
-        if runs and runs[-1][-1].c1 == seg.c0:
-            runs[-1].append(seg)
-        else:
-            runs.append([seg])
-    return runs
+        n = seg.c1 - seg.c0
+        if fused and seg.full and n > cap:
+            steps.append([seg.c0, seg.c1, [], False])
+            continue
+        for a in range(seg.c0, seg.c1, cap):
+            b = min(seg.c1, a + cap)
+            ranges = [] if seg.full else [(a, b)]
+            last = steps[-1] if steps else None
+            if fused and last and last[3] and last[1] == a and b - last[0] <= cap:
+                last[1] = b
+                last[2].extend(ranges)
+            else:
+                steps.append([a, b, ranges, fused])
+    return [(a, b, tuple((x - a, y - a) for x, y in ranges)) for a, b, ranges, _ in steps]
 
 
 class _FusedRows:
@@ -263,9 +273,7 @@ class _FusedRows:
         self.qpos = torch.arange(rows.start, rows.stop, rows.step, device=dev).view(1, -1, 1) \
             + call.offset
         self.qt = call.q[:, rows].to(call.wide)[None]
-        shape = (call.n_heads, self.qt.shape[2])
-        self.lse = torch.full(shape, NEG_INF, dtype=call.wide, device=dev)
-        self.acc = self.qt.new_zeros(shape + (call.v.shape[-1],))
+        self.acc = self.lse = None              # no step yet
 
     def tile(self, keys: slice, partial: tuple) -> None:
         c = self.c
@@ -292,6 +300,9 @@ class _FusedRows:
         out, lse = out[0], lse[0].to(c.wide)
         if some is not None:                    # a row with no allowed key: lse -inf, not 0
             lse = torch.where(some, lse, NEG_INF)
+        if self.acc is None:                    # the first step: its result as it is
+            self.acc, self.lse = out, lse
+            return
         total = torch.logaddexp(self.lse, lse)
         safe = torch.where(total == NEG_INF, torch.zeros_like(total), total)
         self.acc = (self.acc * torch.exp(self.lse - safe)[..., None]
@@ -300,6 +311,11 @@ class _FusedRows:
 
     def finish(self):
         """(out [H, R, Dv], lse [H, R]), or None when a row's lse is NaN or +inf."""
+        if self.acc is None:                    # every step skipped (no selected pair)
+            c = self.c
+            shape = (c.n_heads, self.qt.shape[2])
+            return (torch.zeros(shape + (c.v.shape[-1],), dtype=c.wide, device=c.q.device),
+                    torch.full(shape, NEG_INF, dtype=c.wide, device=c.q.device))
         if not bool((self.lse < torch.inf).all()):
             return None
         return self.acc, self.lse

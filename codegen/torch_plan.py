@@ -34,6 +34,7 @@ import numpy as np
 from attndsl.bound import BoundPattern
 from attndsl.caches import LRUCache
 from attndsl.call import BoundCall, CallData
+from attndsl.errors import AttnCallError
 from attndsl.ir import Op
 
 from .plan import CallAnalysis
@@ -132,8 +133,11 @@ def cpu_block(q_len: int, kv_len: int) -> tuple[int, int]:
     the plan merges tiles of rows where that is cheaper)."""
     spec = os.environ.get("ATTNDSL_TORCH_BLOCK")
     if spec:
-        bq, bk = (int(x) for x in spec.lower().split("x"))
-        return bq, bk
+        parts = spec.lower().split("x")
+        if len(parts) != 2 or not all(p.strip().isdigit() and int(p) > 0 for p in parts):
+            raise AttnCallError(f"ATTNDSL_TORCH_BLOCK must be ROWSxKEYS with positive integers "
+                                f"(e.g. 64x64), got {spec!r}")
+        return int(parts[0]), int(parts[1])
     return (64, 64) if max(q_len, kv_len) <= 16384 else (128, 128)
 
 
@@ -294,10 +298,11 @@ def step_cost(rows: int, kept: np.ndarray, full: np.ndarray, widths: np.ndarray,
               heads: int, mask_pair: float) -> float:
     """The modelled cost (seconds) of one tile of ``rows`` rows over key tiles ``kept``
     (``full`` among them) of ``widths`` keys each (``mask_pair``: :func:`mask_cost`)."""
-    cls = np.where(kept, np.where(full, FULL, PARTIAL), 0)
-    runs = int(np.count_nonzero((cls != 0) & (cls != np.r_[0, cls[:-1]])))
-    pairs = rows * int(widths[kept].sum())
-    partial = rows * int(widths[kept & ~full].sum())
+    cls = kept.view(np.int8) + full.view(np.int8)          # 0 empty, 1 partial, 2 full
+    runs = int(np.count_nonzero(cls[:1])) + int(np.count_nonzero((cls[1:] != 0)
+                                                                 & (cls[1:] != cls[:-1])))
+    pairs = rows * int(widths @ kept)
+    partial = rows * int(widths @ (kept & ~full))
     return TILE_COST + runs * SEGMENT_COST + pairs * heads * PAIR_COST + partial * mask_pair
 
 
@@ -308,9 +313,9 @@ def _flush(out: list, cur, n_q: int, bq: int, bk: int, n_k: int) -> None:
     first, end, kept, full, _ = cur
     idx = np.flatnonzero(kept)
     kind = np.where(full[idx], FULL, PARTIAL)
-    cuts = np.flatnonzero((np.diff(idx) != 1) | (np.diff(kind) != 0)) + 1
-    segs = tuple(Segment(int(idx[a]) * bk, min(n_k, (int(idx[b - 1]) + 1) * bk),
-                         bool(kind[a] == FULL))
-                 for a, b in zip(np.r_[0, cuts], np.r_[cuts, idx.size]))
+    cuts = (np.flatnonzero((np.diff(idx) != 1) | (np.diff(kind) != 0)) + 1).tolist()
+    idx, kind = idx.tolist(), kind.tolist()
+    segs = tuple(Segment(idx[a] * bk, min(n_k, (idx[b - 1] + 1) * bk), kind[a] == FULL)
+                 for a, b in zip([0] + cuts, cuts + [len(idx)]))
     out.append(RowTile(first * bq, min(n_q, end * bq), segs))
     return None

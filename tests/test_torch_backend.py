@@ -271,3 +271,12 @@ def test_a_selection_is_analysed_from_the_calls_own_tables(monkeypatch):
     out = pat(q, k, v)
     np.testing.assert_allclose(out.numpy(), pat.reference(q.numpy(), k.numpy(), v.numpy())[0],
                                atol=1e-12)
+
+
+@pytest.mark.parametrize("spec", ["64", "0x64", "ax8", "64x64x2", "-8x8"])
+def test_a_malformed_tile_setting_is_a_clear_error(spec, monkeypatch):
+    from attndsl import AttnCallError
+    monkeypatch.setenv("ATTNDSL_TORCH_BLOCK", spec)
+    pat = pattern("pattern t:\n    mask = causal\n")
+    with pytest.raises(AttnCallError, match="ATTNDSL_TORCH_BLOCK must be ROWSxKEYS"):
+        pat(*_call(pat, 8))
