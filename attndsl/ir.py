@@ -52,6 +52,15 @@ class Expr:
     args: tuple[Expr, ...] = ()
     value: object = None
     span: Span = field(default_factory=Span.unknown, compare=False, repr=False)
+    # the structural hash, computed once from the children's (a DAG whose expansion is
+    # exponential hashes in time linear in its distinct nodes)
+    _hash: int = field(init=False, compare=False, repr=False)
+
+    def __post_init__(self):
+        object.__setattr__(self, "_hash", hash((self.op, self.type, self.args, self.value)))
+
+    def __hash__(self) -> int:
+        return self._hash
 
     def walk(self):
         """Every node of the tree, parents before children (iterative: trees may be deep).

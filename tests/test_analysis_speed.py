@@ -184,3 +184,104 @@ def test_multi_dimensional_tables_read_per_tile_are_sound_and_exact(monkeypatch)
             _check(got, brute)
             if b % block[0] == 0 and b % block[1] == 0 and name == "cell_table":
                 assert np.array_equal(got, brute), (name, n, b, block)
+
+
+def _docs(n, n_docs=7, seed=3):
+    """doc[t] and doc_start[d] for documents of random lengths (boundaries not tile-aligned)."""
+    rng = np.random.default_rng(seed)
+    cuts = np.sort(rng.choice(np.arange(1, n), size=n_docs - 1, replace=False))
+    doc = np.searchsorted(cuts, np.arange(n), side="right").astype(np.int64)
+    return doc, np.concatenate([[0], cuts]).astype(np.int64)
+
+
+@pytest.mark.parametrize("n, block", [(3000, (128, 128)), (2500, (64, 32)), (1000, (50, 70))])
+def test_document_relative_keys_solved_exactly(n, block):
+    """``doc[q] == doc[k] and k - doc_start[doc[k]] < g``: under the equality the solver reads
+    doc[q] for doc[k], so the document's first keys are an interval and no tile is refined."""
+    pattern = _load("global_window_docs.attn", "global_window_docs", window=100, n_global=3)
+    doc, starts = _docs(n)
+    attndsl.caches.clear()
+    blockmap.REFINED.reset()
+    ours = pattern.block_map(n, n, 1, block=block, doc=doc, doc_start=starts)
+    assert blockmap.REFINED.pairs == 0 and blockmap.REFINED.sampled == 0
+    assert (ours == _brute(pattern, n, n, 1, block, doc=doc, doc_start=starts)).all()
+
+
+def test_equal_reads_substitution_keeps_other_tensors_unknown():
+    """Only t[k] under ``t[q] == t[k]`` is replaced: a read of another tensor at k stays
+    unknown (sound), and the map still agrees with brute force where the solver is exact."""
+    src = ("pattern p(a: int[], b: int[]):\n"
+           "    mask = a[q] == a[k] and (b[k] == 1 or k - a[k] >= q - 500)\n")
+    pattern = attndsl.compile(src)["p"]
+    n = 700
+    a = (np.arange(n) // 150).astype(np.int64)
+    b = (np.arange(n) % 3 == 0).astype(np.int64)
+    ours = pattern.block_map(n, n, 1, block=(64, 64), a=a, b=b)
+    _check(ours, _brute(pattern, n, n, 1, (64, 64), a=a, b=b))
+
+
+def test_block_map_with_tensor_runs_does_not_import_numpy_ma():
+    """np.unique imports numpy.ma on its first use (~20 ms of a first call): the analysis's
+    run detection and tile passes do without it."""
+    import subprocess
+    import sys
+    code = (
+        "import sys, numpy as np, attndsl\n"
+        "p = attndsl.compile('pattern p(doc: int[]):\\n    mask = causal and doc[q] == doc[k]\\n')['p']\n"
+        "doc = (np.arange(1000) // 300).astype(np.int64)\n"
+        "assert 'numpy.ma' not in sys.modules\n"
+        "p.block_map(1000, 1000, 1, block=(64, 64), doc=doc)\n"
+        "print('numpy.ma' in sys.modules)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
+def test_tile_passes_work_per_distinct_range_not_per_row(monkeypatch):
+    """The touched/covered sums take one entry per run of rows with the same tile ranges: for
+    causal at 32K that is a few per row tile, not one per row."""
+    from attndsl.analysis import rows
+    seen = []
+    real = rows._runs
+
+    def spy(tile_rows, arrays, n_rows):
+        idx, weight = real(tile_rows, arrays, n_rows)
+        seen.append((len(idx), int(weight.sum())))
+        return idx, weight
+    monkeypatch.setattr(rows, "_runs", spy)
+    n = 32768
+    attndsl.caches.clear()
+    m = _load("causal.attn", "causal_lm").block_map(n, n, 1, block=(128, 128))
+    i, j = np.indices(m.shape[1:])
+    assert (m[0] == np.where(i == j, 1, np.where(i > j, 2, 0))).all()
+    assert seen and all(entries <= 2 * (n // 128) and rows_ == n for entries, rows_ in seen)
+
+
+def test_merge_and_touch_cover_slots_match_per_row_reference():
+    """merge_slots (the two-slot case written out) and touch_and_cover_slots agree with merge
+    and a per-row reading of the intervals, on random intervals with empty and adjacent ones."""
+    from attndsl.analysis.rows import merge, merge_slots, touch_and_cover_slots
+    from attndsl.reference import CallGrid
+    rng = np.random.default_rng(5)
+    pattern = attndsl.compile("pattern c:\n    mask = causal\n")["c"]
+    for kv_len, n_slots, block in ((1000, 2, (16, 64)), (777, 2, (10, 100)), (640, 3, (32, 64))):
+        r = 96
+        lo = rng.integers(0, kv_len, (2, r, n_slots)).astype(np.int32)
+        hi = np.minimum(lo + rng.integers(-40, 300, lo.shape), kv_len - 1).astype(np.int32)
+        hi[..., 0] = np.where(rng.random(hi[..., 0].shape) < 0.3, lo[..., -1] - 1, hi[..., 0])
+        ml, mh = merge(lo, hi)
+        sl, sh = merge_slots([lo[..., j] for j in range(n_slots)], [hi[..., j] for j in range(n_slots)])
+        keys = np.arange(kv_len)
+
+        def member(lo_, hi_, keys=keys):
+            return ((keys >= lo_[..., None]) & (keys <= hi_[..., None])).any(axis=-2)
+        assert (member(ml, mh) == member(np.stack(sl, -1), np.stack(sh, -1))).all()
+        grid = CallGrid(pattern.bound().ir, {}, r, kv_len, 2, 2, {})
+        rows_ = np.arange(r)
+        touched, covered = touch_and_cover_slots(sl, sh, grid, rows_, block)
+        allowed = member(ml, mh)                                 # [H, R, kv_len]
+        bq, bk = block
+        for i in range(-(-r // bq)):
+            for j in range(-(-kv_len // bk)):
+                t = allowed[:, i * bq:(i + 1) * bq, j * bk:(j + 1) * bk]
+                assert (touched[:, i, j] == t.any(axis=(1, 2))).all()
+                assert (covered[:, i, j] == t.all(axis=(1, 2))).all()

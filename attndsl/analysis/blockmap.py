@@ -32,7 +32,7 @@ from ..reference import CallGrid
 from .intervals import classify_tiles, make_grid
 from .pieces import RowSets
 from .residues import killed_tiles, residue_bounds
-from .rows import merge, piece_bounds, range_counts, touch_and_cover, uses_head
+from .rows import merge_slots, piece_slots, range_counts, touch_and_cover_slots, uses_head
 from .solve import solve
 
 EMPTY, PARTIAL, FULL = 0, 1, 2
@@ -58,20 +58,30 @@ class RefineCount:
 REFINED = RefineCount()
 
 
-def _sets_bounds(pieces, grid: CallGrid, heads, rows, upper: bool):
-    """Merged per-row intervals, and whether some rows could not be evaluated (a tensor index
-    out of range where the pattern would not read it): those rows get every key in an upper
-    set and no key in a lower one."""
-    lo, hi, unknown = piece_bounds(pieces, grid, heads, rows, keep_residues=upper)
+def _sets_bounds(pieces, grid: CallGrid, heads, rows, upper: bool, slots=None):
+    """Merged per-row intervals (lists of slots [H', R]), and whether some rows could not be
+    evaluated (a tensor index out of range where the pattern would not read it): those rows get
+    every key in an upper set and no key in a lower one. ``slots``: the pieces' bounds when
+    already evaluated (:func:`~.rows.piece_slots`)."""
+    los, his, unknown = slots or piece_slots(pieces, grid, heads, rows, keep_residues=upper)
     some_unknown = bool(unknown.any())
     if some_unknown:
+        kind = los[0].dtype if los else np.int64
         if upper:
-            lo = np.concatenate([lo, np.where(unknown, 0, 1)[..., None]], -1)
-            hi = np.concatenate([hi, np.where(unknown, grid.kv_len - 1, 0)[..., None]], -1)
+            los = los + [np.where(unknown, 0, 1).astype(kind)]
+            his = his + [np.where(unknown, grid.kv_len - 1, 0).astype(kind)]
         else:
-            lo = np.where(unknown[..., None], 1, lo)
-            hi = np.where(unknown[..., None], 0, hi)
-    return merge(lo, hi), some_unknown
+            los = [np.where(unknown, 1, lo).astype(kind) for lo in los]
+            his = [np.where(unknown, 0, hi).astype(kind) for hi in his]
+    return merge_slots(los, his), some_unknown
+
+
+def _stacked(slots, n_heads: int, n_rows: int):
+    """lo, hi [H', R, P] from lists of slots."""
+    los, his = slots
+    if not los:
+        return np.ones((n_heads, n_rows, 0), np.int64), np.zeros((n_heads, n_rows, 0), np.int64)
+    return np.stack(los, -1), np.stack(his, -1)
 
 
 def row_classes(sets: RowSets, grid: CallGrid, block):
@@ -92,16 +102,25 @@ def row_classes(sets: RowSets, grid: CallGrid, block):
     for t0 in range(0, n_qt, step):
         t1 = min(n_qt, t0 + step)
         rows = np.arange(t0 * bq, min(grid.q_len, t1 * bq))
-        up, unknown = _sets_bounds(sets.upper, grid, heads, rows, upper=True)
-        touched_u, covered_u = touch_and_cover(*up, grid, rows, block, t0, t1 - t0)
+        slots = piece_slots(sets.upper, grid, heads, rows, keep_residues=True)
+        up, unknown = _sets_bounds(sets.upper, grid, heads, rows, True, slots)
+        touched_u, covered_u = touch_and_cover_slots(*up, grid, rows, block, t0, t1 - t0,
+                                                     (len(heads), len(rows)))
         may[:, t0:t1] = touched_u
         if exact and not unknown:
             must[:, t0:t1] = covered_u
             partial[:, t0:t1] = touched_u & ~covered_u
             continue
         exact = False
-        low, _ = _sets_bounds(sets.lower, grid, heads, rows, upper=False)
-        touched_l, covered_l = touch_and_cover(*low, grid, rows, block, t0, t1 - t0)
+        if sets.exact:          # the lower set is the upper one: its band pieces' bounds
+            keep = [i for i, p in enumerate(sets.upper) if p.residue is None]
+            low_slots, _ = _sets_bounds(sets.lower, grid, heads, rows, False,
+                                        ([slots[0][i] for i in keep], [slots[1][i] for i in keep],
+                                         slots[2]))
+        else:
+            low_slots, _ = _sets_bounds(sets.lower, grid, heads, rows, upper=False)
+        touched_l, covered_l = touch_and_cover_slots(*low_slots, grid, rows, block, t0, t1 - t0,
+                                                     (len(heads), len(rows)))
         must[:, t0:t1] = covered_l
         not_full = ~covered_u
         certain = touched_l                   # tiles that surely hold an allowed pair
@@ -110,6 +129,7 @@ def row_classes(sets: RowSets, grid: CallGrid, block):
             if residues.touch_exact:
                 certain = touched_u
             if residues.run is not None:
+                low = _stacked(low_slots, len(heads), len(rows))
                 not_full = not_full | killed_tiles(*low, grid, rows, block, residues.run, t0,
                                                    t1 - t0, range_counts)
         partial[:, t0:t1] = certain & not_full
@@ -136,7 +156,8 @@ def _eval_tiles(grid: CallGrid, block, i: int, js, picks=None):
 
 def _offsets(picks: int, n: int) -> np.ndarray:
     """At most ``picks`` offsets in [0, n), evenly spread, first and last included."""
-    return np.unique(np.linspace(0, n - 1, min(picks, n)).round().astype(np.int64))
+    o = np.linspace(0, n - 1, min(picks, n)).round().astype(np.int64)     # ascending
+    return o[np.append(True, o[1:] != o[:-1])]     # (not np.unique: it imports numpy.ma)
 
 
 def _sample(grid: CallGrid, block, undecided: np.ndarray, may, must) -> None:

@@ -322,7 +322,8 @@ def _range_extremes(arr: np.ndarray, lo: np.ndarray, hi: np.ndarray):
     lo_b, hi_b, level_b = np.broadcast_arrays(lo, hi, level)
     out_min = np.empty(lo_b.shape, dtype=arr.dtype)
     out_max = np.empty(lo_b.shape, dtype=arr.dtype)
-    for lv in np.unique(level_b):
+    # levels present (not np.unique: it imports numpy.ma on first use)
+    for lv in np.flatnonzero(np.bincount(level_b.ravel(), minlength=1)):
         sel = level_b == lv
         a = lo_b[sel]
         b = hi_b[sel] - (1 << int(lv)) + 1

@@ -41,6 +41,7 @@ from .pieces import (
     b_not,
     b_or,
     complement,
+    conjuncts,
     depends_on_k,
     guard_only,
     i_add,
@@ -70,11 +71,16 @@ def run_tensors(name: str, t) -> dict:
     t = np.asarray(t)
     if t.ndim != 1 or t.size == 0:
         return {}
-    starts = np.flatnonzero(np.r_[True, t[1:] != t[:-1]])
-    if len(np.unique(t[starts])) != len(starts):
+    change = np.empty(t.size, dtype=bool)
+    change[0] = True
+    np.not_equal(t[1:], t[:-1], out=change[1:])
+    starts = np.flatnonzero(change)
+    firsts = np.sort(t[starts])
+    # (sorted, not np.unique: NumPy's unique imports numpy.ma on first use, ~20 ms of a call)
+    if len(firsts) > 1 and not (firsts[1:] != firsts[:-1]).all():
         return {}
-    ends = np.r_[starts[1:], len(t)] - 1
-    run = np.cumsum(np.r_[True, t[1:] != t[:-1]]) - 1
+    ends = np.append(starts[1:], len(t)) - 1
+    run = np.cumsum(change) - 1
     return {name + RUN_START: starts[run].astype(np.int64), name + RUN_END: ends[run].astype(np.int64)}
 
 
@@ -304,7 +310,58 @@ def _unknown(run: _Solve, e: Expr) -> tuple:
     return NONE, ALL
 
 
+def _equal_reads(x: Expr) -> tuple | None:
+    """(t[k], t[y]) when x is ``t[k] == t[y]`` (either order) for an int tensor t read at k and a
+    k-free index y, else None."""
+    if x.op is not Op.EQ:
+        return None
+    for a, b in (x.args, x.args[::-1]):
+        if (a.op is Op.INDEX and b.op is Op.INDEX and a.value == b.value and a.type is Type.INT
+                and len(a.args) == 1 and a.args[0].op is Op.K and len(b.args) == 1
+                and not depends_on_k(b)):
+            return a, b
+    return None
+
+
+def _substitute(e: Expr, old: Expr, new: Expr, memo: dict) -> Expr:
+    """e with every sub-expression equal to ``old`` replaced by ``new`` (shared nodes once)."""
+    got = memo.get(id(e))
+    if got is not None:
+        return got[1]
+    if e == old:
+        out = new
+    elif not e.args:
+        out = e
+    else:
+        args = tuple(_substitute(a, old, new, memo) for a in e.args)
+        out = e if all(x is y for x, y in zip(args, e.args)) else Expr(e.op, e.type, args, e.value, e.span)
+    memo[id(e)] = (e, out)
+    return out
+
+
+def _with_equal_reads(e: Expr) -> Expr | None:
+    """A conjunction that holds ``t[k] == t[y]`` (y free of k), with t[k] replaced by t[y] in
+    its other conjuncts (equal where the conjunction can hold), or None when none reads t[k].
+
+    ``t[k] == t[q] and k - start[t[k]] < g`` becomes ``... and k - start[t[q]] < g``: linear
+    in k, so solved exactly (document-relative positions of packed sequences)."""
+    parts = conjuncts(e)
+    for i, x in enumerate(parts):
+        eq = _equal_reads(x)
+        if eq is None:
+            continue
+        memo: dict = {}
+        new = [p if j == i else _substitute(p, eq[0], eq[1], memo) for j, p in enumerate(parts)]
+        if any(a is not b for a, b in zip(new, parts)):
+            return reduce(lambda a, b: Expr(Op.AND, Type.BOOL, (a, b)), new)
+    return None
+
+
 def _logic(run: _Solve, e: Expr) -> tuple:
+    if e.op is Op.AND:
+        rewritten = _with_equal_reads(e)
+        if rewritten is not None:
+            return run.go(rewritten)
     (la, ua), (lb, ub) = run.go(e.args[0]), run.go(e.args[1])
     f = intersect if e.op is Op.AND else union
     lo, up = f(la, lb), f(ua, ub)
