@@ -136,8 +136,17 @@ class _Call:
         self.sizes = tuple(torch.tensor(n, dtype=torch.int64, device=q.device)
                            for n in (s.q_len, s.kv_len, s.heads, s.kv_heads))
         self._v_finite: dict[tuple, bool] = {}
+        self._scratch = None
 
     # ------------------------------------------------------------------ operands
+    def scratch(self, shape: tuple):
+        """A float block of ``shape`` in the accumulation type, reused from step to step (a
+        fresh large tensor per step costs its page faults); its contents are undefined."""
+        n = int(np.prod(shape))
+        if self._scratch is None or self._scratch.numel() < n:
+            self._scratch = torch.empty(n, dtype=self.wide, device=self.q.device)
+        return self._scratch[:n].view(shape)
+
     def grouped(self, a, b):
         """[H, R, X] @ [KVH, X, Y] -> [H, R, Y]: each key/value head serves its query heads."""
         h, r, x = a.shape
@@ -290,8 +299,7 @@ class _FusedRows:
             some = torch.stack([m.any(dim=-1) for m in masks]).any(dim=0) if covered else None
             if self.sparse and covered and not bool(some.any()):
                 return
-            bias = torch.zeros((max(m.shape[0] for m in masks), n_rows, n_keys), dtype=c.wide,
-                               device=c.q.device)
+            bias = c.scratch((max(m.shape[0] for m in masks), n_rows, n_keys)).zero_()
             for (a, b), m in zip(partial, masks):
                 bias[:, :, a:b].masked_fill_(~m, NEG_INF)
             bias = bias[None]
@@ -304,9 +312,9 @@ class _FusedRows:
             self.acc, self.lse = out, lse
             return
         total = torch.logaddexp(self.lse, lse)
-        safe = torch.where(total == NEG_INF, torch.zeros_like(total), total)
-        self.acc = (self.acc * torch.exp(self.lse - safe)[..., None]
-                    + out * torch.exp(lse - safe)[..., None])
+        safe = total.masked_fill(total == NEG_INF, 0.0)
+        self.acc.mul_(torch.exp(self.lse - safe)[..., None])     # in place: no fresh pages
+        self.acc.addcmul_(out, torch.exp(lse - safe)[..., None])
         self.lse = total
 
     def finish(self):
