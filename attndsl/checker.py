@@ -16,10 +16,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .constants import check_constants, is_constant
+from .constants import check_constants, is_call_constant, is_constant
 from .decls import cycles, parse_type, walk_surface
 from .errors import AttnError, AttnNameError, AttnTypeError, ErrorSink, Span
-from .ir import BUILTIN_LEAVES, Expr, Op, Param, PatternIR, TensorType, Type, const
+from .ir import BUILTIN_LEAVES, Expr, Op, Param, PatternIR, TensorType, Type, const, kv_head_expr
 from .limits import MAX_DEPTH, Heights, depth_message, logic_chain, surface_operands, tree_size
 from .ops import NUM, OPS
 from .parser import HUGE_INT, DefDecl, Node, PatternDecl
@@ -36,11 +36,12 @@ _FUNCTIONS = {i.spelling: op for op, i in OPS.items() if i.form == "call" and no
 FUNCTIONS = set(_FUNCTIONS) | {"clamp"}         # clamp(x, lo, hi) is min(max(x, lo), hi)
 # selector signatures: (parameter name, type, default or None when required)
 SELECTORS = {i.spelling: (op, i.params) for op, i in OPS.items() if i.selector}
-RESERVED = set(BUILTIN_LEAVES) | {"score", "inf"} | FUNCTIONS | set(SELECTORS)   # names in scope
+RESERVED = set(BUILTIN_LEAVES) | {"score", "inf", "kv_head"} | FUNCTIONS | set(SELECTORS)
 _BUILTIN = RESERVED | set(BUILTIN_NAMES)       # cannot be declared (builtins to come included)
 # ops whose operands are type-checked one by one, each before the next is checked (_t_operand)
 _EARLY = {Op.NOT, Op.AND, Op.OR, Op.IF, Op.INDEX, Op.TOPK_BLOCKS, Op.TOPP_BLOCKS, Op.RANDOM_BLOCKS}
 _HINTS = {Op.DIV: " (write float(x), or use '//' for floor division)", Op.POW: " (write float(x))"}
+_CALL_CONST = "a call constant: an int expression of literals, parameters, heads, kv_heads, q_len and kv_len"
 
 
 class _Reported(Exception):
@@ -313,6 +314,8 @@ class Checker:
             return self._typed(Op.PARAM, [], [], node.span, scope.params[name])
         if name in BUILTIN_LEAVES:
             return self._typed(BUILTIN_LEAVES[name], [], [], node.span)
+        if name == "kv_head":
+            return kv_head_expr(node.span)
         if name == "score":
             if not scope.allow_score:
                 raise self._err(AttnTypeError, "'score' may only be used in the score clause", node.span)
@@ -426,10 +429,8 @@ class Checker:
             if x.type is not want:
                 self._fail(f"'{info.spelling}' needs {want.value} operands, got {x.type.value}"
                            f"{_HINTS.get(op, '')}", x_span)
-        for i in info.constant_args:
-            if not is_constant(args[i]):
-                self._fail(f"the divisor of '{info.spelling}' must be a compile-time constant (a "
-                           "literal or a scalar parameter)", spans[i])
+        for i in (i for i in info.call_constant_args if not is_call_constant(args[i])):
+            self._fail(f"the divisor of '{info.spelling}' must be {_CALL_CONST}", spans[i])
         return self._t_build(op, args, spans, span, value)
 
     def _t_compare(self, op, args, spans, span, value) -> Expr:

@@ -9,14 +9,21 @@ from __future__ import annotations
 
 from .errors import AttnError, AttnTypeError, ErrorSink
 from .ir import Expr, Op, PatternIR
-from .ops import CONSTANT_OPS  # pure ops: a node of one is constant when its operands are
+from .ops import CALL_CONSTANT_OPS, CONSTANT_OPS  # pure ops: constant when their operands are
 
-__all__ = ["CONSTANT_OPS", "check_constants", "constant_sites", "is_constant"]
+__all__ = ["CALL_CONSTANT_OPS", "CONSTANT_OPS", "call_constant_sites", "check_constants",
+           "constant_sites", "is_call_constant", "is_constant"]
 
 
 def is_constant(expr: Expr) -> bool:
     """True when the value is known at compile time: only literals, parameters and pure ops."""
     return all(n.op in CONSTANT_OPS for n in expr.walk())
+
+
+def is_call_constant(expr: Expr) -> bool:
+    """True when the value is known once a call's sizes are: literals, parameters, ``q_len``,
+    ``kv_len``, ``heads``, ``kv_heads`` and pure ops (the divisors of ``//`` and ``%``)."""
+    return all(n.op in CALL_CONSTANT_OPS for n in expr.walk())
 
 
 def _params_of(expr: Expr) -> set[str]:
@@ -46,7 +53,22 @@ def constant_sites(ir: PatternIR):
             seen.add(id(node))
             for pos, arg in enumerate(node.args):
                 rule = _RANGES.get((node.op, pos))
-                if rule is not None:
+                if rule is not None and is_constant(arg):    # else: checked per call
+                    yield arg, rule[0], rule[1]
+
+
+def call_constant_sites(ir: PatternIR):
+    """Every (divisor, predicate, message) whose value depends on the call's sizes: checked
+    for each call (:func:`attndsl.reference.check_call_constants`)."""
+    seen: set[int] = set()
+    for root in ir.roots():
+        for node in root.walk():
+            if id(node) in seen:
+                continue
+            seen.add(id(node))
+            for pos, arg in enumerate(node.args):
+                rule = _RANGES.get((node.op, pos))
+                if rule is not None and not is_constant(arg):
                     yield arg, rule[0], rule[1]
 
 

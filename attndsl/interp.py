@@ -315,8 +315,11 @@ def evaluate(expr: Expr, env: Env):
         return Evaluator(env).sub(expr)
 
 
-def evaluate_scalar(expr: Expr, params: dict):
-    """A compile-time constant expression's Python value (leaves: literals and parameters)."""
-    env = Env(h=0, q=0, k=0, q_len=0, kv_len=0, heads=1, kv_heads=1, params=params)
+def evaluate_scalar(expr: Expr, params: dict, sizes: dict | None = None):
+    """A compile-time constant expression's Python value (leaves: literals and parameters), or
+    with ``sizes`` (q_len, kv_len, heads, kv_heads) a call constant's."""
+    sizes = sizes or {}
+    env = Env(h=0, q=0, k=0, q_len=sizes.get("q_len", 0), kv_len=sizes.get("kv_len", 0),
+              heads=sizes.get("heads", 1), kv_heads=sizes.get("kv_heads", 1), params=params)
     value = evaluate(expr, env)
     return np.asarray(value).item()

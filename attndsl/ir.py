@@ -6,9 +6,10 @@ Invariants (established by :mod:`attndsl.checker`, relied on by every later pass
   a result :class:`Type` and a source :class:`~attndsl.errors.Span`;
 * defs and lets are inlined, chained comparisons are split into ``and``, ``clamp`` is
   ``min(max(...))``: only the ops of the registry (:mod:`attndsl.ops`) remain;
-* operand types are checked (signatures in ``ops``, typing rules in ``checker``), divisors
-  of ``//`` and ``%`` and selector block sizes are compile-time constant expressions
-  (literals and scalar parameters only);
+* operand types are checked (signatures in ``ops``, typing rules in ``checker``), selector
+  arguments are compile-time constant expressions (literals and scalar parameters only) and
+  divisors of ``//`` and ``%`` call constants (those and the sizes ``q_len``, ``kv_len``,
+  ``heads``, ``kv_heads``; checked > 0 per call); ``kv_head`` is ``h // (heads // kv_heads)``;
 * equality and hashing ignore spans, so a round trip through the pretty-printer compares equal.
 """
 
@@ -80,6 +81,15 @@ class Expr:
 
     def uses(self, *ops: Op) -> bool:
         return any(n.op in ops for n in self.walk())
+
+
+def kv_head_expr(span: Span) -> Expr:
+    """The builtin ``kv_head``: the key/value head that query head ``h`` reads,
+    ``h // (heads // kv_heads)`` (it is that expression in the IR)."""
+    h, heads, kv_heads = (Expr(op, Type.INT, (), None, span)
+                          for op in (Op.H, Op.HEADS, Op.KV_HEADS))
+    return Expr(Op.FLOORDIV, Type.INT,
+                (h, Expr(Op.FLOORDIV, Type.INT, (heads, kv_heads), None, span)), None, span)
 
 
 def const(value, span: Span | None = None) -> Expr:

@@ -121,6 +121,8 @@ class OpInfo:
       ``right``; if: ``left`` for the branch taken and the condition, ``right`` for the other);
     * ``constant``: its value is a compile-time constant when its operands' are;
       ``constant_args``: the operands that must be compile-time constants;
+      ``call_constant_args``: the operands that must be call constants (compile-time constants
+      or the call's sizes ``q_len``, ``kv_len``, ``heads``, ``kv_heads``: known per call);
     * ``selector`` / ``data_selector``: a block selector (reading the call's Q and K);
       ``params``: a selector's named arguments (name, Type or tensor type text, default or
       None when required).
@@ -138,6 +140,7 @@ class OpInfo:
     variadic: bool = False
     constant: bool = True
     constant_args: tuple[int, ...] = ()
+    call_constant_args: tuple[int, ...] = ()
     selector: bool = False
     data_selector: bool = False
     params: tuple = ()
@@ -184,8 +187,9 @@ OPS: dict[Op, OpInfo] = {info.op: info for info in (
     _infix(Op.SUB, _NN, NUM, _P.ADD, _P.ADD, _P.MUL),
     _infix(Op.MUL, _NN, NUM, _P.MUL, _P.MUL, _P.UNARY),
     _infix(Op.DIV, _FF, _F, _P.MUL, _P.MUL, _P.UNARY),
-    OpInfo(Op.FLOORDIV, "//", 2, _II, _I, "infix", _P.MUL, _P.MUL, _P.UNARY, constant_args=(1,)),
-    OpInfo(Op.MOD, "%", 2, _II, _I, "infix", _P.MUL, _P.MUL, _P.UNARY, constant_args=(1,)),
+    OpInfo(Op.FLOORDIV, "//", 2, _II, _I, "infix", _P.MUL, _P.MUL, _P.UNARY,
+           call_constant_args=(1,)),
+    OpInfo(Op.MOD, "%", 2, _II, _I, "infix", _P.MUL, _P.MUL, _P.UNARY, call_constant_args=(1,)),
     _infix(Op.POW, _FF, _F, _P.POW, _P.ATOM, _P.UNARY),
     _infix(Op.LT, _NN, _B, _P.CMP, _P.ADD, _P.ADD),
     _infix(Op.LE, _NN, _B, _P.CMP, _P.ADD, _P.ADD),
@@ -224,6 +228,8 @@ UNARY_FLOAT_FUNCS = {op for op, i in OPS.items() if i.form == "call" and i.opera
 SELECTOR_OPS = {op for op, i in OPS.items() if i.selector}
 DATA_SELECTOR_OPS = {op for op, i in OPS.items() if i.data_selector}  # need the call's Q and K
 CONSTANT_OPS = {op for op, i in OPS.items() if i.constant}
+# known once a call's sizes are: the constant ops and the size builtins
+CALL_CONSTANT_OPS = CONSTANT_OPS | {Op.Q_LEN, Op.KV_LEN, Op.HEADS, Op.KV_HEADS}
 
 
 def table_gaps(table, ops=Op) -> tuple[list, list]:

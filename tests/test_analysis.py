@@ -557,6 +557,8 @@ def _example_inputs(pat, kv_len, heads, rng):
             inputs[name] = (np.arange(kv_len) >= kv_len // 3).astype(np.int64)
         elif name == "rel":
             inputs[name] = rng.standard_normal((heads, 2 * pat.params.get("max_dist", 8) + 1))
+        elif name == "retrieval":                   # one flag per key/value head
+            inputs[name] = rng.integers(0, 2, heads)
         else:
             pytest.skip(f"no input for tensor '{name}'")
     return inputs

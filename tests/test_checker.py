@@ -157,12 +157,19 @@ def test_divisor_must_be_greater_than_zero_error_at_the_divisor(op, divisor, par
 
 @pytest.mark.parametrize("op", ["//", "%"])
 @pytest.mark.parametrize("divisor, needle", [
-    ("k", "^k =="), ("q + 1", "^q + 1"), ("h", "^h =="), ("q_len", "^q_len"), ("kv_len", "^kv_len"),
-    ("heads", "^heads"), ("t[0]", "^t[0]"), ("(3 if q > 0 else 4)", "(^3 if"), ("max(1, k)", "^max"),
+    ("k", "^k =="), ("q + 1", "^q + 1"), ("h", "^h =="), ("kv_head", "^kv_head"),
+    ("t[0]", "^t[0]"), ("(3 if q > 0 else 4)", "(^3 if"), ("max(1, k)", "^max"),
 ])
-def test_divisor_must_be_a_compile_time_constant(op, divisor, needle):
+def test_divisor_must_be_a_call_constant(op, divisor, needle):
     src = mask_src(f"q {op} {divisor} == 0", "t: int[]")
-    check_error(src, AttnTypeError, "compile-time constant", f"{op} {needle}")
+    check_error(src, AttnTypeError, "call constant", f"{op} {needle}")
+
+
+@pytest.mark.parametrize("op", ["//", "%"])
+@pytest.mark.parametrize("divisor", ["q_len", "kv_len", "heads", "kv_heads", "(heads // kv_heads)",
+                                     "(kv_len // 4 + w)", "max(1, q_len - w)"])
+def test_divisor_may_read_the_calls_sizes(op, divisor):
+    pattern(mask_src(f"q {op} {divisor} == 0", "w = 2"))
 
 
 @pytest.mark.parametrize("op", ["//", "%"])

@@ -47,7 +47,8 @@ def demo_tensors(pat, kv_len: int, heads: int) -> dict:
     """Tensor inputs for the example patterns that take some (indexed by absolute positions)."""
     doc = _docs(kv_len)
     known = {"doc": doc, "segment": doc % 2, "rel": np.linspace(-1, 1, heads * 40).reshape(heads, 40),
-             "doc_start": np.array([np.flatnonzero(doc == d)[0] for d in range(doc.max() + 1)])}
+             "doc_start": np.array([np.flatnonzero(doc == d)[0] for d in range(doc.max() + 1)]),
+             "retrieval": np.arange(heads) % 2}                  # one flag per key/value head
     return {name: known[name] for name in pat.tensor_params}
 
 

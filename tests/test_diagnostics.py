@@ -103,7 +103,7 @@ def test_load_of_a_missing_file_is_an_attn_error(tmp_path):
     ("pattern t:\n    mask = q // 0 == 0\n", 2, 17, "greater than 0"),
     ("pattern t:\n    mask = k % 0 == 0\n", 2, 16, "greater than 0"),
     ("pattern t(c = 0):\n    mask = q // c == k // c\n", 2, 17, "greater than 0"),
-    ("pattern t:\n    mask = q // k == 0\n", 2, 17, "compile-time constant"),
+    ("pattern t:\n    mask = q // k == 0\n", 2, 17, "call constant"),
     # redeclared names
     ("def a = true\ndef a = false\n", 2, 5, "already declared at line 1"),
     ("pattern p:\n    mask = true\npattern p:\n    mask = true\n", 3, 9, "already declared at line 1"),

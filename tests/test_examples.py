@@ -309,6 +309,22 @@ def ref_duo_interleaved(P, h, q, k, ctx):
     return np.where(h % 2 == 0, causal(q, k), _streaming(P, q, k))
 
 
+def ref_duo_kv(P, h, q, k, ctx):
+    kv_head = h // (ctx.heads // ctx.kv_heads)
+    retrieval = ctx.inputs["retrieval"][kv_head] == 1
+    return np.where(retrieval, causal(q, k), _streaming(P, q, k))
+
+
+def ref_s2_per_head(P, h, q, k, ctx):
+    mine = (k // P["block"]) % ctx.heads == h
+    return causal(q, k) & (mine | (q - k < P["window"]))
+
+
+def ref_quarter_chunks(P, h, q, k, ctx):
+    c = max(1, ctx.kv_len // 4)
+    return causal(q, k) & (q // c == k // c)
+
+
 def ref_s2(P, h, q, k, ctx):
     shard_of_key = (k // P["block"]) % P["n_shards"]
     mine = shard_of_key == h % P["n_shards"]
@@ -390,6 +406,11 @@ def inputs_segment(q_len, kv_len, heads, P, rng):
 
 def inputs_centroids(q_len, kv_len, heads, P, rng):
     return {"c": rng.standard_normal((heads, 4, HEAD_DIM))}
+
+
+def inputs_retrieval(q_len, kv_len, heads, P, rng):
+    """One retrieval flag per key/value head (the cases' kv_heads: heads // 2 or heads)."""
+    return {"retrieval": rng.integers(0, 2, heads)}
 
 
 def inputs_rel_causal(q_len, kv_len, heads, P, rng):
@@ -475,6 +496,13 @@ CASES = [
          heads=MANY_HEADS),
     Case("duo_attention.attn", "duo_attention_interleaved", {"n_sinks": 4, "window": 256},
          ref_duo_interleaved, binds=[{}, {"n_sinks": 2, "window": 8}], heads=MANY_HEADS),
+    Case("duo_attention.attn", "duo_attention_kv", {"n_sinks": 4, "window": 256},
+         ref_duo_kv, binds=[{}, {"n_sinks": 2, "window": 8}], heads=MANY_HEADS,
+         inputs=inputs_retrieval),
+    Case("s2_attention.attn", "s2_attention_per_head", {"block": 16, "window": 64},
+         ref_s2_per_head, binds=[{}, {"block": 4, "window": 6}], heads=MANY_HEADS),
+    Case("chunked_local.attn", "quarter_chunks", {}, ref_quarter_chunks,
+         shapes=[(37, 37), (64, 64), (130, 130), (17, 40), (8, 9), (1, 3), (2, 2)]),
     Case("s2_attention.attn", "s2_attention", {"block": 16, "n_shards": 4, "window": 64},
          ref_s2, binds=[{}, {"block": 4, "n_shards": 3, "window": 6}], heads=MANY_HEADS),
     Case("moba.attn", "moba", {"top_k": 3, "block": 512}, ref_moba, selector=True,

@@ -279,6 +279,8 @@ def demo_tensors(pat, n, heads):
             out["segment"] = (np.arange(n) >= n // 3).astype(np.int64)
         elif p.name == "rel":
             out["rel"] = np.zeros((heads, 2 * pat.values["max_dist"] + 1))
+        elif p.name == "retrieval":                 # one flag per key/value head
+            out["retrieval"] = np.arange(heads) % 2
         else:
             raise AssertionError(f"no demo tensor for {pat.name}.{p.name}")
     return out

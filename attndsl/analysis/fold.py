@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..constants import CONSTANT_OPS
+from ..constants import CONSTANT_OPS, is_constant
 from ..interp import Env, Evaluator
 from ..ir import DATA_SELECTOR_OPS, LEAF_OPS, SELECTOR_OPS, Expr, Op, Type, const
 
@@ -75,7 +75,11 @@ def head_classes(expr: Expr, heads: int, params: dict, sizes: dict) -> list[tupl
     if expr.uses(*DATA_SELECTOR_OPS):                           # per-head data: no sharing
         return [(expr, [h]) for h in range(heads)]
     if not expr.uses(Op.H):
-        return [(expr, list(range(heads)))]
+        # a divisor of the call's sizes becomes the constant it is at this call (the solver
+        # reads divisors and moduli as constants)
+        sized = any(n.op in (Op.FLOORDIV, Op.MOD) and not is_constant(n.args[1])
+                    for n in expr.walk())
+        return [(fold(expr, sizes, params) if sized else expr, list(range(heads)))]
     groups: dict[Expr, list[int]] = {}
     for h in range(heads):
         groups.setdefault(fold(expr, {"h": h, **sizes}, params), []).append(h)

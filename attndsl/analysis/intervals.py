@@ -121,7 +121,8 @@ class Analyzer:
         return self._memo[key]
 
     def const(self, node: Expr):
-        return evaluate_scalar(node, self.grid.params)
+        """The value of a call constant (a divisor) at this call."""
+        return evaluate_scalar(node, self.grid.params, self.grid.sizes)
 
 
 # ----------------------------------------------------------------------------- number rules

@@ -117,8 +117,8 @@ class Solver:
         if e.op is Op.K:
             return "k", 1, ZERO
         if e.op is Op.FLOORDIV and e.args[0].op is Op.K:
-            c = int(self.constant(e.args[1]))
-            return ("kdiv", c), 1, ZERO
+            c = self.constant(e.args[1])        # None: a divisor of the call's sizes, unfolded
+            return None if c is None else (("kdiv", int(c)), 1, ZERO)
         if e.op in (Op.ADD, Op.SUB):
             a, b = self.linear(e.args[0]), self.linear(e.args[1])
             if a is None or b is None or (a[0] and b[0] and a[0] != b[0]):
@@ -199,7 +199,10 @@ class Solver:
         lin = self.linear(left.args[0])
         if lin is None or lin[0] is None or lin[1] not in (1, -1) or not self.small(lin):
             return None
-        m = int(self.constant(left.args[1]))
+        m = self.constant(left.args[1])
+        if m is None:                           # a modulus of the call's sizes, unfolded
+            return None
+        m = int(m)
         unit = 1 if lin[0] == "k" else lin[0][1]
         if m * unit > 4096:
             return None
