@@ -327,19 +327,25 @@ def _equal_reads(x: Expr) -> tuple | None:
 
 
 def _substitute(e: Expr, old: Expr, new: Expr, memo: dict) -> Expr:
-    """e with every sub-expression equal to ``old`` replaced by ``new`` (shared nodes once)."""
-    got = memo.get(id(e))
-    if got is not None:
-        return got[1]
-    if e == old:
-        out = new
-    elif not e.args:
-        out = e
-    else:
-        args = tuple(_substitute(a, old, new, memo) for a in e.args)
-        out = e if all(x is y for x, y in zip(args, e.args)) else Expr(e.op, e.type, args, e.value, e.span)
-    memo[id(e)] = (e, out)
-    return out
+    """e with every sub-expression equal to ``old`` replaced by ``new`` (shared nodes once;
+    iterative, children first: trees may be deep). ``memo``: id -> (node, result)."""
+    stack = [(e, False)]
+    while stack:
+        node, ready = stack.pop()
+        if id(node) in memo:
+            continue
+        hit = hash(node) == hash(old) and node == old          # (hashes are cached)
+        if hit or not node.args:
+            memo[id(node)] = (node, new if hit else node)
+        elif not ready:
+            stack.append((node, True))
+            stack.extend((a, False) for a in node.args if id(a) not in memo)
+        else:
+            args = tuple(memo[id(a)][1] for a in node.args)
+            same = all(x is y for x, y in zip(args, node.args))
+            memo[id(node)] = (node, node if same else
+                              Expr(node.op, node.type, args, node.value, node.span))
+    return memo[id(e)][1]
 
 
 def _with_equal_reads(e: Expr) -> Expr | None:
