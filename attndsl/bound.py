@@ -17,9 +17,15 @@ import hashlib
 from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 
+from .caches import LRUCache
+from .constants import call_constant_sites
+from .errors import AttnCallError, source_for
 from .inputs import tensor_inputs
+from .interp import evaluate_scalar
 from .ir import DATA_SELECTOR_OPS, Expr, PatternIR
 from .reference import CallGrid
+
+CALL_CONSTANT_SITES = LRUCache("bound.call_constant_sites", 256)
 
 
 def _atom(value) -> str:
@@ -96,9 +102,24 @@ class BoundPattern:
         values = {n: v for n, v in self.values.items() if any(p.name == n for p in ir.params)}
         return BoundPattern.make(ir, values, self.source)
 
+    def check_sizes(self, q_len, kv_len, heads, kv_heads) -> None:
+        """Every divisor of ``//`` and ``%`` that reads the call's sizes is greater than 0 at
+        these sizes (LANGUAGE.md section 3), else an AttnCallError at the divisor's line and
+        column. The divisors are found once per pattern (``bound.call_constant_sites``)."""
+        sizes = {"q_len": q_len, "kv_len": kv_len, "heads": heads, "kv_heads": kv_heads}
+        for expr, ok, message in CALL_CONSTANT_SITES.get(
+                self.key, lambda: tuple(call_constant_sites(self.ir))):
+            value = evaluate_scalar(expr, dict(self.values), sizes)
+            if not ok(value):
+                shown = ", ".join(f"{n}={v}" for n, v in sizes.items())
+                raise AttnCallError(f"{message}, got {value} at this call ({shown})", expr.span,
+                                    source_for(expr.span.filename))
+
     def grid(self, q_len, kv_len, heads, kv_heads, tensors, query=None, key=None,
              scale=None) -> CallGrid:
-        """The reference's evaluation grid of one call (one batch element)."""
+        """The reference's evaluation grid of one call (one batch element), its sizes checked
+        (:meth:`check_sizes`)."""
+        self.check_sizes(q_len, kv_len, heads, kv_heads)
         return CallGrid(self.ir, dict(self.values), q_len, kv_len, heads, kv_heads, tensors,
                         query, key, scale)
 

@@ -43,8 +43,8 @@ _RANGES = {
 }
 
 
-def constant_sites(ir: PatternIR):
-    """Every (constant expression, predicate, message) the pattern's values must satisfy."""
+def _range_sites(ir: PatternIR):
+    """Every (operand, predicate, message) of the pattern that :data:`_RANGES` constrains."""
     seen: set[int] = set()
     for root in ir.roots():
         for node in root.walk():
@@ -53,23 +53,19 @@ def constant_sites(ir: PatternIR):
             seen.add(id(node))
             for pos, arg in enumerate(node.args):
                 rule = _RANGES.get((node.op, pos))
-                if rule is not None and is_constant(arg):    # else: checked per call
+                if rule is not None:
                     yield arg, rule[0], rule[1]
+
+
+def constant_sites(ir: PatternIR):
+    """Every (constant expression, predicate, message) the pattern's values must satisfy."""
+    return ((arg, ok, msg) for arg, ok, msg in _range_sites(ir) if is_constant(arg))
 
 
 def call_constant_sites(ir: PatternIR):
     """Every (divisor, predicate, message) whose value depends on the call's sizes: checked
-    for each call (:func:`attndsl.reference.check_call_constants`)."""
-    seen: set[int] = set()
-    for root in ir.roots():
-        for node in root.walk():
-            if id(node) in seen:
-                continue
-            seen.add(id(node))
-            for pos, arg in enumerate(node.args):
-                rule = _RANGES.get((node.op, pos))
-                if rule is not None and not is_constant(arg):
-                    yield arg, rule[0], rule[1]
+    for each call (:meth:`attndsl.bound.BoundPattern.check_sizes`)."""
+    return ((arg, ok, msg) for arg, ok, msg in _range_sites(ir) if not is_constant(arg))
 
 
 def check_constants(ir: PatternIR, values: dict, source: str | None, partial: bool = False) -> None:

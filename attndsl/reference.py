@@ -10,24 +10,12 @@ from __future__ import annotations
 
 import numpy as np
 
-from .constants import call_constant_sites
-from .errors import AttnCallError, source_for
-from .interp import Env, Evaluator, evaluate_scalar
+from .interp import Env, Evaluator
 from .ir import Op, PatternIR
 from .selectors import SelectorTables
 
 CHUNK_ELEMENTS = 1 << 21          # grid points evaluated at once
 
-
-def check_call_constants(ir: PatternIR, params: dict, sizes: dict) -> None:
-    """Every divisor of ``//`` and ``%`` that reads the call's sizes is greater than 0 at this
-    call (LANGUAGE.md section 3), else an AttnCallError at the divisor's line and column."""
-    for expr, ok, message in call_constant_sites(ir):
-        value = evaluate_scalar(expr, params, sizes)
-        if not ok(value):
-            shown = ", ".join(f"{n}={v}" for n, v in sizes.items())
-            raise AttnCallError(f"{message}, got {value} at this call ({shown})", expr.span,
-                                source_for(expr.span.filename))
 
 
 def head_dependent(expr) -> bool:
@@ -42,8 +30,6 @@ class CallGrid:
         self.ir = ir
         self.params = params
         self.q_len, self.kv_len, self.heads, self.kv_heads = q_len, kv_len, heads, kv_heads
-        check_call_constants(ir, params, {"q_len": q_len, "kv_len": kv_len, "heads": heads,
-                                          "kv_heads": kv_heads})
         self.offset = kv_len - q_len
         self.tensors = tensors
         self.selectors = SelectorTables(params, q_len, kv_len, heads, kv_heads, query, key, scale,

@@ -62,14 +62,16 @@ def blockwise_attention(call: BoundCall, data: CallData, q, k, v):
     analysis = dump("analysis", torch_plan.analyse(call, data, gathers=finite_v and not grad),
                     lambda a: a.describe())
     planned = dump("plan", torch_plan.plan(analysis), lambda p: p.describe())
-    for part in planned.rows[0]:
-        dump("source", torch_hooks(part.pattern).source)
+    for pattern in _patterns(planned.rows[0]):
+        dump("source", torch_hooks(pattern).source)
     fused = fused_engine(call, q, k, grad) and finite_v
     outs, lses = [], []
     for b in range(s.batch):
         parts = planned.rows[min(b, len(planned.rows) - 1)]   # one entry serves every row
-        results = [_Call(call, data, b, q[b], k[b], v[b], wide, grad, finite_v, fused,
-                         planned.block[1], part.heads).part(part) for part in parts]
+        args = {p.key: hook_args(p, data.grids[b], s.q_len, s.kv_len, q.device, wide)
+                for p in _patterns(parts)}
+        results = [_Call(call, q[b], k[b], v[b], wide, grad, finite_v, fused, planned.block[1],
+                         part.heads).part(part, args[part.pattern.key]) for part in parts]
         if parts[0].heads is not None:          # parts of disjoint heads, in head order
             out, lse = (torch.cat([r[i] for r in results]) for i in (0, 1))
         else:                                   # parts of disjoint pairs of all heads
@@ -77,6 +79,11 @@ def blockwise_attention(call: BoundCall, data: CallData, q, k, v):
         outs.append(out)
         lses.append(lse)
     return torch.stack(outs).to(q.dtype), torch.stack(lses)
+
+
+def _patterns(parts) -> list:
+    """The distinct patterns of a plan's parts (parts of several head sets share one)."""
+    return list({part.pattern.key: part.pattern for part in parts}.values())
 
 
 def fused_engine(call: BoundCall, q, k, grad: bool) -> bool:
@@ -100,6 +107,29 @@ def all_finite(t) -> bool:
     return bool(torch.isfinite(distinct.amax()) & torch.isfinite(distinct.amin()))
 
 
+def hook_args(pattern, grid, q_len: int, kv_len: int, device, wide):
+    """(module, mask tensors in float64, score tensors in the accumulation type) of a part's
+    pattern for one batch element (its ``grid``): the generated functions and their tensor
+    arguments, user inputs then selector tables, in slot order."""
+    hooks = torch_hooks(pattern)
+    values = dict(grid.tensors)
+    tables = table_values(hooks.derived, [grid], q_len, kv_len)
+    values.update({n: (t[0] if hooks.derived[n].batched else t) for n, t in tables.items()})
+    names = sorted(hooks.slots, key=hooks.slots.get)
+
+    def convert(fdt):
+        out = []
+        for n in names:
+            t = values[n]
+            t = t.to(device) if isinstance(t, torch.Tensor) else \
+                torch.as_tensor(np.asarray(t), device=device)
+            out.append(t.to(fdt) if t.is_floating_point() else
+                       (t if t.dtype == torch.bool else t.to(torch.int64)))
+        return tuple(out)
+
+    return hooks.module, convert(torch.float64), convert(wide)
+
+
 def merge(results):
     """One (out [H, L, Dv], lse [H, L]) of several disjoint parts' results, by log-sum-exp.
     A row that any part flags (lse NaN or +inf) stays flagged, its output NaN."""
@@ -115,15 +145,14 @@ def merge(results):
 
 
 class _Call:
-    """One batch element of a call: operands, hook arguments, and each part's walk."""
+    """One batch element of a call for one set of heads: its operands and the walk of a part."""
 
-    def __init__(self, call: BoundCall, data: CallData, b: int, q, k, v, wide, grad, finite_v,
-                 fused: bool, bk: int, heads: tuple[int, int] | None):
+    def __init__(self, call: BoundCall, q, k, v, wide, grad, finite_v, fused: bool, bk: int,
+                 heads: tuple[int, int] | None):
         s = call.shape
         self.fused, self.bk = fused, bk
         self.s, self.wide = s, wide
         self.grad, self.finite_v = grad, finite_v
-        self.data, self.b = data, b
         first, count = heads if heads is not None else (0, s.heads)
         group = s.heads // s.kv_heads
         kv_first, kv_count = first // group, max(1, count // group)
@@ -166,36 +195,12 @@ class _Call:
             return vt, None
         return torch.where(torch.isfinite(vt), vt, torch.zeros_like(vt)), vt
 
-    def hook_args(self, pattern):
-        """(module, mask tensors in float64, score tensors in the accumulation type) of a
-        part's pattern for this batch element."""
-        hooks = torch_hooks(pattern)
-        module, slots, derived = hooks.module, hooks.slots, hooks.derived
-        grid = self.data.grids[self.b]
-        values = dict(grid.tensors)
-        tables = table_values(derived, [grid], self.s.q_len, self.s.kv_len)
-        values.update({n: (t[0] if derived[n].batched else t) for n, t in tables.items()})
-        names = sorted(slots, key=slots.get)
-        dev = self.q.device
-
-        def convert(fdt):
-            out = []
-            for n in names:
-                t = values[n]
-                t = t.to(dev) if isinstance(t, torch.Tensor) else \
-                    torch.as_tensor(np.asarray(t), device=dev)
-                out.append(t.to(fdt) if t.is_floating_point() else
-                           (t if t.dtype == torch.bool else t.to(torch.int64)))
-            return tuple(out)
-
-        return module, convert(torch.float64), convert(self.wide)
-
     # ------------------------------------------------------------------ walk
-    def part(self, part: torch_plan.Part):
-        """(out [H, Lq, Dv], lse [H, Lq]) of one part (rows it never visits: 0 and -inf).
-        Without gradients each row tile's result is written into the part's output; with
-        gradients the row tiles (and zero blocks between them) are concatenated."""
-        hooks = self.hook_args(part.pattern)
+    def part(self, part: torch_plan.Part, hooks):
+        """(out [H, Lq, Dv], lse [H, Lq]) of one part (rows it never visits: 0 and -inf), with
+        its :func:`hook_args`. Without gradients each row tile's result is written into the
+        part's output; with gradients the row tiles (and zero blocks between them) are
+        concatenated."""
         sparse = part.pattern.uses_selectors()      # candidate tiles may hold no selected pair
         s, dv = self.s, self.v.shape[-1]
         pieces, next_row = [], 0

@@ -107,10 +107,6 @@ class TorchPlan:
     # per batch row; one entry when every row has the same (rows may share one tuple)
     rows: tuple[tuple[Part, ...], ...]
 
-    @property
-    def gathered(self) -> bool:
-        return any(p.gathered for parts in self.rows for p in parts)
-
     def describe(self) -> str:
         parts = self.rows[0] if self.rows else ()
         lines = [f"torch backend: tile {self.block[0]}x{self.block[1]}, {len(parts)} part(s)"
@@ -189,14 +185,14 @@ def _plan(analysis: CallAnalysis) -> TorchPlan:
     for launch in analysis.launches:
         if launch.kind == "gather":
             part, bm = launch.component, launch.maps[0]
+            mask_pair = mask_cost(launch.pattern, s.heads)
             groups = tuple(Group(q0, part.step_q, nq, k0, part.step_k, nk,
-                                 _row_tiles(bm[g:g + 1], nq, nk, block, s.heads,
-                                            mask_cost(launch.pattern, s.heads))[0])
+                                 _row_tiles(bm[g:g + 1], nq, nk, block, s.heads, mask_pair)[0])
                            for g, (q0, nq, k0, nk) in enumerate(part.groups))
             out.append(Part(launch.pattern, groups, True))
         else:                       # the plain component of a gathered call: no tensor inputs
             out.extend(_plain(launch.pattern, launch.maps[0], s, block))
-    return TorchPlan(block, (tuple(out),) * s.batch)
+    return TorchPlan(block, (tuple(out),))      # no tensor inputs: one entry for every row
 
 
 def _strided(part) -> bool:
@@ -260,8 +256,8 @@ def _row_tiles(bm: np.ndarray, n_q: int, n_k: int, block, heads: int,
     cur = None                              # (first row tile, end row tile, kept, full, cost)
     for i in range(n_rows):
         if not kept[i].any():
-            total += 0.0 if cur is None else cur[4]
-            cur = _flush(out, cur, n_q, bq, bk, n_k)
+            total += _flush(out, cur, n_q, bq, bk, n_k)
+            cur = None
             continue
         rows = min(n_q, (i + 1) * bq) - i * bq
         alone = step_cost(rows, kept[i], full[i], widths, heads, mask_pair)
@@ -272,11 +268,9 @@ def _row_tiles(bm: np.ndarray, n_q: int, n_k: int, block, heads: int,
             if merged <= cur[4] + alone:
                 cur = (cur[0], i + 1, k2, f2, merged)
                 continue
-        total += 0.0 if cur is None else cur[4]
-        _flush(out, cur, n_q, bq, bk, n_k)
+        total += _flush(out, cur, n_q, bq, bk, n_k)
         cur = (i, i + 1, kept[i], full[i], alone)
-    total += 0.0 if cur is None else cur[4]
-    _flush(out, cur, n_q, bq, bk, n_k)
+    total += _flush(out, cur, n_q, bq, bk, n_k)
     return tuple(out), total
 
 
@@ -306,11 +300,11 @@ def step_cost(rows: int, kept: np.ndarray, full: np.ndarray, widths: np.ndarray,
     return TILE_COST + runs * SEGMENT_COST + pairs * heads * PAIR_COST + partial * mask_pair
 
 
-def _flush(out: list, cur, n_q: int, bq: int, bk: int, n_k: int) -> None:
-    """Append the row tile ``cur`` (if any) with its segments; returns None."""
+def _flush(out: list, cur, n_q: int, bq: int, bk: int, n_k: int) -> float:
+    """Append the row tile ``cur`` (if any) with its segments; its modelled cost (0 for none)."""
     if cur is None:
-        return None
-    first, end, kept, full, _ = cur
+        return 0.0
+    first, end, kept, full, cost = cur
     idx = np.flatnonzero(kept)
     kind = np.where(full[idx], FULL, PARTIAL)
     cuts = (np.flatnonzero((np.diff(idx) != 1) | (np.diff(kind) != 0)) + 1).tolist()
@@ -318,4 +312,4 @@ def _flush(out: list, cur, n_q: int, bq: int, bk: int, n_k: int) -> None:
     segs = tuple(Segment(idx[a] * bk, min(n_k, (idx[b - 1] + 1) * bk), kind[a] == FULL)
                  for a, b in zip([0] + cuts, cuts + [len(idx)]))
     out.append(RowTile(first * bq, min(n_q, end * bq), segs))
-    return None
+    return cost

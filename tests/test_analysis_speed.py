@@ -243,8 +243,8 @@ def test_tile_passes_work_per_distinct_range_not_per_row(monkeypatch):
     seen = []
     real = rows._runs
 
-    def spy(tile_rows, arrays, n_rows):
-        idx, weight = real(tile_rows, arrays, n_rows)
+    def spy(tile_rows, arrays):
+        idx, weight = real(tile_rows, arrays)
         seen.append((len(idx), int(weight.sum())))
         return idx, weight
     monkeypatch.setattr(rows, "_runs", spy)

@@ -61,6 +61,7 @@ def _static_call(pattern, q_len, kv_len, heads, kv_heads, block, given):
                             "vectors at run time; block maps describe static patterns only")
     kv_heads = heads if kv_heads is None else kv_heads
     q_len, kv_len, heads, kv_heads = check_lengths(q_len, kv_len, heads, kv_heads)
+    pattern.check_sizes(q_len, kv_len, heads, kv_heads)
     block = tile_shape(block)
     check_dense_size(heads, -(-q_len // block[0]), -(-kv_len // block[1]), "block map")
     tensors, runs = _with_runs(pattern, tensor_inputs(pattern.ir, given, None)[0])

@@ -32,7 +32,7 @@ from ..reference import CallGrid
 from .intervals import classify_tiles, make_grid
 from .pieces import RowSets
 from .residues import killed_tiles, residue_bounds
-from .rows import merge_slots, piece_slots, range_counts, touch_and_cover_slots, uses_head
+from .rows import merge_slots, piece_slots, touch_and_cover_slots, uses_head
 from .solve import solve
 
 EMPTY, PARTIAL, FULL = 0, 1, 2
@@ -131,7 +131,7 @@ def row_classes(sets: RowSets, grid: CallGrid, block):
             if residues.run is not None:
                 low = _stacked(low_slots, len(heads), len(rows))
                 not_full = not_full | killed_tiles(*low, grid, rows, block, residues.run, t0,
-                                                   t1 - t0, range_counts)
+                                                   t1 - t0)
         partial[:, t0:t1] = certain & not_full
     return may, must, partial, exact
 

@@ -26,7 +26,7 @@ from math import lcm
 import numpy as np
 
 from .pieces import Piece
-from .rows import MAX_SHRINK
+from .rows import MAX_SHRINK, range_counts
 
 MAX_UNION_MODULUS = 1 << 16      # classes combined modulo the lcm of their moduli up to this
 
@@ -84,12 +84,10 @@ def _gaps(lo, hi, kv_len: int):
     return g_lo, g_hi
 
 
-def killed_tiles(lo, hi, grid, rows: np.ndarray, block, run: int, first_tile: int, n_tiles: int,
-                 range_counts) -> np.ndarray:
+def killed_tiles(lo, hi, grid, rows: np.ndarray, block, run: int, first_tile: int,
+                 n_tiles: int) -> np.ndarray:
     """bool [H, n_tiles, nKT]: tiles where some row has ``run + 1`` consecutive keys outside the
     merged band intervals lo/hi [H, R, P] of ``rows`` (so, by :func:`residue_bounds`, not full).
-
-    ``range_counts`` is :func:`attndsl.analysis.rows.range_counts` (rows per tile in a range).
     """
     bq, bk = block
     n_kt = -(-grid.kv_len // bk)

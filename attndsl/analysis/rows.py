@@ -188,7 +188,7 @@ def _tile_sums(base, idx, weight, first, last, size: int, shape):
     return np.cumsum(diff.reshape(shape), axis=-1, dtype=np.int32)[..., :-1]
 
 
-def _runs(tile_rows, arrays, n_rows: int):
+def _runs(tile_rows, arrays):
     """Entries (flat indices) where some array of [S, R] changes along R or a row tile starts,
     and the number of rows each one stands for."""
     first = arrays[0]
@@ -211,7 +211,7 @@ def range_counts(tile_rows, first, last, n_qt: int, n_kt: int):
     n_heads, n_rows, n_slots = first.shape
     f = np.ascontiguousarray(first.transpose(0, 2, 1)).reshape(-1, n_rows)
     la = np.ascontiguousarray(last.transpose(0, 2, 1)).reshape(-1, n_rows)
-    idx, weight = _runs(tile_rows, (f, la), n_rows)
+    idx, weight = _runs(tile_rows, (f, la))
     h = (idx // n_rows) // n_slots
     base = (h * n_qt + tile_rows[idx % n_rows]) * (n_kt + 1)
     return _tile_sums(base, idx, weight, f, la, n_heads * n_qt * (n_kt + 1), (n_heads, n_qt, n_kt + 1))
@@ -255,7 +255,7 @@ def touch_and_cover_slots(los: list, his: list, grid: CallGrid, rows: np.ndarray
             end = np.where(hi == last_key, n_kt - 1, end)
         lc.append(np.where(empty, 0, end))
     arrays = [np.stack(x).reshape(-1, n_rows) for x in (ft, lt, fc, lc)]      # [S*H', R]
-    idx, weight = _runs(tile_rows, arrays, n_rows)
+    idx, weight = _runs(tile_rows, arrays)
     h = (idx // n_rows) % n_heads
     width = n_kt + 1
     base = (h * n_qt + tile_rows[idx % n_rows]) * width
