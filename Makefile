@@ -12,7 +12,7 @@ PY36    := $(VENV36)/bin/python
 STAMP36 := $(VENV36)/.attndsl-installed
 TRITON36 ?= triton==3.6.0
 
-.PHONY: setup test test-fast lint demo clean triton36 aot aot36
+.PHONY: setup test test-fast lint demo train bench-train clean triton36 aot aot36
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -51,6 +51,15 @@ test-fast: lint
 
 demo: $(STAMP)
 	$(VENV)/bin/attndsl run examples/longformer.attn --q-len 1024 --kv-len 1024 --heads 4 --head-dim 64
+
+# a 2-layer LM trained with a sparse attndsl pattern and a learned bias table, against the same
+# model with dense SDPA (examples/train/README.md; ~1.5 min on 2 cores)
+train: $(STAMP)
+	$(PY) examples/train/train.py
+
+# forward+backward time against FlexAttention and SDPA (bench/bench_train.py; ~3 min on 2 cores)
+bench-train: $(STAMP)
+	$(PY) bench/bench_train.py
 
 clean:
 	rm -rf $(VENV) $(VENV36) build dist *.egg-info .pytest_cache .ruff_cache .hypothesis

@@ -14,7 +14,9 @@ binding the same values again, or compiling the same text twice, finds the same 
 from __future__ import annotations
 
 import hashlib
+import weakref
 from dataclasses import dataclass, field, replace
+from functools import partial
 from types import MappingProxyType
 
 from .caches import LRUCache
@@ -60,6 +62,10 @@ def ir_digest(ir: PatternIR) -> str:
     return hashlib.blake2b("\n".join(parts).encode(), digest_size=20).hexdigest()
 
 
+# every bound pattern alive, by content key: weak references (an entry goes with its pattern)
+_LIVE: dict[str, list] = {}
+
+
 @dataclass(frozen=True, eq=False)
 class BoundPattern:
     """A pattern with every scalar parameter bound; equal (and hashed) by :attr:`key`."""
@@ -75,7 +81,9 @@ class BoundPattern:
         digest = hashlib.blake2b(
             "\n".join([ir_digest(ir), *(f"{n}={_atom(v)}" for n, v in vals.items())]).encode(),
             digest_size=20).hexdigest()
-        return cls(ir, vals, source, digest)
+        made = cls(ir, vals, source, digest)
+        _LIVE.setdefault(digest, []).append(weakref.ref(made, partial(_forget, digest)))
+        return made
 
     def __eq__(self, other) -> bool:
         return isinstance(other, BoundPattern) and other.key == self.key
@@ -122,6 +130,24 @@ class BoundPattern:
         self.check_sizes(q_len, kv_len, heads, kv_heads)
         return CallGrid(self.ir, dict(self.values), q_len, kv_len, heads, kv_heads, tensors,
                         query, key, scale)
+
+
+def by_key(key: str) -> BoundPattern | None:
+    """A live bound pattern with this content key, or None (the torch custom operator names
+    patterns by key, attndsl/op.py)."""
+    for ref in _LIVE.get(key, ()):
+        pattern = ref()
+        if pattern is not None:
+            return pattern
+    return None
+
+
+def _forget(key: str, dead: weakref.ref) -> None:
+    refs = _LIVE.get(key)
+    if refs is not None:
+        refs[:] = [r for r in refs if r is not dead]
+        if not refs:
+            del _LIVE[key]
 
 
 def as_bound(pattern) -> BoundPattern:

@@ -213,12 +213,12 @@ _FLOAT32_MAX = float(np.finfo(np.float32).max)
 def call_tensor_inputs(ir: PatternIR, given: dict, float32: bool) -> dict:
     """The tensor inputs of a torch call, made safe to hand to a backend.
 
-    Torch tensors must be readable (:func:`check_torch_tensor`) and, while gradients are
-    enabled, must not require grad: no gradient flows into a tensor input yet, and dropping it
-    silently would be a wrong answer. Torch float dtypes NumPy lacks (bfloat16, float8) are
-    widened to float32; other values become NumPy arrays with non-negative strides. With
-    ``float32`` (the generated kernels, which hold float tensor inputs in float32), a finite
-    value of a ``float`` input beyond float32's range is an error rather than a silent inf.
+    Torch tensors must be readable (:func:`check_torch_tensor`); they are detached (gradients
+    into tensor inputs are the custom operator's, attndsl/op.py). Torch float dtypes NumPy
+    lacks (bfloat16, float8) are widened to float32; other values become NumPy arrays with
+    non-negative strides. With ``float32`` (the generated kernels, which hold float tensor
+    inputs in float32), a finite value of a ``float`` input beyond float32's range is an error
+    rather than a silent inf.
     Declared types, ranks and batch sizes are checked later, by :func:`tensor_inputs`.
     """
     floats = {p.name for p in ir.params if p.is_tensor and p.type.elem is Type.FLOAT}
@@ -230,10 +230,7 @@ def call_tensor_inputs(ir: PatternIR, given: dict, float32: bool) -> dict:
         if _torch_tensor(value):
             torch = sys.modules["torch"]
             check_torch_tensor(value, name)
-            if value.requires_grad and torch.is_grad_enabled():
-                raise AttnCallError(f"tensor input '{name}' requires grad, but no gradient flows "
-                                    f"into tensor inputs yet; pass {name}.detach() (or call under "
-                                    "torch.no_grad())")
+            value = value.detach()
             if value.is_floating_point() and \
                     value.dtype not in (torch.float16, torch.float32, torch.float64):
                 value = value.float()

@@ -6,7 +6,9 @@ parameter values, this batch element's tensor inputs, the selector tables and, f
 clause, the score. Output: an array broadcastable to ``[H, Nq, Nk]``.
 
 One rule per :class:`~attndsl.ir.Op` in :data:`EVAL_RULES`. Rules compute with the array
-namespace ``env.xp`` (:class:`NumpyOps`: int64 and float64). The backends do not interpret:
+namespace ``env.xp`` (:class:`NumpyOps`: int64 and float64; the gradient oracle
+:mod:`attndsl.reference_grad` runs the same rules on torch float64 tensors, its ``TorchOps``,
+so that autograd differentiates the score clause). The backends do not interpret:
 they run code generated from the IR (codegen/lower.py for Triton, codegen/torch_lower.py for
 torch), checked against this interpreter. ``and``/``or``/``if`` narrow the set of *live* grid
 points for their right-hand/branch operands, so that a tensor index is only required to be in
@@ -41,6 +43,13 @@ class NumpyOps:
     @staticmethod
     def sigmoid(x):
         return 0.5 * (1.0 + np.tanh(0.5 * x))
+
+    @staticmethod
+    def scalar(v):
+        """A literal or parameter value (bool, int or float) as a value of this namespace."""
+        if isinstance(v, bool):
+            return np.bool_(v)
+        return np.int64(v) if isinstance(v, int) else np.float64(v)
 
     @staticmethod
     def to_float(x):
@@ -120,17 +129,11 @@ def _and_live(live, cond):
 
 
 def _const(ev, node, live):
-    v = node.value
-    if isinstance(v, bool):
-        return np.bool_(v)
-    return np.int64(v) if isinstance(v, int) else np.float64(v)
+    return ev.xp.scalar(node.value)
 
 
 def _param(ev, node, live):
-    v = ev.env.params[node.value]
-    if isinstance(v, bool):
-        return np.bool_(v)
-    return np.int64(v) if isinstance(v, int) else np.float64(v)
+    return ev.xp.scalar(ev.env.params[node.value])
 
 
 def _leaf(attr):
@@ -209,8 +212,12 @@ def _index(ev, node, live):
                 _raise_out_of_range(ev, node, axis, i, bad, size)
             ev.env.out_of_range.append(bad)
         clipped.append(np.broadcast_to(np.clip(i, 0, max(size - 1, 0)), shape))
-    if tensor.size == 0:
-        return xp.from_numpy(np.zeros(shape, dtype=tensor.dtype))
+    if 0 in tensor.shape:       # NumPy arrays, or torch tensors (reference_grad's namespace)
+        zeros = tensor.new_zeros(shape) if hasattr(tensor, "new_zeros") else \
+            np.zeros(shape, dtype=tensor.dtype)
+        return xp.from_numpy(zeros)
+    if not isinstance(tensor, np.ndarray):      # torch indexes with writable arrays only
+        clipped = [np.array(i) for i in clipped]
     return xp.from_numpy(tensor[tuple(clipped)])
 
 
@@ -252,7 +259,7 @@ def _source_of(node: Expr):
 
 
 def _selector(ev, node, live):
-    return ev.env.selectors.lookup(node, ev.env)
+    return ev.xp.from_numpy(ev.env.selectors.lookup(node, ev.env))
 
 
 def _floordiv(xp, a, b):

@@ -9,10 +9,11 @@ has exactly one entry per op.
 This module sits below :mod:`attndsl.ir` (which re-exports ``Type``, ``Op`` and the groups) and
 imports nothing from the package. Each pass keeps its own table keyed by :class:`Op` — typing
 (``checker.TYPING``), printing (``printer.PRINT_RULES``), evaluation (``interp.EVAL_RULES``),
-tile intervals (``analysis.intervals.INTERVAL_RULES``), closed-form sums
-(``analysis.cost.SYMPY_RULES``), solving for k (``analysis.solve.SOLVE_RULES``), Triton lowering
-(``codegen.lower.TRITON_RULES``) and the torch backend (``torch_backend.TORCH_RULES``); an op a
-pass does not handle has an explicit entry saying so. tests/test_op_registry.py checks them all
+differentiation (``derivative.DERIVATIVE_RULES``), tile intervals
+(``analysis.intervals.INTERVAL_RULES``), closed-form sums (``analysis.cost.SYMPY_RULES``),
+solving for k (``analysis.solve.SOLVE_RULES``), Triton lowering (``codegen.lower.TRITON_RULES``)
+and the torch backend (``codegen.torch_lower.TORCH_RULES``); an op a pass does not handle has
+an explicit entry saying so. tests/test_op_registry.py checks them all
 with :func:`table_gaps`, so adding an op here without its rules fails there.
 
 Signatures use type variables: every :data:`NUM` operand of one node has the same type, int or

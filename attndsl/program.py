@@ -285,10 +285,10 @@ class Pattern:
     # ------------------------------------------------------------------ torch
     def __call__(self, q, k, v, return_lse: bool = False, scale: float | None = None,
                  backend: str | None = None, **tensor_inputs_):
-        from .runtime import run  # lazily: `import attndsl` does not load torch
+        from .op import call  # lazily: `import attndsl` does not load torch
 
-        return run(self.bound(), q, k, v, return_lse=return_lse, scale=scale, backend=backend,
-                   tensors=tensor_inputs_)
+        return call(self.bound(), q, k, v, return_lse=return_lse, scale=scale, backend=backend,
+                    tensors=tensor_inputs_)
 
     def triton_source(self, q_len: int | None = None, kv_len: int | None = None, heads: int = 1,
                       kv_heads: int | None = None, head_dim: int = 64, **tensor_inputs_) -> str:

@@ -32,6 +32,7 @@ from .inputs import (
 )
 from .reference import check_indices
 from .torch_backend import blockwise_attention
+from .torch_backward import tile_backward
 
 BACKENDS = ("torch", "triton", "triton-interpret")
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -55,53 +56,87 @@ def _check_tensors(q, k, v):
         check_torch_tensor(t, name)         # sparse layouts, the meta device
 
 
-def _check_backend(backend, q, needs_grad: list) -> str:
-    """The backend a call runs on: the given one, checked, or the default for q's device."""
-    if backend is None:         # the generated kernels are forward-only for now
-        return "triton" if q.is_cuda and not needs_grad else "torch"
+def _check_backend(backend, q) -> str:
+    """The backend a call runs on: the given one, checked, or the default for q's device (the
+    generated kernels on CUDA, the torch backend elsewhere; both have a backward)."""
+    if backend is None:
+        return "triton" if q.is_cuda else "torch"
     if not isinstance(backend, str) or backend not in BACKENDS:
         raise AttnCallError(f"argument 'backend' must be one of {', '.join(map(repr, BACKENDS))}, "
                             f"got {short_repr(backend)}")
-    if backend in ("triton", "triton-interpret") and needs_grad:
-        raise AttnCallError(f"argument '{needs_grad[0]}' requires grad, but backend {backend!r} "
-                            "has no backward pass yet: use backend='torch' (or torch.no_grad())")
-    return str(backend)
-
-
-def run(pattern: BoundPattern, q, k, v, return_lse=False, scale=None, backend=None,
-        tensors=None):
-    """``pat(q, k, v, ...)``: the backend pipeline of one call, stage by stage."""
-    call, data = dump("bind", bind(pattern, q, k, v, return_lse, scale, backend, tensors or {}),
-                      lambda cd: cd[0].describe())
-    check_call_indices(data)
-    if call.backend == "torch":
-        out, lse = blockwise_attention(call, data, q, k, v)
-    else:
-        out, lse = triton_backend.forward(call, data, q, k, v)
-    return (out, lse) if return_lse else out
-
-
-def bind(pattern: BoundPattern, q, k, v, return_lse, scale, backend, tensors: dict):
-    """The bind stage: every argument checked; (BoundCall, CallData)."""
-    _check_tensors(q, k, v)
-    if not isinstance(return_lse, (bool, np.bool_)):
-        raise AttnCallError(f"argument 'return_lse' must be a bool, got "
-                            f"{type(return_lse).__name__} {short_repr(return_lse)}")
-    shapes = check_qkv(tuple(q.shape), tuple(k.shape), tuple(v.shape))
-    for name, t in tensors.items():
-        if isinstance(t, torch.Tensor) and t.device != q.device:
-            raise AttnCallError(f"tensor input '{name}' is on {t.device}, but 'q' is on {q.device}")
-    needs_grad = [n for n, t in (("q", q), ("k", k), ("v", v))
-                  if t.requires_grad and torch.is_grad_enabled()]
-    backend = _check_backend(backend, q, needs_grad)
-    # readable, gradient-free tensor inputs; float32 range where the kernels store them so
-    tensors = call_tensor_inputs(pattern.ir, tensors, float32=backend != "torch")
     if backend == "triton" and not q.is_cuda:
         raise AttnCallError("argument 'backend': 'triton' runs on CUDA tensors; on the CPU use "
                             "backend='triton-interpret' (Triton's interpreter) or 'torch'")
     if backend == "triton-interpret" and q.is_cuda:
         raise AttnCallError("argument 'backend': 'triton-interpret' runs on CPU tensors")
-    scale = check_scale(scale, q.shape[-1])
+    return str(backend)
+
+
+def check_arguments(pattern: BoundPattern, q, k, v, return_lse, scale, backend, tensors: dict):
+    """The checks of a call that read no tensor's values (so ``torch.compile`` traces them):
+    types, shapes, dtypes, devices, the backend and the scale; returns (scale, backend)."""
+    _check_tensors(q, k, v)
+    if not isinstance(return_lse, (bool, np.bool_)):
+        raise AttnCallError(f"argument 'return_lse' must be a bool, got "
+                            f"{type(return_lse).__name__} {short_repr(return_lse)}")
+    check_qkv(tuple(q.shape), tuple(k.shape), tuple(v.shape))
+    for name, t in tensors.items():
+        if isinstance(t, torch.Tensor) and t.device != q.device:
+            raise AttnCallError(f"tensor input '{name}' is on {t.device}, but 'q' is on {q.device}")
+    backend = _check_backend(backend, q)
+    return float(check_scale(scale, q.shape[-1])), backend
+
+
+def run(pattern: BoundPattern, q, k, v, return_lse=False, scale=None, backend=None,
+        tensors=None):
+    """``pat(q, k, v, ...)`` without gradients: the backend pipeline of one call, stage by
+    stage (attndsl/op.py routes calls with gradients, and traced ones, through the custom
+    operator, which runs :func:`forward` and :func:`backward`)."""
+    call, data = dump("bind", bind(pattern, q, k, v, return_lse, scale, backend, tensors or {}),
+                      lambda cd: cd[0].describe())
+    out, lse = _forward(call, data, q, k, v)
+    return (out, lse) if return_lse else out
+
+
+def forward(pattern: BoundPattern, q, k, v, scale: float, backend: str, tensors: dict):
+    """(out, lse) of one call whose shape-level arguments are checked (the custom operator)."""
+    call, data = dump("bind", bind(pattern, q, k, v, False, scale, backend, tensors),
+                      lambda cd: cd[0].describe())
+    return _forward(call, data, q, k, v)
+
+
+def _forward(call: BoundCall, data: CallData, q, k, v):
+    check_call_indices(data)
+    if call.backend == "torch":
+        return blockwise_attention(call, data, q, k, v)
+    return triton_backend.forward(call, data, q, k, v)
+
+
+def backward(pattern: BoundPattern, q, k, v, scale: float, backend: str, tensors: dict, out,
+             lse, dout, dlse, wanted: tuple):
+    """(dq, dk, dv, {tensor input: gradient}) of one call from its forward's (out, lse) and the
+    gradients flowing into them; ``wanted``: the tensor inputs to differentiate (float inputs
+    read by the score clause). The call is bound again (selections are recomputed from the
+    same q and k, so they are the forward's). The torch backend recomputes tile by tile
+    (attndsl/torch_backward.py); the Triton backends run the generated backward kernels for
+    q, k and v, and the torch tile loop for the tensor inputs' gradients."""
+    call, data = bind(pattern, q, k, v, False, scale, backend, tensors)
+    if call.backend == "torch":
+        return tile_backward(call, data, q, k, v, out, lse, dout, dlse, tensors, wanted)
+    dq, dk, dv = triton_backend.backward(call, data, q, k, v, out, lse, dout, dlse)
+    grads = {}
+    if wanted:
+        grads = tile_backward(call, data, q, k, v, out, lse, dout, dlse, tensors, wanted,
+                              qkv=False)[3]
+    return dq, dk, dv, grads
+
+
+def bind(pattern: BoundPattern, q, k, v, return_lse, scale, backend, tensors: dict):
+    """The bind stage: every argument checked; (BoundCall, CallData)."""
+    scale, backend = check_arguments(pattern, q, k, v, return_lse, scale, backend, tensors)
+    shapes = check_qkv(tuple(q.shape), tuple(k.shape), tuple(v.shape))
+    # readable tensor inputs; float32 range where the kernels store them so
+    tensors = call_tensor_inputs(pattern.ir, tensors, float32=backend != "torch")
     need_qk = pattern.uses_selectors()
     qn = q.detach().float().cpu().numpy().astype(np.float64) if need_qk else None
     kn = k.detach().float().cpu().numpy().astype(np.float64) if need_qk else None

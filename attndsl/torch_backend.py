@@ -2,8 +2,9 @@
 
 Input: a :class:`~attndsl.call.BoundCall` and its :class:`~attndsl.call.CallData`, q
 [B, H, Lq, D] and k/v [B, KVH, Lkv, D/Dv] torch tensors. Output: (out [B, H, Lq, Dv] in q's
-dtype, lse [B, H, Lq] float32, float64 for float64 inputs), differentiable through q, k, v and
-the score clause (autograd over the tile loop).
+dtype, lse [B, H, Lq] float32, float64 for float64 inputs). It records no autograd graph: a
+call with gradients runs it inside the custom operator (attndsl/op.py), whose backward
+recomputes tile by tile (attndsl/torch_backward.py).
 
 :func:`blockwise_attention` reads as its stages: analyse and plan (codegen/torch_plan.py: the
 tile classes at the CPU tile shape, then parts, merged row tiles and key segments), generate
@@ -17,7 +18,7 @@ log-sum-exp; parts of disjoint head sets side by side).
   conversion to the accumulation type (float32, float64 for float64 inputs), and memory is
   O((q_len + kv_len) x block), never a dense [q_len, kv_len] matrix.
 * Two engines run a row tile. The fused one (:class:`_FusedRows`: torch's CPU attention
-  operator per step, results merged by log-sum-exp) where there is no gradient, no score
+  operator per step, results merged by log-sum-exp) where there is no score
   clause, one head size and finite q, k and v; the general one (:class:`_Rows`: matmuls and an
   online softmax, differentiable) elsewhere, and for any row tile whose fused result is not
   finite.
@@ -27,8 +28,8 @@ log-sum-exp; parts of disjoint head sets side by side).
   (:func:`attndsl.reference.attend`): a NaN or +inf score at an allowed pair flags its row, the
   softmax runs over the finite allowed scores, and a non-finite V entry counts only at the
   rows whose allowed keys include it. The general engine takes a fast step when a block's row
-  maxima are finite (or -inf) and V is finite (checked once per call). Calls with gradients,
-  or with a non-finite V, are planned without gathers (one part over all pairs).
+  maxima are finite (or -inf) and V is finite (checked once per call). Calls with a
+  non-finite V are planned without gathers (one part over all pairs).
 """
 
 from __future__ import annotations
@@ -57,20 +58,19 @@ def blockwise_attention(call: BoundCall, data: CallData, q, k, v):
     if s.batch == 0 or s.q_len == 0:
         return (q.new_zeros((s.batch, s.heads, s.q_len, s.v_dim)),
                 q.new_zeros((s.batch, s.heads, s.q_len), dtype=wide))
-    grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
     finite_v = all_finite(v)
-    analysis = dump("analysis", torch_plan.analyse(call, data, gathers=finite_v and not grad),
+    analysis = dump("analysis", torch_plan.analyse(call, data, gathers=finite_v),
                     lambda a: a.describe())
     planned = dump("plan", torch_plan.plan(analysis), lambda p: p.describe())
     for pattern in _patterns(planned.rows[0]):
         dump("source", torch_hooks(pattern).source)
-    fused = fused_engine(call, q, k, grad) and finite_v
+    fused = fused_engine(call, q, k) and finite_v
     outs, lses = [], []
     for b in range(s.batch):
         parts = planned.rows[min(b, len(planned.rows) - 1)]   # one entry serves every row
         args = {p.key: hook_args(p, data.grids[b], s.q_len, s.kv_len, q.device, wide)
                 for p in _patterns(parts)}
-        results = [_Call(call, q[b], k[b], v[b], wide, grad, finite_v, fused, planned.block[1],
+        results = [_Call(call, q[b], k[b], v[b], wide, finite_v, fused, planned.block[1],
                          part.heads).part(part, args[part.pattern.key]) for part in parts]
         if parts[0].heads is not None:          # parts of disjoint heads, in head order
             out, lse = (torch.cat([r[i] for r in results]) for i in (0, 1))
@@ -86,13 +86,13 @@ def _patterns(parts) -> list:
     return list({part.pattern.key: part.pattern for part in parts}.values())
 
 
-def fused_engine(call: BoundCall, q, k, grad: bool) -> bool:
+def fused_engine(call: BoundCall, q, k) -> bool:
     """Whether a call's tiles may run on torch's fused CPU attention operator (:data:`FUSED`,
     a private aten operator returning the log-sum-exp; ``ATTNDSL_TORCH_FUSED=0`` turns it off):
-    CPU tensors, no gradient, no score clause, one head size for q, k and v, finite q and k
+    CPU tensors, no score clause, one head size for q, k and v, finite q and k
     (V is checked by the caller)."""
     return (FUSED is not None and os.environ.get("ATTNDSL_TORCH_FUSED", "1") != "0"
-            and q.device.type == "cpu" and not grad and call.pattern.ir.score is None
+            and q.device.type == "cpu" and call.pattern.ir.score is None
             and call.shape.head_dim == call.shape.v_dim
             and all_finite(q) and all_finite(k))
 
@@ -147,12 +147,12 @@ def merge(results):
 class _Call:
     """One batch element of a call for one set of heads: its operands and the walk of a part."""
 
-    def __init__(self, call: BoundCall, q, k, v, wide, grad, finite_v, fused: bool, bk: int,
+    def __init__(self, call: BoundCall, q, k, v, wide, finite_v, fused: bool, bk: int,
                  heads: tuple[int, int] | None):
         s = call.shape
         self.fused, self.bk = fused, bk
         self.s, self.wide = s, wide
-        self.grad, self.finite_v = grad, finite_v
+        self.finite_v = finite_v
         first, count = heads if heads is not None else (0, s.heads)
         group = s.heads // s.kv_heads
         kv_first, kv_count = first // group, max(1, count // group)
@@ -198,39 +198,17 @@ class _Call:
     # ------------------------------------------------------------------ walk
     def part(self, part: torch_plan.Part, hooks):
         """(out [H, Lq, Dv], lse [H, Lq]) of one part (rows it never visits: 0 and -inf), with
-        its :func:`hook_args`. Without gradients each row tile's result is written into the
-        part's output; with gradients the row tiles (and zero blocks between them) are
-        concatenated."""
+        its :func:`hook_args`: each row tile's result is written into the part's output."""
         sparse = part.pattern.uses_selectors()      # candidate tiles may hold no selected pair
         s, dv = self.s, self.v.shape[-1]
-        pieces, next_row = [], 0
-        if not self.grad:
-            out = self.q.new_zeros((self.n_heads, s.q_len, dv), dtype=self.wide)
-            lse = self.q.new_full((self.n_heads, s.q_len), NEG_INF, dtype=self.wide)
+        out = self.q.new_zeros((self.n_heads, s.q_len, dv), dtype=self.wide)
+        lse = self.q.new_full((self.n_heads, s.q_len), NEG_INF, dtype=self.wide)
         for g in part.groups:
             for tile in g.tiles:
                 rows = slice(g.q_row0 + g.q_step * tile.r0,
                              g.q_row0 + g.q_step * (tile.r1 - 1) + 1, g.q_step)
-                o, l2 = self.row_tile(rows, g, tile, hooks, sparse)
-                if not self.grad:
-                    out[:, rows], lse[:, rows] = o, l2
-                    continue
-                assert rows.step == 1, "gathered parts run without gradients"
-                if rows.start > next_row:                   # rows with no kept tile
-                    pieces.append(self.empty_rows(rows.start - next_row))
-                pieces.append((o, l2))
-                next_row = rows.stop
-        if not self.grad:
-            return out, lse
-        if next_row < s.q_len:
-            pieces.append(self.empty_rows(s.q_len - next_row))
-        return (torch.cat([o for o, _ in pieces], dim=1),
-                torch.cat([l2 for _, l2 in pieces], dim=1))
-
-    def empty_rows(self, n: int):
-        """(out, lse) of ``n`` rows without an allowed key: zeros and -inf."""
-        return (self.q.new_zeros((self.n_heads, n, self.v.shape[-1]), dtype=self.wide),
-                self.q.new_full((self.n_heads, n), NEG_INF, dtype=self.wide))
+                out[:, rows], lse[:, rows] = self.row_tile(rows, g, tile, hooks, sparse)
+        return out, lse
 
     def row_tile(self, rows: slice, g, tile, hooks, sparse: bool):
         """(out [H, R, Dv], lse [H, R]) of one tile of rows: the fused engine where it applies
@@ -361,13 +339,12 @@ class _Rows:
             if self.sparse and not bool(mask.any()):
                 return
         s = c.grouped(self.qt, c.k[:, keys].to(c.wide).transpose(-1, -2))
-        s = s.mul_(c.scale) if not c.grad else s * c.scale
+        s = s.mul_(c.scale)
         if hasattr(self.module, "score"):
             value = self.module.score(s, self.qpos, kpos, c.h, *c.sizes, c.wide, *self.score_t)
             value = value.to(s.dtype)
             if value.shape != s.shape:      # a broadcast value (or a module constant): the
-                value = value.expand(s.shape)  # in-place steps below need a block of its own
-                value = value if c.grad else value.clone()
+                value = value.expand(s.shape).clone()  # in-place steps below need a block
             s = value
         if mask is not None:
             s = s.masked_fill(~mask, NEG_INF)
@@ -388,14 +365,9 @@ class _Rows:
         m_new = torch.maximum(self.m, top)
         safe = torch.where(m_new == NEG_INF, torch.zeros_like(m_new), m_new)
         alpha = torch.exp(self.m - safe)
-        if self.c.grad:
-            p = torch.exp(s - safe[..., None])
-            self.l = self.l * alpha + p.sum(dim=-1)
-            self.acc = self.acc * alpha[..., None] + self.c.grouped(p, vt)
-        else:                               # in place: s is this tile's own block
-            p = s.sub_(safe[..., None]).exp_()
-            self.l.mul_(alpha).add_(p.sum(dim=-1))
-            self.acc.mul_(alpha[..., None]).add_(self.c.grouped(p, vt))
+        p = s.sub_(safe[..., None]).exp_()      # in place: s is this tile's own block
+        self.l.mul_(alpha).add_(p.sum(dim=-1))
+        self.acc.mul_(alpha[..., None]).add_(self.c.grouped(p, vt))
         self.m = m_new
 
     def _count_poison(self, allowed, raw) -> None:

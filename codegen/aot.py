@@ -3,8 +3,9 @@
 Input: a bound Pattern and a described call (:class:`Call`: dtype, head_dim, sizes), or a
 :class:`~codegen.args.Launch` from :func:`codegen.backend.prepare` (a call may make several).
 Output: a *job* per launch (a JSON-ready dict: the generated module file, which holds the
-skeleton's ``attn_fwd`` and the hooks, which constexpr arguments are hook functions, the
-Triton signature, the constexpr values, launch options and targets) and, from
+skeleton's ``attn_fwd``, the backward skeleton's ``attn_bwd_preprocess`` / ``attn_bwd_dq`` /
+``attn_bwd_dkdv`` and the hooks, the kernel's name, which constexpr arguments are hook
+functions, the Triton signature, the constexpr values, launch options and targets) and, from
 :func:`compile_jobs`, one report per target (see codegen/aot_runner.py: ``ok``, ``error``,
 registers, spills, shared memory, tensor-core dots).
 
@@ -25,7 +26,14 @@ The signature is what Triton's launcher would specialise for the described call:
   elements in a tensor get i64 strides, a variant this check does not build;
 * Python floats -> ``fp32``, bools -> ``u1``;
 * the launch's ``constants`` -> constexpr, with ``NATIVE_DOT`` True (compiled mode; the launch
-  sets it to ``not interpret``, and the test suite's process plans in interpreter mode).
+  sets it to ``not interpret``, and the test suite's process plans in interpreter mode); for the
+  backward kernels, whose ``NATIVE_DOT`` means 16-bit operands on tensor cores, True for bf16
+  and fp16 calls only.
+
+The backward pass's launches (:func:`describe` with ``backward``: codegen/backend.py
+``prepare_backward``, for a call with a gradient into lse too) are compiled the same way;
+``make aot`` compiles both passes of every example (the kernel with no hook,
+``attn_bwd_preprocess``, once per run).
 """
 
 from __future__ import annotations
@@ -49,10 +57,12 @@ from attndsl.inputs import check_qkv
 from attndsl.render import demo_inputs
 
 from .args import Launch
-from .backend import prepare
+from .backend import prepare, prepare_backward
 from .config import DEFAULT_CONFIG, Config
 
 SKELETON = Path(__file__).absolute().parent / "skeleton.py"
+SKELETON_BWD = Path(__file__).absolute().parent / "skeleton_bwd.py"
+BACKWARD_KERNELS = ("attn_bwd_preprocess", "attn_bwd_dq", "attn_bwd_dkdv")
 RUNNER = Path(__file__).absolute().parent / "aot_runner.py"
 DEFAULT_TARGETS = ("sm_80", "sm_90")
 # The NVIDIA GPU architectures a target may name: Turing and later, as the ptxas that Triton
@@ -92,11 +102,13 @@ def _interpret_mode() -> bool:
     return "triton" in sys.modules and os.environ.get("TRITON_INTERPRET") in ("1", "true", "True")
 
 
-def describe(pattern, call: Call = Call(), config: Config = DEFAULT_CONFIG) -> list[Launch]:
+def describe(pattern, call: Call = Call(), config: Config = DEFAULT_CONFIG,
+             backward: bool = False) -> list[Launch]:
     """The launches of ``pattern`` (an :class:`attndsl.Pattern`) for ``call``: one, or one per
-    gathered component (codegen/backend.py ``prepare``). q/k/v are CPU tensors that only
-    describe the call; tensor inputs and selector tables are demo values
-    (attndsl.render.demo_inputs)."""
+    gathered component (codegen/backend.py ``prepare``); with ``backward`` those of its backward
+    pass instead (``prepare_backward``: the preprocess, then a dQ and a dK/dV launch per forward
+    launch). q/k/v are CPU tensors that only describe the call; tensor inputs and selector
+    tables are demo values (attndsl.render.demo_inputs)."""
     dtype = DTYPES[call.dtype] if call.dtype in DTYPES else None
     if dtype is None:
         raise AttnCallError(f"dtype {call.dtype!r}: expected one of bf16, fp16, fp32")
@@ -121,7 +133,13 @@ def describe(pattern, call: Call = Call(), config: Config = DEFAULT_CONFIG) -> l
                                             call.head_dim, dv),
                            str(dtype).removeprefix("torch."), "cpu",
                            "triton-interpret" if interpret else "triton", scale)
-    return prepare(bound_call, CallData(tensors, tuple(grids)), q, k, v, config)[0]
+    data = CallData(tensors, tuple(grids))
+    if not backward:
+        return prepare(bound_call, data, q, k, v, config)[0]
+    out = torch.zeros(q.shape[:-1] + (dv,), dtype=dtype)
+    lse = torch.zeros(q.shape[:-1], dtype=torch.float32)
+    return prepare_backward(bound_call, data, q, k, v, out, lse, torch.zeros_like(out),
+                            torch.zeros_like(lse), config)[0]
 
 
 def arg_type(value) -> tuple[str, bool]:
@@ -155,10 +173,13 @@ def _hook_name(fn) -> tuple[str, str]:
     return os.path.abspath(path), func.__name__
 
 
-def kernel_arguments(skeleton: Path = SKELETON, kernel_name: str = "attn_fwd") -> list[str]:
-    """The argument names of the skeleton's kernel, read from its source (no import)."""
+def kernel_arguments(skeleton: Path | None = None, kernel_name: str = "attn_fwd") -> list[str]:
+    """The argument names of a skeleton's kernel, read from its source (no import); by default
+    from skeleton.py, or skeleton_bwd.py for a backward kernel."""
     import ast
 
+    if skeleton is None:
+        skeleton = SKELETON_BWD if kernel_name in BACKWARD_KERNELS else SKELETON
     tree = ast.parse(Path(skeleton).read_text(encoding="utf-8"))
     for node in tree.body:
         if isinstance(node, ast.FunctionDef) and node.name == kernel_name:
@@ -191,9 +212,14 @@ def check_targets(targets) -> list[str]:
 
 
 def make_job(launch: Launch, name: str, targets=DEFAULT_TARGETS,
-             skeleton: Path = SKELETON) -> dict:
-    """The job of one Launch (see the module docstring and codegen/aot_runner.py)."""
-    names = kernel_arguments(skeleton)
+             skeleton: Path | None = None) -> dict:
+    """The job of one Launch (see the module docstring and codegen/aot_runner.py): its kernel
+    (``attn_fwd`` or a backward kernel) from the module its hooks come from."""
+    kernel = "attn_fwd"
+    if launch.kernel is not None:
+        kernel = getattr(getattr(launch.kernel, "fn", launch.kernel), "__name__", kernel)
+    names = kernel_arguments(skeleton, kernel)
+    skeleton = skeleton or (SKELETON_BWD if kernel in BACKWARD_KERNELS else SKELETON)
     if len(names) != len(launch.args) + len(launch.constants):
         raise AttnCallError(f"the launch has {len(launch.args)} arguments and "
                             f"{len(launch.constants)} constants; the skeleton takes {len(names)}")
@@ -216,9 +242,14 @@ def make_job(launch: Launch, name: str, targets=DEFAULT_TARGETS,
             module, hooks[arg] = path, hook
         else:
             constexprs[arg] = value.item() if isinstance(value, np.generic) else value
-    constexprs["NATIVE_DOT"] = True
-    # the generated module holds the skeleton's attn_fwd next to its hooks
-    return {"format": 1, "name": name, "skeleton": module or str(skeleton), "kernel": "attn_fwd",
+    if kernel == "attn_fwd":
+        constexprs["NATIVE_DOT"] = True
+    elif "NATIVE_DOT" in constexprs:        # the backward's: 16-bit operands on tensor cores
+        constexprs["NATIVE_DOT"] = signature.get("Q") in ("*bf16", "*fp16")
+    if module is None and launch.kernel is not None:    # no hook: the kernel's own module
+        module = _hook_name(launch.kernel)[0]
+    # the generated module holds the skeletons' kernels next to its hooks
+    return {"format": 1, "name": name, "skeleton": module or str(skeleton), "kernel": kernel,
             "hooks_module": module, "hooks": hooks, "signature": signature,
             "constexprs": constexprs, "divisible_by_16": divisible,
             "options": dict(launch.options), "targets": list(targets)}
@@ -233,6 +264,27 @@ def pattern_jobs(pattern, call: Call = Call(), targets=DEFAULT_TARGETS,
     plans = describe(pattern, call, config)
     return [make_job(launch, name if len(plans) == 1 else f"{name} [launch {i + 1}/{len(plans)}]",
                      targets) for i, launch in enumerate(plans)]
+
+
+def backward_jobs(pattern, call: Call = Call(), targets=DEFAULT_TARGETS,
+                  config: Config = DEFAULT_CONFIG, name: str | None = None,
+                  preprocess: bool = True) -> list[dict]:
+    """The jobs of the call's backward pass: ``attn_bwd_preprocess`` (unless not
+    ``preprocess``: it has no hook, so one compile serves every pattern), then ``attn_bwd_dq``
+    and ``attn_bwd_dkdv`` per forward launch; named ``name backward <kernel>`` with ``[launch
+    i/n]`` added when the call makes several launches."""
+    name = name or f"{pattern.name} {call.label()}"
+    targets = check_targets(targets)
+    launches = describe(pattern, call, config, backward=True)
+    pre, rest = launches[:1], launches[1:]
+    n = len(rest) // 2
+    jobs = [make_job(pre[0], f"{name} backward attn_bwd_preprocess", targets)] if preprocess \
+        else []
+    for i, launch in enumerate(rest):
+        what = "attn_bwd_dq" if i % 2 == 0 else "attn_bwd_dkdv"
+        tail = f" [launch {i // 2 + 1}/{n}]" if n > 1 else ""
+        jobs.append(make_job(launch, f"{name} backward {what}{tail}", targets))
+    return jobs
 
 
 def _runner_env(pycache: str | None = None) -> dict:
@@ -326,9 +378,10 @@ def report_lines(reports: list[dict]) -> list[str]:
 
 def main(argv=None) -> int:
     """``python -m attndsl.codegen.aot FILE... [--targets sm_80,sm_90] [--dtype bf16]
-    [--head-dim 128] [--python PY] [--processes N]``: compile every pattern of the files in one
-    batch (``make aot``, ``make aot36``), print a report per pattern; exit status 1 when a
-    pattern fails to compile (or to plan), 0 otherwise."""
+    [--head-dim 128] [--python PY] [--processes N] [--no-backward]``: compile the forward and
+    (unless ``--no-backward``) backward kernels of every pattern of the files in one batch
+    (``make aot``, ``make aot36``), print a report per pattern; exit status 1 when a pattern
+    fails to compile (or to plan), 0 otherwise."""
     import argparse
 
     from attndsl.errors import AttnError
@@ -343,6 +396,8 @@ def main(argv=None) -> int:
     parser.add_argument("--head-dim", type=int, default=128)
     parser.add_argument("--python", help="the Python that compiles (default: this one)")
     parser.add_argument("--processes", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--no-backward", action="store_true",
+                        help="compile the forward kernels only")
     args = parser.parse_args(argv)
     call = Call(dtype=args.dtype, head_dim=args.head_dim)
     jobs, failed = [], 0
@@ -352,6 +407,11 @@ def main(argv=None) -> int:
             for pat in load(path):
                 try:
                     jobs += pattern_jobs(pat, call, targets, name=f"{path}:{pat.name}")
+                    if not args.no_backward:
+                        jobs += backward_jobs(pat, call, targets, name=f"{path}:{pat.name}",
+                                              preprocess=not any(
+                                                  j["kernel"] == "attn_bwd_preprocess"
+                                                  for j in jobs))
                 except AttnError as err:
                     print(f"# {path}:{pat.name}: cannot plan the call\n{err}")
                     failed += 1

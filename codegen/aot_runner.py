@@ -9,7 +9,7 @@ removes the variable itself before importing triton.
 Input: a JSON file holding a list of *jobs* (written by :mod:`codegen.aot`), each::
 
     {"name": "causal.attn:causal_lm bf16 d128",      # free text for reports
-     "skeleton": "/path/skeleton.py", "kernel": "attn_fwd",
+     "skeleton": "/path/skeleton.py", "kernel": "attn_fwd",   # or attn_bwd_dq, ... (backward)
      "hooks_module": "/path/attndsl_gen_<hash>.py",
      "hooks": {"MASK_FN": "mask_hook", ...},          # constexpr arguments that are hook functions
      "signature": {"Q": "*bf16", "sqb": "i32", "sqd": "constexpr", ...},   # every argument

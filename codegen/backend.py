@@ -13,6 +13,11 @@ dtype, lse [B, H, Lq] in the accumulation dtype) as section 6 of the language de
     merge     log-sum-exp of gathered launches     codegen/kernel.py     (out, lse)
 
 ``ATTNDSL_DUMP=analysis,plan,source,launch`` prints those stages' outputs (attndsl/dump.py).
+
+:func:`backward` gives the call's gradients (dq, dk, dv) from the forward's final (out, lse)
+and the gradients of out and lse: it runs the same analyse, plan and generate stages for the
+same tile configuration (the module holds the backward kernels too), then the backward's own
+stages (codegen/backward.py: transposed tables, launches, reduction of the partials).
 """
 
 from __future__ import annotations
@@ -25,8 +30,10 @@ from attndsl.call import BoundCall, CallData, acc_dtype
 from attndsl.dump import dump
 
 from . import autotune, cache, emit, kernel
-from .config import Config
+from . import backward as bwd
+from .config import DEFAULT_CONFIG, Config
 from .plan import analyse, plan
+from .tables import with_tables
 
 
 def forward(call: BoundCall, data: CallData, q, k, v, config: Config | None = None):
@@ -73,3 +80,32 @@ def empty_result(q, v):
     out = q.new_zeros((batch, heads, q_len, v.shape[-1]))
     return out, torch.full((batch, heads, q_len), -torch.inf, dtype=acc_dtype(q.dtype),
                            device=q.device)
+
+
+def backward(call: BoundCall, data: CallData, q, k, v, out, lse, dout, dlse=None,
+             config: Config | None = None):
+    """(dq, dk, dv) of one call, in the dtypes of q, k, v: ``out`` and ``lse`` the forward's
+    final results, ``dout`` the gradient of out, ``dlse`` that of lse (None: lse unused).
+    ``config``: the tile configuration, by default :data:`codegen.config.DEFAULT_CONFIG` (the
+    gradients do not depend on the forward's: they read only its final out and lse)."""
+    if call.shape.empty:
+        return bwd.zero_grads(q, k, v)
+    launches, finish = prepare_backward(call, data, q, k, v, out, lse, dout, dlse,
+                                        config or DEFAULT_CONFIG)
+    for launch in launches:
+        bwd.run(launch)
+    return finish()
+
+
+def prepare_backward(call: BoundCall, data: CallData, q, k, v, out, lse, dout, dlse,
+                     config: Config):
+    """The backward's stages up to its launches: (launches, finish), ``finish()`` summing the
+    partial gradients once the launches have run (codegen/backward.py)."""
+    planned, sources = generate(call, data, q, k, config)
+    modules = [cache.load_module(text, call.interpret) for text in sources]
+    static = data.static and not any(with_tables(lp.pattern)[3] for lp in planned.launches)
+    launches, finish = bwd.bind_backward(planned, modules, data, q, k, v, out, lse, dout, dlse,
+                                         call.interpret, static)
+    dump("launch", launches,
+         lambda ls: "\n".join(f"backward launch {i + 1}: {x.describe()}" for i, x in enumerate(ls)))
+    return launches, finish

@@ -2,13 +2,15 @@
 
 Input: a :class:`~attndsl.bound.BoundPattern` (selectors already read from tables:
 :func:`codegen.tables.with_tables`). Output: the source of one Python module holding
-everything a launch compiles — the language helpers its hooks call, its hooks (``mask_hook``
-and ``score_hook``, each in int64 and in int32: ``*_hook32``, codegen/lower.py) and the kernel
-skeleton (``attn_fwd`` with its tile step, codegen/skeleton.py), which takes the hooks as
-``tl.constexpr`` arguments. This text is what the kernel cache writes and runs
-(codegen/cache.py); :func:`strategy_comment` renders a call's plan as a header comment for
-people (``Pattern.triton_source``, ``attndsl emit``). Nothing user-written is emitted: values
-become literals and tensor inputs numbered slots.
+everything a launch compiles — the language helpers its hooks call, its hooks (``mask_hook``,
+``score_hook`` and ``score_grad_hook``, each in int64 and in int32: ``*_hook32``,
+codegen/lower.py) and the kernel skeleton (``attn_fwd`` with its tile step,
+codegen/skeleton.py) followed by the backward skeleton (``attn_bwd_preprocess``,
+``attn_bwd_dq``, ``attn_bwd_dkdv``, codegen/skeleton_bwd.py), which take the hooks as
+``tl.constexpr`` arguments: one compiled file serves both passes. This text is what the
+kernel cache writes and runs (codegen/cache.py); :func:`strategy_comment` renders a call's plan
+as a header comment for people (``Pattern.triton_source``, ``attndsl emit``). Nothing
+user-written is emitted: values become literals and tensor inputs numbered slots.
 """
 
 from __future__ import annotations
@@ -23,18 +25,19 @@ from .lower import LoweringError, module_hooks
 from .tables import with_tables
 
 SKELETON_FILE = Path(__file__).parent / "skeleton.py"
+SKELETON_BWD_FILE = Path(__file__).parent / "skeleton_bwd.py"
 SKELETON_MARKER = "# ---------------------------------------------------------------- the kernel skeleton"
 SOURCES = LRUCache("codegen.module_sources", 256)
 
 
 def skeleton_text() -> str:
-    """skeleton.py without its docstring and imports (the generated module has its own): the
-    same text in every generated module."""
+    """skeleton.py then skeleton_bwd.py, each without its docstring and imports (the generated
+    module has its own): the same text in every generated module."""
     return _SKELETON
 
 
-def _skeleton_body() -> str:
-    text = SKELETON_FILE.read_text(encoding="utf-8")
+def _skeleton_body(path: Path) -> str:
+    text = path.read_text(encoding="utf-8")
     tree = ast.parse(text)
     first = next(n for n in tree.body
                  if not isinstance(n, (ast.Import, ast.ImportFrom))
@@ -42,7 +45,8 @@ def _skeleton_body() -> str:
     return "".join(text.splitlines(keepends=True)[first.lineno - 1:])
 
 
-_SKELETON = _skeleton_body()
+_SKELETON = (_skeleton_body(SKELETON_FILE).rstrip("\n") + "\n\n\n"
+             + _skeleton_body(SKELETON_BWD_FILE))
 
 
 def module_source(pattern) -> str:

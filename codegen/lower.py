@@ -15,8 +15,10 @@ Equal sub-expressions are computed once: the IR is hash-consed first (:func:`sha
 each node gets one local.
 
 :func:`module_hooks` gives a pattern's hooks (``mask_hook``, ``mask_hook32`` and, with a score
-clause, ``score_hook``, ``score_hook32``) preceded by the helpers of codegen/tlhelpers.py they
-call (and those call), copied as written: no import lines, no other module-level names.
+clause, ``score_hook``, ``score_hook32`` and the backward pass's ``score_grad_hook``,
+``score_grad_hook32``: d(score clause)/d(score) from attndsl/derivative.py) preceded by the
+helpers of codegen/tlhelpers.py they call (and those call), copied as written: no import lines,
+no other module-level names.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import math
 from pathlib import Path
 
 from attndsl.constants import CONSTANT_OPS
+from attndsl.derivative import score_derivative
 from attndsl.interp import evaluate_scalar
 from attndsl.ir import Expr, Op, Type
 
@@ -303,14 +306,23 @@ def used_helpers(source: str) -> list[str]:
 
 def module_hooks(mask_ir: Expr, score_ir: Expr | None, values: dict, slots: dict) -> str:
     """The helpers and hooks of a pattern's module: ``mask_hook`` and ``mask_hook32`` (int32,
-    see :func:`hook_source`), and ``score_hook`` / ``score_hook32`` when ``score_ir`` is not None,
-    preceded by the helpers they call (no import lines: the module imports ``triton`` and
-    ``triton.language as tl``). Raises LoweringError as :func:`hook_source` does."""
+    see :func:`hook_source`), and when ``score_ir`` is not None ``score_hook`` /
+    ``score_hook32`` and ``score_grad_hook`` / ``score_grad_hook32``, preceded by the helpers they
+    call (no import lines: the module imports ``triton`` and ``triton.language as tl``). Raises
+    LoweringError as :func:`hook_source` does.
+
+    The grad hooks take the score hook's arguments (:data:`HOOK_ARGS`, ``s`` the raw scaled
+    scores) and return d(score clause)/d(score) on the tile, float32 ``[BLOCK_M, BLOCK_N]`` (a
+    constant derivative is broadcast to the tile), meaningful at allowed pairs only. The
+    derivative computes no integer the clause does not, so the clause's int32 proof covers
+    ``score_grad_hook32``."""
     hooks = []
+    grad_ir = None if score_ir is None else score_derivative(score_ir, values)
     for suffix, narrow in (("", False), ("32", True)):     # int64, and int32 where proved
         hooks.append(hook_source(f"mask_hook{suffix}", mask_ir, values, slots, narrow))
         if score_ir is not None:
             hooks.append(hook_source(f"score_hook{suffix}", score_ir, values, slots, narrow))
+            hooks.append(hook_source(f"score_grad_hook{suffix}", grad_ir, values, slots, narrow))
     return with_helpers(hooks)
 
 

@@ -3,10 +3,10 @@
 Input: tile classes (0 empty, 1 partial, 2 full) ``[Bt, G, H, nQT, nKT]`` — from the analysis
 (host block maps) or classified on the device (codegen/device_tiles.py). Output:
 :class:`DeviceTiles` — int32 tables ``[Bt, G, H, nQT]`` of counts and ``[Bt, G, H, nQT, W]``
-of key-tile indices for full and partial tiles (``Bt`` 1 when the batch shares them, ``G`` the
-program groups of codegen/skeleton.py, ``H`` 1 when every head shares them; int64 when a row
-has 2**31 key tiles or more). The tables are built with torch on the device, so the host only
-moves the classes.
+of key-tile indices for full and partial tiles, and the classes they were built from (``Bt``
+1 when the batch shares them, ``G`` the program groups of codegen/skeleton.py, ``H`` 1 when
+every head shares them; int64 when a row has 2**31 key tiles or more). The tables are built
+with torch on the device, so the host only moves the classes.
 
 *Band form.* When, in every row of tiles, the full key tiles form at most two runs of
 consecutive tiles and the partial ones at most three, the tables hold run bounds instead of
@@ -15,6 +15,11 @@ lists: ``(first of run 0, length of run 0, first of run 1)`` for the full tiles 
 partial ones (the counts give the last run's length); the kernel then walks arithmetic ranges
 and loads no index per tile (``band``). Causal masks, sliding windows with sinks or globals
 (Longformer), chunks and gathered dilated windows have this form.
+
+*Transposition* (:func:`transposed`, the backward's dK/dV kernel, codegen/skeleton_bwd.py): the
+same tiles listed per key tile — counts ``[Bt, G, H, nKT]`` and query-tile indices — built
+from the classes transposed; tables made on the device without their classes are read back
+into classes first (:func:`classes_of`).
 """
 
 from __future__ import annotations
@@ -43,6 +48,7 @@ class DeviceTiles:
     band: bool = False
     key_counts: tuple[int, ...] = ()        # every group's key count, when known on the host
     run_k: int = 1                          # consecutive key rows per step (codegen/gather.py)
+    classes: torch.Tensor | None = None     # int8 [Bt, G, H, nQT, nKT], when built from them
 
     def even_keys(self, block_n: int) -> bool:
         """Whether every group has the same key count, a multiple of ``block_n``, and no run of
@@ -143,7 +149,7 @@ def from_classes(classes: torch.Tensor, groups, step_q: int = 1, step_k: int = 1
     group_rows = torch.as_tensor(np.array(groups, dtype=np.int64).reshape(-1, 4), device=device)
     counts = tuple(int(row[3]) for row in np.array(groups, dtype=np.int64).reshape(-1, 4))
     return DeviceTiles(group_rows, f_num.contiguous(), widened(f_idx), p_num.contiguous(),
-                       widened(p_idx), step_q, step_k, is_band, counts, run_k)
+                       widened(p_idx), step_q, step_k, is_band, counts, run_k, classes)
 
 
 def from_block_maps(maps: list[np.ndarray], groups, device, step_q: int = 1,
@@ -157,3 +163,59 @@ def from_block_maps(maps: list[np.ndarray], groups, device, step_q: int = 1,
                         for m in maps])
     classes = torch.as_tensor(np.ascontiguousarray(stacked, dtype=np.int8), device=device)
     return from_classes(classes, groups, step_q, step_k, run_k=run_k)
+
+
+# ------------------------------------------------------------------------- transposition
+def _runs_member(num: torch.Tensor, bounds: torch.Tensor, runs: int, cols: torch.Tensor):
+    """bool [..., M]: column ``cols`` lies in one of the ``runs`` runs of band bounds
+    [..., 2 runs - 1] (:func:`_run_bounds`) whose lengths add up to ``num`` [...]."""
+    b = bounds.to(torch.int64)
+    left = num.to(torch.int64)
+    inside = torch.zeros(num.shape + cols.shape, dtype=torch.bool, device=num.device)
+    for r in range(runs):
+        start = b[..., 2 * r]
+        length = b[..., 2 * r + 1] if r < runs - 1 else left
+        length = torch.minimum(length, left)
+        left = left - length
+        inside |= (cols >= start[..., None]) & (cols < (start + length)[..., None])
+    return inside
+
+
+def _listed(num: torch.Tensor, idx: torch.Tensor, n_cols: int) -> torch.Tensor:
+    """bool [..., n_cols]: the columns of padded index lists [..., W] (the first ``num``)."""
+    slots = torch.arange(idx.shape[-1], device=idx.device)
+    cols = torch.where(slots < num[..., None].to(torch.int64), idx.to(torch.int64), n_cols)
+    out = torch.zeros(num.shape + (n_cols + 1,), dtype=torch.bool, device=num.device)
+    out.scatter_(-1, cols, True)        # the dropped slots all land in the last column
+    return out[..., :n_cols]
+
+
+def classes_of(tiles: DeviceTiles, n_key_tiles: int) -> torch.Tensor:
+    """The tile classes int8 [Bt, G, H, nQT, nKT] a launch walks: those it was built from,
+    else (tables made on the device, codegen/device_tiles.py) read back from its tables, band
+    or list form, over ``n_key_tiles`` key tiles."""
+    if tiles.classes is not None:
+        return tiles.classes
+    if tiles.band:
+        cols = torch.arange(n_key_tiles, device=tiles.full_num.device)
+        full = _runs_member(tiles.full_num, tiles.full_idx[..., :2 * FULL_RUNS - 1],
+                            FULL_RUNS, cols)
+        part = _runs_member(tiles.part_num, tiles.part_idx[..., :2 * PARTIAL_RUNS - 1],
+                            PARTIAL_RUNS, cols)
+    else:
+        full = _listed(tiles.full_num, tiles.full_idx, n_key_tiles)
+        part = _listed(tiles.part_num, tiles.part_idx, n_key_tiles)
+    return (2 * full.to(torch.int8) + part.to(torch.int8)).contiguous()
+
+
+def transposed(tiles: DeviceTiles, n_key_tiles: int) -> DeviceTiles:
+    """The tables of the same tiles walked by key tile: counts [Bt, G, H, nKT] and query-tile
+    indices [Bt, G, H, nKT, W] of the full and partial tiles in each key tile's column (band
+    form where it fits), with the same groups and steps (the backward's dK/dV kernel). A tile
+    is full or partial in the transposed tables exactly when it is in ``tiles``."""
+    classes = classes_of(tiles, n_key_tiles)
+    out = from_classes(classes.transpose(-1, -2).contiguous(), np.zeros((tiles.n_groups, 4)),
+                       tiles.step_q, tiles.step_k, run_k=tiles.run_k)     # (groups: below)
+    return DeviceTiles(tiles.groups, out.full_num, out.full_idx, out.part_num, out.part_idx,
+                       tiles.step_q, tiles.step_k, out.band, tiles.key_counts, tiles.run_k,
+                       out.classes)

@@ -11,7 +11,10 @@ modules (codegen/cache.py, keyed by its source and the torch version), with
   ``fdt`` of float arithmetic, and the tensor inputs ``tI`` of this batch element (int64 or
   ``fdt``);
 * ``score(s, q, k, h, ...)`` when the pattern has a score clause: the new scores (float,
-  broadcastable to ``s``'s shape), ``s`` the scaled dot products.
+  broadcastable to ``s``'s shape), ``s`` the scaled dot products;
+* ``score_grad(s, q, k, h, ...)`` with it: d(score clause)/d(score) (attndsl/derivative.py), a
+  float tensor broadcastable to ``s`` (``s``'s shape when the derivative does not read the
+  score), meaningful at allowed pairs only.
 
 One rule per op in :data:`TORCH_RULES` (the op registry's torch table; tests/test_op_registry.py
 checks it). Semantics are the interpreter's (attndsl/interp.py): integers are int64 tensors (every
@@ -30,6 +33,7 @@ from dataclasses import dataclass
 
 from attndsl.bound import BoundPattern
 from attndsl.caches import LRUCache
+from attndsl.derivative import score_derivative
 from attndsl.ir import Expr, Op, Type
 
 from .cache import load_torch_module
@@ -103,9 +107,14 @@ TORCH_RULES = {
 
 
 def _function(name: str, expr: Expr, first: tuple, values: dict, slots: dict,
-              literals: _Literals) -> str:
+              literals: _Literals, tile: bool = False) -> str:
+    """``def NAME(*first, *SIZE_ARGS, t0, ...)`` returning ``expr``; ``tile``: a float result
+    that does not read the score is added to ``zeros_like(s)`` (the shape and type of ``s``)."""
     ctx = Context(values, slots, TORCH_RULES, literals)
-    result = emit(ctx, share_equal(expr))
+    expr = share_equal(expr)
+    result = emit(ctx, expr)
+    if tile and expr.type is Type.FLOAT and not expr.uses(Op.SCORE):
+        result = f"torch.zeros_like(s) + {result}"
     args = ", ".join(first + SIZE_ARGS + tuple(f"t{i}" for i in range(len(slots))))
     body = "\n".join(ctx.lines + [f"    return {result}"])
     return f"def {name}({args}):\n{body}\n"
@@ -117,6 +126,8 @@ def module_source(mask: Expr, score: Expr | None, values: dict, slots: dict) -> 
     functions = [_function("mask", mask, (), values, slots, literals)]
     if score is not None:
         functions.append(_function("score", score, ("s",), values, slots, literals))
+        functions.append(_function("score_grad", score_derivative(score, values), ("s",), values,
+                                   slots, literals, tile=True))
     helpers = [_GATHER] if any(e.op is Op.INDEX for root in (mask, score) if root is not None
                                for e in root.walk()) else []
     head = "\n".join(["import torch", ""] + literals.lines())

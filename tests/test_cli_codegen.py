@@ -15,7 +15,7 @@ import tokenize
 from conftest import EXAMPLES
 
 from attndsl.cli import main
-from attndsl.cli_codegen import SHAPES
+from attndsl.cli_codegen import BACKWARD_SHAPES, SHAPES
 
 LOCAL = "pattern local(w = 16):\n    mask = causal and (sinks(2) or sliding(w))\n"
 DOCS = ("pattern docs(doc: int[], slope = 0.1):\n    mask = causal and doc[q] == doc[k]\n"
@@ -128,9 +128,10 @@ def test_testgen_writes_a_self_contained_file_that_passes(tmp_path, capsys):
     gen.mkdir()
     out = gen / "test_generated_p.py"
     assert main(["testgen", src, "-o", str(out), "--set", "w=5"]) == 0
-    n = 2 * len(SHAPES)
+    n = 2 * (len(SHAPES) + len(BACKWARD_SHAPES))
     assert capsys.readouterr().out.strip() == (f"wrote {out}: {n} test cases (2 patterns x "
-                                               f"{len(SHAPES)} shapes)")
+                                               f"({len(SHAPES)} shapes + "
+                                               f"{len(BACKWARD_SHAPES)} backward))")
     os.remove(src)                                       # the source is embedded
     text = out.read_text()
     assert "('local', {'w': 5})" in text and "('docs', {'slope': 0.1})" in text
@@ -142,7 +143,8 @@ def test_testgen_writes_a_self_contained_file_that_passes(tmp_path, capsys):
 
 def test_generated_file_fails_against_a_sabotaged_backend(tmp_path):
     """Negative control: a conftest.py next to the generated file (test-only, nothing in the
-    product) shifts every kernel output by 0.5; every generated case must then fail."""
+    product) shifts every kernel output by 0.5 and every kernel gradient into q by 0.5; every
+    generated case, forward and backward, must then fail."""
     src = _write(tmp_path, LOCAL)
     gen = tmp_path / "gen"
     gen.mkdir()
@@ -154,11 +156,18 @@ def test_generated_file_fails_against_a_sabotaged_backend(tmp_path):
         "def _sabotaged(*args, **kwargs):\n"
         "    out, lse = _forward(*args, **kwargs)\n"
         "    return out + 0.5, lse\n\n\n"
-        "kernel.forward = _sabotaged\n")
+        "kernel.forward = _sabotaged\n\n"
+        "_backward = kernel.backward\n\n\n"
+        "def _sabotaged_backward(*args, **kwargs):\n"
+        "    dq, *rest = _backward(*args, **kwargs)\n"
+        "    return (dq + 0.5, *rest)\n\n\n"
+        "kernel.backward = _sabotaged_backward\n")
     rc, log = _run_pytest(out, tmp_path)
     assert rc == 1, log
-    assert _count("failed", log) == len(SHAPES) and _count("passed", log) == 0, log
+    n = len(SHAPES) + len(BACKWARD_SHAPES)
+    assert _count("failed", log) == n and _count("passed", log) == 0, log
     assert "out: max |err|" in log or "rows without keys must have output 0" in log
+    assert "dq: max |err|" in log
 
 
 def test_testgen_embeds_any_source_text_as_literals(tmp_path, capsys):

@@ -149,7 +149,8 @@ def test_only_the_helpers_the_hooks_call_are_emitted(mask, score, want):
     text = module_text(src)
     tree = ast.parse(text)
     defined = [n.name for n in tree.body if isinstance(n, ast.FunctionDef)]
-    hooks = ["mask_hook", "mask_hook32"] + (["score_hook", "score_hook32"] if score else [])
+    hooks = ["mask_hook", "mask_hook32"] + (["score_hook", "score_hook32", "score_grad_hook",
+                                             "score_grad_hook32"] if score else [])
     assert set(defined) == want | set(hooks) and len(defined) == len(set(defined))
     assert defined[:len(want)] == [n for n in HELPERS if n in want]       # helpers come first
     # nothing else at module level: the two imports added above, then functions only

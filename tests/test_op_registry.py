@@ -1,6 +1,6 @@
 """The operator registry (attndsl/ops.py) is the one declaration of the IR's operators, and every
 pass keeps exactly one rule per op: typing, printing, the interpreter, tile intervals, closed-form
-sums, solving for k, Triton lowering and the torch backend.
+sums, solving for k, Triton lowering, the torch backend and the score clause's derivative.
 
 ``table_gaps`` is the check: an op added to :class:`~attndsl.ir.Op` without an entry in the
 registry or in any pass's table makes these tests fail, naming the op and the table.
@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 from attndsl.codegen import lower, torch_lower
 
-from attndsl import checker, interp, ir, ops, printer
+from attndsl import checker, derivative, interp, ir, ops, printer
 from attndsl.analysis import cost, intervals, solve
 from attndsl.constants import CONSTANT_OPS
 from attndsl.ops import ANY, ELEM_TYPE, FORMS, NUM, OPS, PARAM_TYPE, VALUE_TYPE, Op, Prec, Type, table_gaps
@@ -26,6 +26,7 @@ TABLES = {
     "solver (analysis.solve.SOLVE_RULES)": solve.SOLVE_RULES,
     "triton (codegen.lower.TRITON_RULES)": lower.TRITON_RULES,
     "torch (codegen.torch_lower.TORCH_RULES)": torch_lower.TORCH_RULES,
+    "derivative (derivative.DERIVATIVE_RULES)": derivative.DERIVATIVE_RULES,
 }
 
 
