@@ -254,6 +254,28 @@ def _steps(segments, cap: int, fused: bool):
     return [(a, b, tuple((x - a, y - a) for x, y in ranges)) for a, b, ranges, _ in steps]
 
 
+def step_bias(module, qpos, keys: slice, partial: tuple, h, sizes, mask_t, zeros):
+    """(additive mask [1, H or 1, R, C] of a fused step: -inf at the pairs its partial ranges'
+    mask rules out, else 0; whether each row has an allowed key [H or 1, R], None when a full
+    segment is in the step) — (None, None) for a step without partial ranges. ``zeros(shape)``
+    gives a zeroed block (a scratch buffer is reused step to step)."""
+    if not partial:
+        return None, None
+    n_rows, n_keys = qpos.shape[1], len(range(keys.start, keys.stop, keys.step))
+    masks = []
+    for a, b in partial:
+        kpos = torch.arange(keys.start + keys.step * a, keys.start + keys.step * b, keys.step,
+                            device=qpos.device).view(1, 1, -1)
+        m = module.mask(qpos, kpos, h, *sizes, torch.float64, *mask_t)
+        masks.append(m.expand(m.shape[0] if m.dim() == 3 else 1, n_rows, b - a))
+    covered = sum(b - a for a, b in partial) == n_keys    # no full segment in the step
+    some = torch.stack([m.any(dim=-1) for m in masks]).any(dim=0) if covered else None
+    bias = zeros((max(m.shape[0] for m in masks), n_rows, n_keys))
+    for (a, b), m in zip(partial, masks):
+        bias[:, :, a:b].masked_fill_(~m, NEG_INF)
+    return bias[None], some
+
+
 class _FusedRows:
     """The state of one tile of rows on torch's fused CPU attention operator, one call per
     step, results merged by log-sum-exp. For finite inputs without a score clause; ``finish``
@@ -269,23 +291,10 @@ class _FusedRows:
 
     def tile(self, keys: slice, partial: tuple) -> None:
         c = self.c
-        bias = some = None
-        if partial:
-            n_rows, n_keys = self.qpos.shape[1], len(range(keys.start, keys.stop, keys.step))
-            masks = []
-            for a, b in partial:
-                kpos = torch.arange(keys.start + keys.step * a, keys.start + keys.step * b,
-                                    keys.step, device=c.q.device).view(1, 1, -1)
-                m = self.module.mask(self.qpos, kpos, c.h, *c.sizes, torch.float64, *self.mask_t)
-                masks.append(m.expand(m.shape[0] if m.dim() == 3 else 1, n_rows, b - a))
-            covered = sum(b - a for a, b in partial) == n_keys    # no full segment in the step
-            some = torch.stack([m.any(dim=-1) for m in masks]).any(dim=0) if covered else None
-            if self.sparse and covered and not bool(some.any()):
-                return
-            bias = c.scratch((max(m.shape[0] for m in masks), n_rows, n_keys)).zero_()
-            for (a, b), m in zip(partial, masks):
-                bias[:, :, a:b].masked_fill_(~m, NEG_INF)
-            bias = bias[None]
+        bias, some = step_bias(self.module, self.qpos, keys, partial, c.h, c.sizes, self.mask_t,
+                               lambda shape: c.scratch(shape).zero_())
+        if self.sparse and some is not None and not bool(some.any()):
+            return
         out, lse = FUSED(self.qt, c.k[:, keys].to(c.wide)[None], c.v[:, keys].to(c.wide)[None],
                          attn_mask=bias, scale=c.scale)
         out, lse = out[0], lse[0].to(c.wide)

@@ -27,9 +27,14 @@ import torch
 from .call import BoundCall, CallData, acc_dtype
 from .codegen import torch_plan
 from .codegen.torch_lower import torch_hooks
-from .torch_backend import _steps, hook_args
+from .torch_backend import _steps, all_finite, fused_engine, hook_args, step_bias
 
 NEG_INF = float("-inf")
+# torch's fused CPU attention backward: (dq, dk, dv) of q [B, H, R, D] against k, v [B, KVH,
+# C, D] with an additive mask, from the given out and log-sum-exp: with the call's final out
+# and lse it gives exactly one step's share of the gradients
+FUSED_BACKWARD = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu_backward",
+                         None)
 
 
 def tile_backward(call: BoundCall, data: CallData, q, k, v, out, lse, dout, dlse, tensors: dict,
@@ -43,11 +48,12 @@ def tile_backward(call: BoundCall, data: CallData, q, k, v, out, lse, dout, dlse
         if dlse is not None:
             delta = delta - dlse.to(wide)
         planned = torch_plan.plan(torch_plan.analyse(call, data))
+        fused = acc is not None and fused_backward(call, q, k, v, lse, dout, dlse)
         for b in range(s.batch):
             for part in planned.rows[min(b, len(planned.rows) - 1)]:
-                step = _Step(call, part, data.grids[b], wanted, q[b], k[b], v[b], dout[b],
-                             lse[b].to(wide), delta[b], wide,
-                             None if acc is None else [t[b] for t in acc])
+                step = _Step(call, part, data.grids[b], wanted, (q[b], k[b], v[b]), dout[b],
+                             (out[b], lse[b].to(wide)), delta[b], wide,
+                             None if acc is None else [t[b] for t in acc], fused)
                 step.walk(planned.block[1])
                 for name, g in step.input_grads().items():
                     _add_batch(grads[name], g, b, tensors[name].dim() > g.dim(), s.batch)
@@ -55,6 +61,16 @@ def tile_backward(call: BoundCall, data: CallData, q, k, v, out, lse, dout, dlse
     if acc is None:
         return None, None, None, out_grads
     return (*(g.to(t.dtype) for g, t in zip(acc, (q, k, v))), out_grads)
+
+
+def fused_backward(call: BoundCall, q, k, v, lse, dout, dlse) -> bool:
+    """Whether a call's backward steps may run on torch's fused CPU attention backward
+    (:data:`FUSED_BACKWARD`): where the forward may run fused (:func:`fused_engine`: CPU, no
+    score clause, one head size, finite q and k), with a finite V and dout, no gradient into
+    lse, and no row the forward flagged (lse NaN or +inf)."""
+    return (FUSED_BACKWARD is not None and fused_engine(call, q, k) and all_finite(v)
+            and all_finite(dout) and (dlse is None or not bool(dlse.any()))
+            and not bool((torch.isnan(lse) | (lse == torch.inf)).any()))
 
 
 def _add_batch(total, g, b: int, batched: bool, batch: int) -> None:
@@ -81,8 +97,11 @@ def recording():
 class _Step:
     """The backward of one part of one batch element: its operands and accumulators."""
 
-    def __init__(self, call: BoundCall, part, grid, wanted, q, k, v, dout, lse, delta, wide, acc):
+    def __init__(self, call: BoundCall, part, grid, wanted, qkv, dout, result, delta, wide, acc,
+                 fused: bool):
         s = call.shape
+        q, k, v = qkv
+        out, lse = result
         self.part, self.wide, self.scale = part, wide, call.scale
         first, count = part.heads if part.heads is not None else (0, s.heads)
         group = s.heads // s.kv_heads
@@ -91,6 +110,10 @@ class _Step:
         hs, kvs = slice(first, first + count), slice(kv_first, kv_first + kv_count)
         self.q, self.k, self.v, self.dout = q[hs], k[kvs], v[kvs], dout[hs]
         self.lse, self.delta = lse[hs], delta[hs]
+        self.fused = fused
+        if fused:       # rows with no allowed key: P = exp(s - inf) = 0 in the fused operator
+            self.out = out[hs]
+            self.fused_lse = torch.where(self.lse == NEG_INF, torch.inf, self.lse)
         self.acc = None if acc is None else (acc[0][hs], acc[1][kvs], acc[2][kvs])
         self.offset = s.kv_len - s.q_len
         dev = q.device
@@ -126,10 +149,32 @@ class _Step:
                 rows = slice(g.q_row0 + g.q_step * tile.r0,
                              g.q_row0 + g.q_step * (tile.r1 - 1) + 1, g.q_step)
                 cap = torch_plan.segment_cap(self.q.shape[0], tile.r1 - tile.r0, bk)
-                for a, b, partial in _steps(tile.segments, cap, False):
+                for a, b, partial in _steps(tile.segments, cap, self.fused):
                     keys = slice(g.k_row0 + g.k_step * a, g.k_row0 + g.k_step * (b - 1) + 1,
                                  g.k_step)
-                    self.step(rows, keys, bool(partial))
+                    if self.fused:
+                        self.fused_step(rows, keys, partial)
+                    else:
+                        self.step(rows, keys, bool(partial))
+
+    def fused_step(self, rows: slice, keys: slice, partial: tuple) -> None:
+        """One step on torch's fused backward (no score clause: only q, k, v have gradients)."""
+        wide = self.wide
+        qpos = torch.arange(rows.start, rows.stop, rows.step, device=self.q.device).view(1, -1, 1) \
+            + self.offset
+        bias, some = step_bias(self.module, qpos, keys, partial, self.h, self.sizes, self.mask_t,
+                               lambda shape: torch.zeros(shape, dtype=wide, device=qpos.device))
+        if self.sparse and some is not None and not bool(some.any()):
+            return
+        dq, dk, dv = FUSED_BACKWARD(
+            self.dout[:, rows].to(wide)[None], self.q[:, rows].to(wide)[None],
+            self.k[:, keys].to(wide)[None], self.v[:, keys].to(wide)[None],
+            self.out[:, rows].to(wide)[None], self.fused_lse[:, rows][None], 0.0, False,
+            attn_mask=bias, scale=self.scale)
+        acc_q, acc_k, acc_v = self.acc
+        acc_q[:, rows] += dq[0]
+        acc_k[:, keys] += dk[0]
+        acc_v[:, keys] += dv[0]
 
     def input_step(self, raw, ok, ds, qpos, kpos) -> None:
         """Add one block's share to the tensor inputs' gradients: autograd through the score

@@ -162,3 +162,31 @@ def test_the_torch_backward_recomputes_tile_by_tile():
     allowed = (rows[:, None] - j[None] >= 0) & (rows[:, None] - j[None] < 64)
     (torch.softmax(s.masked_fill(~allowed, -torch.inf), -1) @ vv[0, 0]).sum().backward()
     torch.testing.assert_close(q.grad[0, 0, rows], qq.grad[0, 0, rows], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("mask", ["causal and sliding(7)", "q - k >= 3 and q - k < 9",
+                                  "topk_blocks(2, 8)"])
+def test_the_fused_backward_steps_agree_with_the_general_ones(monkeypatch, mask):
+    """The torch backend's backward on torch's fused CPU operator (no score clause, finite
+    inputs) against its general steps: GQA, rows with no allowed key (q - k >= 3), a
+    selector's sparse steps."""
+    import attndsl.torch_backward as tb
+
+    pat = pattern(f"pattern p:\n    mask = {mask}\n")
+    g = torch.Generator().manual_seed(1)
+    base = [torch.randn(2, 4, 45, 16, generator=g, dtype=torch.float64)] + \
+        [torch.randn(2, 2, 45, 16, generator=g, dtype=torch.float64) for _ in range(2)]
+    calls = []
+    real = tb.FUSED_BACKWARD
+    monkeypatch.setattr(tb, "FUSED_BACKWARD", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    results = []
+    for fused in ("1", "0"):
+        monkeypatch.setenv("ATTNDSL_TORCH_FUSED", fused)
+        q, k, v = (t.clone().requires_grad_() for t in base)
+        out = pat(q, k, v, backend="torch")
+        results.append(torch.autograd.grad(out, (q, k, v), torch.ones_like(out)))
+        assert bool(calls) == (fused == "1")
+        calls.clear()
+    for a, b in zip(*results):
+        assert torch.isfinite(a).all()
+        torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-10)
