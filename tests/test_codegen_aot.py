@@ -8,7 +8,8 @@ launch that redoes rows which met a non-finite value; a sabotaged hook
 and a tile configuration that needs more shared memory than sm_80 has are reported as failures;
 the offsets of the operands' base pointers are int64 (read in the TTIR).
 With Triton 3.6 (``.venv-triton36``, ``make triton36``; skipped without it): every example for
-sm_90 and a sample for sm_80. All compiles of one Triton version run as one batch in two runner
+sm_90 and a sample for sm_80. The backward pass's kernels, with both Triton versions: a sample
+of patterns (every launch strategy) for sm_90 bf16 and sm_80 fp16 (tensor cores) and fp32. All compiles of one Triton version run as one batch in two runner
 processes; the tests read its reports.
 """
 
@@ -230,6 +231,54 @@ def test_every_example_compiles_with_triton_3_6(triton_cache):
     assert not failed, "\n".join(failed)
     assert {r["triton"] for reports in results.values() for r in reports} == {"3.6.0"}
     assert all(_tensor_cores(r) for reports in results.values() for r in reports)
+
+
+# ----------------------------------------------------------------------------- the backward
+# a sample of the backward pass's kernels (attn_bwd_preprocess once, then attn_bwd_dq and
+# attn_bwd_dkdv per launch): the plain walk, a score clause with its derivative hook, tensor
+# inputs, a selector's tables, a residue-class gather (dilated) and a run-3 gather (strided)
+BACKWARD_SAMPLE = SAMPLE + ("dilated:dilated_window", "sparse_transformer:strided_attention")
+
+
+def _backward_jobs(label: str, call, targets, names) -> dict:
+    return {(label, name): aot.backward_jobs(PATTERNS[name], call, targets, Config(),
+                                             name=f"{label} {name}", preprocess=i == 0)
+            for i, name in enumerate(names)}
+
+
+def _check_backward(results: dict, half: set) -> None:
+    """Every backward job compiled; in the ``half`` cases (bf16/fp16) every dot product of
+    the dQ and dK/dV kernels on tensor cores."""
+    failed = [f"{key}:\n" + "\n".join(aot.report_lines(reports))
+              for key, reports in results.items() if not all(r["ok"] for r in reports)]
+    assert not failed, "\n".join(failed)
+    reports = [r for (label, _), mine in results.items() if label in half for r in mine]
+    kernels = [r for r in reports if r["dots"]]
+    # one report without a dot product per case and target: attn_bwd_preprocess (a row sum)
+    assert len(reports) - len(kernels) == len(half)
+    assert kernels and all(r["dots"] >= 3 and r["tensor_core_dots"] == r["dots"] for r in kernels)
+
+
+@pytest.mark.slow
+def test_backward_kernels_compile(triton_cache):
+    jobs = _backward_jobs("bwd-sm90-bf16", BF16, ["sm_90"], BACKWARD_SAMPLE)
+    jobs.update(_backward_jobs("bwd-sm80-fp16", aot.Call(dtype="fp16", head_dim=64), ["sm_80"],
+                               SAMPLE[:3]))
+    jobs.update(_backward_jobs("bwd-sm80-fp32", aot.Call(dtype="fp32", head_dim=64), ["sm_80"],
+                               SAMPLE[:2]))
+    _check_backward(_compile(jobs), {"bwd-sm90-bf16", "bwd-sm80-fp16"})
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not TRITON36.exists(), reason=f"no Triton 3.6 environment at {TRITON36} "
+                                                  "(`make triton36` creates it)")
+def test_backward_kernels_compile_with_triton_3_6(triton_cache):
+    jobs = _backward_jobs("bwd-sm90-bf16", BF16, ["sm_90"], BACKWARD_SAMPLE)
+    jobs.update(_backward_jobs("bwd-sm80-fp16", aot.Call(dtype="fp16", head_dim=64), ["sm_80"],
+                               SAMPLE[:2]))
+    results = _compile(jobs, python=str(TRITON36))
+    _check_backward(results, {"bwd-sm90-bf16", "bwd-sm80-fp16"})
+    assert {r["triton"] for reports in results.values() for r in reports} == {"3.6.0"}
 
 
 # ----------------------------------------------------------------------------- the CLI
