@@ -9,8 +9,9 @@ and a tile configuration that needs more shared memory than sm_80 has are report
 the offsets of the operands' base pointers are int64 (read in the TTIR).
 With Triton 3.6 (``.venv-triton36``, ``make triton36``; skipped without it): every example for
 sm_90 and a sample for sm_80. The backward pass's kernels, with both Triton versions: a sample
-of patterns (every launch strategy) for sm_90 bf16 and sm_80 fp16 (tensor cores) and fp32. All compiles of one Triton version run as one batch in two runner
-processes; the tests read its reports.
+of patterns (every launch strategy) for sm_90 bf16 and sm_80 fp16 (tensor cores) and fp32.
+All compiles of one Triton version run as one batch in two runner processes; the tests read its
+reports.
 """
 
 from __future__ import annotations
