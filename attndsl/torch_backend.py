@@ -221,17 +221,17 @@ class _Call:
         return self.walk(_Rows(self, rows, *hooks, sparse), g, tile, fused=False)
 
     def walk(self, state, g, tile, fused: bool):
-        """Every segment of a row tile through ``state``, step by step (:func:`_steps`). A
+        """Every segment of a row tile through ``state``, step by step (:func:`segment_steps`). A
         step is its key slice and the ranges, in step offsets, where the mask decides (none:
         every pair of the step is allowed)."""
         cap = torch_plan.segment_cap(self.n_heads, tile.r1 - tile.r0, self.bk)
-        for a, b, partial in _steps(tile.segments, cap, fused):
+        for a, b, partial in segment_steps(tile.segments, cap, fused):
             state.tile(slice(g.k_row0 + g.k_step * a, g.k_row0 + g.k_step * (b - 1) + 1,
                              g.k_step), partial)
         return state.finish()
 
 
-def _steps(segments, cap: int, fused: bool):
+def segment_steps(segments, cap: int, fused: bool):
     """(first key, end key, partial ranges in step offsets) of the steps over a row tile's
     segments. A step holds at most ``cap`` keys where it evaluates the mask; the fused engine
     also joins adjacent segments into one step (one operator call) while they fit in ``cap``,

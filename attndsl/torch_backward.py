@@ -27,7 +27,7 @@ import torch
 from .call import BoundCall, CallData, acc_dtype
 from .codegen import torch_plan
 from .codegen.torch_lower import torch_hooks
-from .torch_backend import _steps, all_finite, fused_engine, hook_args, step_bias
+from .torch_backend import all_finite, fused_engine, hook_args, segment_steps, step_bias
 
 NEG_INF = float("-inf")
 # torch's fused CPU attention backward: (dq, dk, dv) of q [B, H, R, D] against k, v [B, KVH,
@@ -149,7 +149,7 @@ class _Step:
                 rows = slice(g.q_row0 + g.q_step * tile.r0,
                              g.q_row0 + g.q_step * (tile.r1 - 1) + 1, g.q_step)
                 cap = torch_plan.segment_cap(self.q.shape[0], tile.r1 - tile.r0, bk)
-                for a, b, partial in _steps(tile.segments, cap, self.fused):
+                for a, b, partial in segment_steps(tile.segments, cap, self.fused):
                     keys = slice(g.k_row0 + g.k_step * a, g.k_row0 + g.k_step * (b - 1) + 1,
                                  g.k_step)
                     if self.fused:

@@ -77,18 +77,19 @@ def test_compiled_with_inductor():
         torch.testing.assert_close(a, b)
 
 
-def test_opcheck_of_both_operators():
+@pytest.mark.parametrize("backend", ["torch", "triton-interpret"])
+def test_opcheck_of_both_operators(backend):
     pat = pattern(BIAS)
-    q, k, v, rel, gate = (t.detach() for t in _operands())
+    q, k, v, rel, gate = (t.detach() for t in _operands(n=21))
     key = pat.bound().key
-    fwd = (key, "gate,rel", q, k, v, [gate, rel], 0.25, "torch")
+    fwd = (key, "gate,rel", q, k, v, [gate, rel], 0.25, backend)
     torch.library.opcheck(torch.ops.attndsl.attention.default,
                           (key, "gate,rel", *(t.clone().requires_grad_() for t in (q, k, v)),
-                           [gate, rel.clone().requires_grad_()], 0.25, "torch"))
+                           [gate, rel.clone().requires_grad_()], 0.25, backend))
     out, lse = torch.ops.attndsl.attention(*fwd)
     torch.library.opcheck(torch.ops.attndsl.attention_backward.default,
                           (key, "gate,rel", q, k, v, [gate, rel], out, lse, torch.randn_like(out),
-                           torch.randn_like(lse), 0.25, "torch"))
+                           torch.randn_like(lse), 0.25, backend))
 
 
 def test_backward_outputs_follow_the_inputs_dtypes_and_shapes():
