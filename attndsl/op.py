@@ -77,7 +77,7 @@ def call(pattern: BoundPattern, q, k, v, return_lse=False, scale=None, backend=N
     tensors = dict(tensors or {})
     if not _wants_op(q, k, v, tensors) or any(t is None for t in tensors.values()):
         return run(pattern, q, k, v, return_lse, scale, backend, tensors)
-    scale, backend = check_arguments(pattern, q, k, v, return_lse, scale, backend, tensors)
+    scale, backend, _ = check_arguments(pattern, q, k, v, return_lse, scale, backend, tensors)
     names = sorted(tensors)
     inputs = [t if isinstance(t, torch.Tensor) else
               torch.from_numpy(to_numpy(t, n)).to(q.device) for n, t in

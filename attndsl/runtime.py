@@ -74,17 +74,18 @@ def _check_backend(backend, q) -> str:
 
 def check_arguments(pattern: BoundPattern, q, k, v, return_lse, scale, backend, tensors: dict):
     """The checks of a call that read no tensor's values (so ``torch.compile`` traces them):
-    types, shapes, dtypes, devices, the backend and the scale; returns (scale, backend)."""
+    types, shapes, dtypes, devices, the backend and the scale; returns (scale, backend,
+    shapes: batch, heads, kv_heads, q_len, kv_len)."""
     _check_tensors(q, k, v)
     if not isinstance(return_lse, (bool, np.bool_)):
         raise AttnCallError(f"argument 'return_lse' must be a bool, got "
                             f"{type(return_lse).__name__} {short_repr(return_lse)}")
-    check_qkv(tuple(q.shape), tuple(k.shape), tuple(v.shape))
+    shapes = check_qkv(tuple(q.shape), tuple(k.shape), tuple(v.shape))
     for name, t in tensors.items():
         if isinstance(t, torch.Tensor) and t.device != q.device:
             raise AttnCallError(f"tensor input '{name}' is on {t.device}, but 'q' is on {q.device}")
     backend = _check_backend(backend, q)
-    return float(check_scale(scale, q.shape[-1])), backend
+    return float(check_scale(scale, q.shape[-1])), backend, shapes
 
 
 def run(pattern: BoundPattern, q, k, v, return_lse=False, scale=None, backend=None,
@@ -133,8 +134,8 @@ def backward(pattern: BoundPattern, q, k, v, scale: float, backend: str, tensors
 
 def bind(pattern: BoundPattern, q, k, v, return_lse, scale, backend, tensors: dict):
     """The bind stage: every argument checked; (BoundCall, CallData)."""
-    scale, backend = check_arguments(pattern, q, k, v, return_lse, scale, backend, tensors)
-    shapes = check_qkv(tuple(q.shape), tuple(k.shape), tuple(v.shape))
+    scale, backend, shapes = check_arguments(pattern, q, k, v, return_lse, scale, backend,
+                                             tensors)
     # readable tensor inputs; float32 range where the kernels store them so
     tensors = call_tensor_inputs(pattern.ir, tensors, float32=backend != "torch")
     need_qk = pattern.uses_selectors()

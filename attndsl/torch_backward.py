@@ -44,18 +44,20 @@ def tile_backward(call: BoundCall, data: CallData, q, k, v, out, lse, dout, dlse
     grads = {n: torch.zeros(tensors[n].shape, dtype=wide, device=q.device) for n in wanted}
     acc = [torch.zeros(t.shape, dtype=wide, device=q.device) for t in (q, k, v)] if qkv else None
     if s.batch and s.q_len and s.kv_len:
-        delta = (dout.to(wide) * out.to(wide)).sum(-1)
-        if dlse is not None:
-            delta = delta - dlse.to(wide)
         planned = torch_plan.plan(torch_plan.analyse(call, data))
         fused = acc is not None and fused_backward(call, q, k, v, lse, dout, dlse)
+        delta = None            # the fused operator computes it from out itself
+        if not fused:
+            delta = (dout.to(wide) * out.to(wide)).sum(-1)
+            if dlse is not None:
+                delta = delta - dlse.to(wide)
         for b in range(s.batch):
             for part in planned.rows[min(b, len(planned.rows) - 1)]:
                 step = _Step(call, part, data.grids[b], wanted, (q[b], k[b], v[b]), dout[b],
-                             (out[b], lse[b].to(wide)), delta[b], wide,
+                             (out[b], lse[b].to(wide)), None if fused else delta[b], wide,
                              None if acc is None else [t[b] for t in acc], fused)
                 step.walk(planned.block[1])
-                for name, g in step.input_grads().items():
+                for name, g in step.leaf_grads.items():
                     _add_batch(grads[name], g, b, tensors[name].dim() > g.dim(), s.batch)
     out_grads = {n: g.to(tensors[n].dtype) for n, g in grads.items()}
     if acc is None:
@@ -109,7 +111,8 @@ class _Step:
         self.n_kv = kv_count
         hs, kvs = slice(first, first + count), slice(kv_first, kv_first + kv_count)
         self.q, self.k, self.v, self.dout = q[hs], k[kvs], v[kvs], dout[hs]
-        self.lse, self.delta = lse[hs], delta[hs]
+        self.lse = lse[hs]
+        self.delta = None if delta is None else delta[hs]
         self.fused = fused
         if fused:       # rows with no allowed key: P = exp(s - inf) = 0 in the fused operator
             self.out = out[hs]
@@ -123,15 +126,13 @@ class _Step:
         self.module, self.mask_t, score_t = hook_args(part.pattern, grid, s.q_len, s.kv_len,
                                                       dev, wide)
         slots = torch_hooks(part.pattern).slots
-        self.leaves = {n: score_t[slots[n]] for n in wanted if n in slots}
-        self.score_t = tuple(zip(sorted(slots, key=slots.get), score_t))   # (name, tensor)
+        self.slot_names = sorted(slots, key=slots.get)      # of the hook's tensor arguments
         self.score_args = score_t
+        self.leaves = {n: score_t[slots[n]] for n in wanted if n in slots}
+        # the tensor inputs' gradients of this batch element, summed step by step
         self.leaf_grads = {n: torch.zeros_like(t) for n, t in self.leaves.items()}
         self.has_score = hasattr(self.module, "score")
         self.sparse = part.pattern.uses_selectors()
-
-    def input_grads(self) -> dict:
-        return self.leaf_grads
 
     def grouped(self, a, b):
         """[H, R, X] @ [KVH, X, Y] -> [H, R, Y]: each key/value head serves its query heads."""
@@ -188,7 +189,8 @@ class _Step:
         with recording():
             value = self.module.score(raw[h, i, j], qpos.reshape(-1)[i], kpos.reshape(-1)[j],
                                       self.h.reshape(-1)[h], *self.sizes, self.wide,
-                                      *(leaves.get(n, t) for n, t in self.score_t))
+                                      *(leaves.get(n, t) for n, t in
+                                        zip(self.slot_names, self.score_args)))
             got = torch.autograd.grad(value.expand(h.shape), list(leaves.values()), ds[h, i, j],
                                       allow_unused=True)
         for name, g in zip(leaves, got):
