@@ -57,18 +57,33 @@ def _key_rows(idx, k_row0, nk, STEP_K: tl.constexpr, RUN_K: tl.constexpr):
 
 
 @triton.jit
-def _walk(i, base, BAND: tl.constexpr, RUNS: tl.constexpr, TABLE):
-    """The i-th tile of a row of a tile table: band form (run bounds at ``base``, ``RUNS`` runs,
-    codegen/tile_tables.py) or an index list."""
+def _runs(base, BAND: tl.constexpr, RUNS: tl.constexpr, TABLE):
+    """The run bounds of a row of a band-form tile table (codegen/tile_tables.py), read once
+    per row: (first of run 0, its length, first of run 1, end of run 1 in walk order, first of
+    run 2); the last two only with ``RUNS`` 3. Zeros for list tables (not read)."""
+    r0 = base * 0
+    len0 = r0
+    r1 = r0
+    end1 = r0
+    r2 = r0
     if BAND:
         r0 = tl.load(TABLE + base)
         len0 = tl.load(TABLE + base + 1)
         r1 = tl.load(TABLE + base + 2)
+        if RUNS == 3:
+            end1 = len0 + tl.load(TABLE + base + 3)
+            r2 = tl.load(TABLE + base + 4)
+    return r0, len0, r1, end1, r2
+
+
+@triton.jit
+def _walk(i, base, r0, len0, r1, end1, r2, BAND: tl.constexpr, RUNS: tl.constexpr, TABLE):
+    """The i-th tile of a row of a tile table: from its run bounds (:func:`_runs`) in band
+    form, else read from the index list at ``base``."""
+    if BAND:
         if RUNS == 2:
             j = tl.where(i < len0, r0 + i, r1 + (i - len0))
         else:
-            end1 = len0 + tl.load(TABLE + base + 3)
-            r2 = tl.load(TABLE + base + 4)
             j = tl.where(i < len0, r0 + i, tl.where(i < end1, r1 + (i - len0), r2 + (i - end1)))
     else:
         j = tl.load(TABLE + base + i)
@@ -233,8 +248,10 @@ def attn_bwd_dq(Q, K, V, DO, LSE, DM, DQ,
     idx_off = b * s_ib + g * s_ig + h * s_ih + pid_m * s_im
     n_full = tl.load(FULL_NUM + num_off)
     n_part = tl.load(PART_NUM + num_off)
+    f0, f_len0, f1, f_end1, f2 = _runs(idx_off, BAND, 2, FULL_IDX)
+    p0, p_len0, p1, p_end1, p2 = _runs(idx_off, BAND, 3, PART_IDX)
     for i in range(0, n_full):
-        j = _walk(i, idx_off, BAND, 2, FULL_IDX)
+        j = _walk(i, idx_off, f0, f_len0, f1, f_end1, f2, BAND, 2, FULL_IDX)
         acc = _dq_tile(acc, q, do, lse2, dm, ok_q, pos_q, k_base, v_base, j, h, k_row0, nk,
                        skn, skd, svn, svd, offs_n, offs_d, offs_dv, q_len, kv_len, heads,
                        kv_heads, scale,
@@ -245,7 +262,7 @@ def attn_bwd_dq(Q, K, V, DO, LSE, DM, DQ,
                        MASK_FN, SCORE_FN, SCORE_GRAD_FN, False, HAS_SCORE, HAS_SCORE_GRAD,
                        D, DV, NATIVE_DOT, STEP_K, RUN_K, BLOCK_N)
     for i in range(0, n_part):
-        j = _walk(i, idx_off, BAND, 3, PART_IDX)
+        j = _walk(i, idx_off, p0, p_len0, p1, p_end1, p2, BAND, 3, PART_IDX)
         acc = _dq_tile(acc, q, do, lse2, dm, ok_q, pos_q, k_base, v_base, j, h, k_row0, nk,
                        skn, skd, svn, svd, offs_n, offs_d, offs_dv, q_len, kv_len, heads,
                        kv_heads, scale,
@@ -361,8 +378,10 @@ def attn_bwd_dkdv(Q, K, V, DO, LSE, DM, DK, DV_OUT,
         idx_off = b * s_ib + g * s_ig + h * s_ih + pid_n * s_im
         n_full = tl.load(FULL_NUM + num_off)
         n_part = tl.load(PART_NUM + num_off)
+        f0, f_len0, f1, f_end1, f2 = _runs(idx_off, BAND, 2, FULL_IDX)
+        p0, p_len0, p1, p_end1, p2 = _runs(idx_off, BAND, 3, PART_IDX)
         for t in range(0, n_full):
-            i = _walk(t, idx_off, BAND, 2, FULL_IDX)
+            i = _walk(t, idx_off, f0, f_len0, f1, f_end1, f2, BAND, 2, FULL_IDX)
             dk, dv = _dkdv_tile(dk, dv, kk, vv, pos_k, in_kv, q_base, do_base, l_base, m_base,
                                 i, h, q_row0, nq, sqm, sqd, sdm, sdd, offs_m, offs_d, offs_dv,
                                 q_len, kv_len, heads, kv_heads, scale,
@@ -373,7 +392,7 @@ def attn_bwd_dkdv(Q, K, V, DO, LSE, DM, DK, DV_OUT,
                                 MASK_FN, SCORE_FN, SCORE_GRAD_FN, False, HAS_SCORE,
                                 HAS_SCORE_GRAD, D, DV, NATIVE_DOT, STEP_Q, BLOCK_M)
         for t in range(0, n_part):
-            i = _walk(t, idx_off, BAND, 3, PART_IDX)
+            i = _walk(t, idx_off, p0, p_len0, p1, p_end1, p2, BAND, 3, PART_IDX)
             dk, dv = _dkdv_tile(dk, dv, kk, vv, pos_k, in_kv, q_base, do_base, l_base, m_base,
                                 i, h, q_row0, nq, sqm, sqd, sdm, sdd, offs_m, offs_d, offs_dv,
                                 q_len, kv_len, heads, kv_heads, scale,
