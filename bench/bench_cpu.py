@@ -371,18 +371,28 @@ def parse(argv):
     return ap, args
 
 
+def chosen_keys(ap, args, cases) -> list[str] | None:
+    """The keys of the cases a run names (``--patterns``; all of ``cases`` by default; an
+    unknown one is a usage error), or None once ``--list`` has printed them."""
+    if args.list:
+        for c in cases:
+            case = case_of(c.key)
+            print(f"{c.key:<20} examples/{case.file}:{case.pattern} {case.params}  {c.label}")
+        return None
+    known = [c.key for c in cases]
+    keys = [p for p in args.patterns.split(",") if p] or known
+    unknown = [p for p in keys if p not in known]
+    if unknown:
+        ap.error(f"unknown pattern(s) {', '.join(unknown)}; known: {', '.join(known)}")
+    return keys
+
+
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     ap, args = parse(argv)
-    if args.list:
-        for c in BENCH:
-            case = case_of(c.key)
-            print(f"{c.key:<20} examples/{case.file}:{case.pattern} {case.params}  {c.label}")
+    keys = chosen_keys(ap, args, BENCH)
+    if keys is None:
         return 0
-    keys = [p for p in args.patterns.split(",") if p] or [c.key for c in BENCH]
-    unknown = [p for p in keys if p not in BENCH_BY_KEY]
-    if unknown:
-        ap.error(f"unknown pattern(s) {', '.join(unknown)}; known: {', '.join(BENCH_BY_KEY)}")
     sizes = [int(s) for s in args.sizes.split(",") if s.strip()]
 
     import torch

@@ -42,6 +42,7 @@ from bench_cpu import (  # noqa: E402
     CpuCase,
     MaskSource,
     case_of,
+    chosen_keys,
     count_pairs,
     dense_mask,
     make_qkv,
@@ -260,15 +261,9 @@ def parse(argv):
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     ap, args = parse(argv)
-    if args.list:
-        for c in TRAIN_BENCH:
-            case = case_of(c.key)
-            print(f"{c.key:<20} examples/{case.file}:{case.pattern} {case.params}  {c.label}")
+    keys = chosen_keys(ap, args, TRAIN_BENCH)
+    if keys is None:
         return 0
-    keys = [p for p in args.patterns.split(",") if p] or [c.key for c in TRAIN_BENCH]
-    unknown = [p for p in keys if p not in TRAIN_BY_KEY]
-    if unknown:
-        ap.error(f"unknown pattern(s) {', '.join(unknown)}; known: {', '.join(TRAIN_BY_KEY)}")
     sizes = [int(s) for s in args.sizes.split(",") if s.strip()]
 
     import torch

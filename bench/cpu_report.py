@@ -17,8 +17,21 @@ SDPA_TARGET = 1.5               # causal: attndsl <= 1.5x SDPA
 LIN_TARGET = 5.0                # time(4N) / time(N) at a fixed window
 
 
+class Ratios:
+    """attndsl's time over Flex's and over SDPA's, of a row with ``attndsl``, ``flex`` and
+    ``sdpa`` times (None where one is missing)."""
+
+    @property
+    def vs_flex(self):
+        return None if self.attndsl is None or not self.flex else self.attndsl / self.flex
+
+    @property
+    def vs_sdpa(self):
+        return None if self.attndsl is None or not self.sdpa else self.attndsl / self.sdpa
+
+
 @dataclass
-class Row:
+class Row(Ratios):
     key: str
     label: str
     n: int
@@ -35,14 +48,6 @@ class Row:
     diff_flex: float | None = None      # max |attndsl - flex|
     diff_sdpa: float | None = None      # max |attndsl - sdpa|
     errors: list = field(default_factory=list)
-
-    @property
-    def vs_flex(self):
-        return None if self.attndsl is None or not self.flex else self.attndsl / self.flex
-
-    @property
-    def vs_sdpa(self):
-        return None if self.attndsl is None or not self.sdpa else self.attndsl / self.sdpa
 
 
 def fmt_ms(s) -> str:

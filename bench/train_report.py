@@ -7,7 +7,18 @@ import shlex
 from dataclasses import dataclass, field
 
 from bench_block_map import shown_argv
-from cpu_report import HEAD_DIM, HEADS, MASK_BLOCK, commit, fmt_e, fmt_ms, fmt_s, fmt_x, mark
+from cpu_report import (
+    HEAD_DIM,
+    HEADS,
+    MASK_BLOCK,
+    Ratios,
+    commit,
+    fmt_e,
+    fmt_ms,
+    fmt_s,
+    fmt_x,
+    mark,
+)
 
 # The GPU targets of issue 10 (fwd+bwd time of attndsl / compiled FlexAttention, on a GPU with
 # the Triton backend): at most GPU_FLEX_TARGET on every pattern, at most GPU_SPARSE_TARGET on
@@ -23,7 +34,7 @@ def gpu_target(key: str) -> float:
 
 
 @dataclass
-class TrainRow:
+class TrainRow(Ratios):
     key: str
     label: str
     n: int
@@ -41,14 +52,6 @@ class TrainRow:
     grad_flex: float | None = None      # max |attndsl grad - Flex grad| / max |Flex grad|
     grad_sdpa: float | None = None      # the same against SDPA
     errors: list = field(default_factory=list)
-
-    @property
-    def vs_flex(self):
-        return None if self.attndsl is None or not self.flex else self.attndsl / self.flex
-
-    @property
-    def vs_sdpa(self):
-        return None if self.attndsl is None or not self.sdpa else self.attndsl / self.sdpa
 
     @property
     def train_over_fwd(self):

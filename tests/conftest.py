@@ -154,6 +154,27 @@ def assert_same_values(ref: np.ndarray, got, tol: float = 2e-5) -> None:
     assert np.all(np.abs(got[fin] - ref[fin]) <= tol * (np.abs(ref[fin]).max(initial=0) + 1))
 
 
+def largest_tensor():
+    """A torch function mode recording, in ``.largest``, the number of elements of the largest
+    tensor any torch function returns while it is active (``with largest_tensor() as rec``)."""
+    import torch
+    from torch.overrides import TorchFunctionMode
+
+    class LargestTensor(TorchFunctionMode):
+        def __init__(self):
+            super().__init__()
+            self.largest = 0
+
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            result = func(*args, **(kwargs or {}))
+            for t in result if isinstance(result, (tuple, list)) else (result,):
+                if isinstance(t, torch.Tensor):
+                    self.largest = max(self.largest, t.numel())
+            return result
+
+    return LargestTensor()
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """torch's CPU thread pool thrashes on a loaded 2-core machine; one thread is much faster

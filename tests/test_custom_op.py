@@ -9,8 +9,7 @@ import gc
 import pytest
 import torch
 from attndsl.codegen.torch_plan import SEGMENT_ELEMENTS
-from conftest import pattern
-from torch.overrides import TorchFunctionMode
+from conftest import largest_tensor, pattern
 
 import attndsl
 from attndsl import AttnCallError
@@ -131,28 +130,13 @@ def test_a_dropped_pattern_is_a_clear_error_in_a_later_call_of_the_operator():
         torch.ops.attndsl.attention(key, "", q, k, v, [], 0.25, "torch")
 
 
-class _Largest(TorchFunctionMode):
-    """The largest tensor any torch function returns while active."""
-
-    def __init__(self):
-        super().__init__()
-        self.largest = 0
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        result = func(*args, **(kwargs or {}))
-        for t in result if isinstance(result, (tuple, list)) else (result,):
-            if isinstance(t, torch.Tensor):
-                self.largest = max(self.largest, t.numel())
-        return result
-
-
 def test_the_torch_backward_recomputes_tile_by_tile():
     n, d = 4096, 16
     pat = pattern("pattern t(cap = 5.0):\n    mask = sliding(64)\n    score = cap * tanh(score / cap)\n")
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(1, 1, n, d, generator=g).requires_grad_() for _ in range(3))
     out = pat(q, k, v, backend="torch")
-    with _Largest() as rec:
+    with largest_tensor() as rec:
         out.sum().backward()
     assert rec.largest <= max(SEGMENT_ELEMENTS, n * d) and rec.largest < n * n // 64
     # the result, on a few rows, against dense attention

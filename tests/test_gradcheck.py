@@ -118,6 +118,23 @@ def test_oracle_rows_without_keys_have_zero_gradient():
     assert grads["q"][..., 3:, :].abs().sum() > 0
 
 
+def _public_call(name, inputs, backend):
+    """(fn, its float64 leaves) for gradcheck of ``pat(q, k, v, backend=backend, ...)`` on a
+    tiny call: fn returns out and the finite part of lse; the leaves are q, k, v and the
+    tensor inputs of the given shapes."""
+    pat = PROG[name]
+    q, k, v = _qkv(heads=2, kv_heads=2 if inputs else 1, q_len=6, kv_len=6)
+    tensors = {n: torch.randn(*s, dtype=torch.float64, requires_grad=True)
+               for n, s in inputs.items()}
+    names = list(tensors)
+
+    def fn(q, k, v, *ts):
+        out, lse = pat(q, k, v, return_lse=True, backend=backend, **dict(zip(names, ts)))
+        return out, _finite_lse(lse)
+
+    return fn, (q, k, v, *tensors.values())
+
+
 @pytest.mark.parametrize("name,inputs", [
     ("causal_p", {}),
     ("softcap", {}),
@@ -126,32 +143,11 @@ def test_oracle_rows_without_keys_have_zero_gradient():
     ("sqrt_bias", {"b": (6,)}),
 ])
 def test_public_call_gradcheck_torch(name, inputs):
-    pat = PROG[name]
-    q, k, v = _qkv(heads=2, kv_heads=2 if inputs else 1, q_len=6, kv_len=6)
-    tensors = {n: torch.randn(*s, dtype=torch.float64, requires_grad=True)
-               for n, s in inputs.items()}
-    names = list(tensors)
-
-    def fn(q, k, v, *ts):
-        out, lse = pat(q, k, v, return_lse=True, backend="torch", **dict(zip(names, ts)))
-        return out, _finite_lse(lse)
-
-    assert torch.autograd.gradcheck(fn, (q, k, v, *tensors.values()))
+    assert torch.autograd.gradcheck(*_public_call(name, inputs, "torch"))
 
 
 @pytest.mark.parametrize("name,inputs", [("causal_p", {}), ("softcap", {}),
                                          ("rel_bias", {"rel": (2, 7)})])
 def test_public_call_gradcheck_triton_interpret(name, inputs):
-    pat = PROG[name]
-    q, k, v = _qkv(heads=2, kv_heads=2 if inputs else 1, q_len=6, kv_len=6)
-    tensors = {n: torch.randn(*s, dtype=torch.float64, requires_grad=True)
-               for n, s in inputs.items()}
-    names = list(tensors)
-
-    def fn(q, k, v, *ts):
-        out, lse = pat(q, k, v, return_lse=True, backend="triton-interpret",
-                       **dict(zip(names, ts)))
-        return out, _finite_lse(lse)
-
-    assert torch.autograd.gradcheck(fn, (q, k, v, *tensors.values()), eps=1e-3, atol=2e-3,
-                                    rtol=2e-3, fast_mode=True)
+    assert torch.autograd.gradcheck(*_public_call(name, inputs, "triton-interpret"), eps=1e-3,
+                                    atol=2e-3, rtol=2e-3, fast_mode=True)

@@ -11,8 +11,7 @@ import numpy as np
 import pytest
 import torch
 from attndsl.codegen.torch_plan import SEGMENT_ELEMENTS, cpu_block
-from conftest import pattern
-from torch.overrides import TorchFunctionMode
+from conftest import largest_tensor, pattern
 
 from attndsl import AttnCallError, torch_backend
 
@@ -264,21 +263,6 @@ def test_gradients_with_a_float_tensor_input_in_the_score():
 # ----------------------------------------------------------------------------- memory
 
 
-class _LargestTensor(TorchFunctionMode):
-    """Records the largest tensor that any torch function returns."""
-
-    def __init__(self):
-        super().__init__()
-        self.largest = 0
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        result = func(*args, **(kwargs or {}))
-        for t in result if isinstance(result, (tuple, list)) else (result,):
-            if isinstance(t, torch.Tensor):
-                self.largest = max(self.largest, t.numel())
-        return result
-
-
 def test_no_dense_q_len_by_kv_len_matrix(monkeypatch):
     import time
     import tracemalloc
@@ -299,9 +283,9 @@ def test_no_dense_q_len_by_kv_len_matrix(monkeypatch):
     monkeypatch.setattr(torch_backend, "torch_hooks",
                         lambda p: replace(real_hooks(p), module=Spy(real_hooks(p).module)))
     tracemalloc.start()                      # NumPy's allocations are traced; torch's are not,
-    try:                                     # torch's tensors are recorded by _LargestTensor
+    try:                                     # torch's tensors are recorded by largest_tensor()
         t0 = time.perf_counter()
-        with _LargestTensor() as rec:
+        with largest_tensor() as rec:
             out = pat(q, k, v)
         elapsed = time.perf_counter() - t0
         _, numpy_peak = tracemalloc.get_traced_memory()
