@@ -12,7 +12,7 @@ PY36    := $(VENV36)/bin/python
 STAMP36 := $(VENV36)/.attndsl-installed
 TRITON36 ?= triton==3.6.0
 
-.PHONY: setup test test-fast lint demo train bench-train clean triton36 aot aot36
+.PHONY: setup test test-fast lint demo train bench-train bench-select clean triton36 aot aot36
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -60,6 +60,11 @@ train: $(STAMP)
 # forward+backward time against FlexAttention and SDPA (bench/bench_train.py; ~3 min on 2 cores)
 bench-train: $(STAMP)
 	$(PY) bench/bench_train.py
+
+# data-dependent block selection against the Flex way and dense causal (bench/bench_select.py;
+# ~2-3 min on 2 cores)
+bench-select: $(STAMP)
+	$(PY) bench/bench_select.py
 
 clean:
 	rm -rf $(VENV) $(VENV36) build dist *.egg-info .pytest_cache .ruff_cache .hypothesis

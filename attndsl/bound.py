@@ -159,10 +159,11 @@ def as_bound(pattern) -> BoundPattern:
 
 def call_grids(pattern: BoundPattern, shapes, q, k, scale, given_tensors: dict) -> list[CallGrid]:
     """One CallGrid per batch element of a call (``shapes``: batch, heads, kv_heads, q_len,
-    kv_len; ``q``, ``k``: NumPy float64, read only by selectors, else None)."""
+    kv_len; ``q``, ``k``: NumPy float64, read only by selectors, or None: the grids' selectors
+    then refuse to evaluate)."""
     batch, heads, kv_heads, q_len, kv_len = shapes
     per_batch = tensor_inputs(pattern.ir, given_tensors, batch)
-    need_qk = pattern.uses_selectors()
+    need_qk = q is not None and k is not None
     return [pattern.grid(q_len, kv_len, heads, kv_heads, t,
                          q[b] if need_qk else None, k[b] if need_qk else None, scale)
             for b, t in enumerate(per_batch)]

@@ -65,15 +65,18 @@ class BoundCall:
 @dataclass(frozen=True)
 class CallData:
     """The data of a call that its content key does not cover: tensor inputs by name (as given,
-    checked) and one reference grid per batch element (selector tables; sizes)."""
+    checked), one reference grid per batch element (sizes, tensor inputs per element) and the
+    call's selection: its selector tables by derived name (codegen/tables.py), torch tensors on
+    the call's device computed from q and k (codegen/selection.py); empty without selectors."""
 
     tensors: dict = field(default_factory=dict)
     grids: tuple = ()
+    selection: dict = field(default_factory=dict)
 
     @property
     def static(self) -> bool:
         """Whether nothing in the call's analysis depends on data (cacheable by content)."""
-        return not self.tensors
+        return not self.tensors and not self.selection
 
 
 def acc_dtype(dtype):

@@ -92,6 +92,25 @@ def kv_head_expr(span: Span) -> Expr:
                 (h, Expr(Op.FLOORDIV, Type.INT, (heads, kv_heads), None, span)), None, span)
 
 
+def rewrite(root: Expr, replace, memo: dict | None = None) -> Expr:
+    """``root`` with every node for which ``replace(node)`` gives an Expr replaced by it (its
+    children not visited), the others rebuilt over their rewritten children; shared sub-trees
+    stay shared (``memo``, by node identity, may be shared by several roots)."""
+    memo = {} if memo is None else memo
+
+    def go(e: Expr) -> Expr:
+        got = memo.get(id(e))
+        if got is None:
+            got = replace(e)
+            if got is None:
+                got = Expr(e.op, e.type, tuple(go(a) for a in e.args), e.value, e.span) \
+                    if e.args else e
+            memo[id(e)] = got
+        return got
+
+    return go(root)
+
+
 def const(value, span: Span | None = None) -> Expr:
     kind = Type.BOOL if isinstance(value, bool) else Type.INT if isinstance(value, int) else Type.FLOAT
     return Expr(Op.CONST, kind, (), value, span or Span.unknown())

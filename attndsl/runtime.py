@@ -21,6 +21,7 @@ from .bound import BoundPattern, call_grids
 from .call import BoundCall, CallData, CallShape
 from .codegen import backend as triton_backend
 from .codegen.config import DEFAULT_CONFIG
+from .codegen.selection import selection_tables
 from .dump import dump
 from .errors import AttnCallError
 from .inputs import (
@@ -30,9 +31,11 @@ from .inputs import (
     check_torch_tensor,
     short_repr,
 )
+from .ir import SELECTOR_OPS, Op
 from .reference import check_indices
 from .torch_backend import blockwise_attention
 from .torch_backward import tile_backward
+from .torch_select import selected_attention
 
 BACKENDS = ("torch", "triton", "triton-interpret")
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -109,6 +112,8 @@ def forward(pattern: BoundPattern, q, k, v, scale: float, backend: str, tensors:
 def _forward(call: BoundCall, data: CallData, q, k, v):
     check_call_indices(data)
     if call.backend == "torch":
+        if call.pattern.uses_selectors():       # every head walks its own selected tiles
+            return selected_attention(call, data, q, k, v)
         return blockwise_attention(call, data, q, k, v)
     return triton_backend.forward(call, data, q, k, v)
 
@@ -138,15 +143,32 @@ def bind(pattern: BoundPattern, q, k, v, return_lse, scale, backend, tensors: di
                                              tensors)
     # readable tensor inputs; float32 range where the kernels store them so
     tensors = call_tensor_inputs(pattern.ir, tensors, float32=backend != "torch")
-    need_qk = pattern.uses_selectors()
+    # the reference grids read q and k only to check tensor indices pair by pair, where
+    # intervals cannot prove them (a selector pattern that also indexes a tensor): a host copy
+    need_qk = pattern.uses_selectors() and any(
+        e.op is Op.INDEX for r in pattern.ir.roots() for e in r.walk())
     qn = q.detach().float().cpu().numpy().astype(np.float64) if need_qk else None
     kn = k.detach().float().cpu().numpy().astype(np.float64) if need_qk else None
-    grids = call_grids(pattern, shapes, qn, kn, scale, tensors or {})
+    grids = call_grids(pattern, shapes, qn, kn, scale, _for_grids(pattern, tensors or {}))
     batch, heads, kv_heads, q_len, kv_len = shapes
     shape = CallShape(batch, heads, kv_heads, q_len, kv_len, q.shape[-1], v.shape[-1])
     call = BoundCall(pattern, shape, str(q.dtype).replace("torch.", ""), str(q.device), backend,
                      float(scale))
-    return call, CallData(tensors or {}, tuple(grids))
+    # the selector tables (random_blocks' too), on the call's device (float32, no host
+    # synchronisation)
+    selection = selection_tables(pattern, q.detach(), k.detach(), float(scale), tensors or {}) \
+        if any(r.uses(*SELECTOR_OPS) for r in pattern.ir.roots()) else {}
+    return call, CallData(tensors or {}, tuple(grids), selection)
+
+
+def _for_grids(pattern: BoundPattern, tensors: dict) -> dict:
+    """The tensor inputs as the reference grids take them (NumPy copies on the host): those
+    read only by selectors (``route``'s centroids, used on the device by codegen/selection.py,
+    which checks them) become placeholders of their rank, so no tensor is read on the host."""
+    indexed = {e.value for r in pattern.ir.roots() for e in r.walk() if e.op is Op.INDEX}
+    return {n: (t if n in indexed or not isinstance(t, torch.Tensor) else
+                np.zeros((1,) * t.dim(), dtype=np.float32 if t.is_floating_point() else np.int64))
+            for n, t in tensors.items()}
 
 
 def launches(pattern: BoundPattern, q, k, v, scale=None, tensors=None, backend=None,

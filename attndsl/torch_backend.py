@@ -41,7 +41,6 @@ import torch
 
 from .call import BoundCall, CallData, acc_dtype
 from .codegen import torch_plan
-from .codegen.tables import table_values
 from .codegen.torch_lower import torch_hooks
 from .dump import dump
 
@@ -51,16 +50,18 @@ NEG_INF = float("-inf")
 FUSED = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
 
 
-def blockwise_attention(call: BoundCall, data: CallData, q, k, v):
-    """(out, lse) of one call; see the module docstring."""
+def blockwise_attention(call: BoundCall, data: CallData, q, k, v, analysis=None):
+    """(out, lse) of one call; see the module docstring. ``analysis``: the call's, when the
+    caller has it (attndsl/torch_select.py)."""
     s = call.shape
     wide = acc_dtype(q.dtype)
     if s.batch == 0 or s.q_len == 0:
         return (q.new_zeros((s.batch, s.heads, s.q_len, s.v_dim)),
                 q.new_zeros((s.batch, s.heads, s.q_len), dtype=wide))
     finite_v = all_finite(v)
-    analysis = dump("analysis", torch_plan.analyse(call, data, gathers=finite_v),
-                    lambda a: a.describe())
+    if analysis is None:
+        analysis = dump("analysis", torch_plan.analyse(call, data, gathers=finite_v),
+                        lambda a: a.describe())
     planned = dump("plan", torch_plan.plan(analysis), lambda p: p.describe())
     for pattern in _patterns(planned.rows[0]):
         dump("source", torch_hooks(pattern).source)
@@ -68,7 +69,7 @@ def blockwise_attention(call: BoundCall, data: CallData, q, k, v):
     outs, lses = [], []
     for b in range(s.batch):
         parts = planned.rows[min(b, len(planned.rows) - 1)]   # one entry serves every row
-        args = {p.key: hook_args(p, data.grids[b], s.q_len, s.kv_len, q.device, wide)
+        args = {p.key: hook_args(p, data, b, q.device, wide)
                 for p in _patterns(parts)}
         results = [_Call(call, q[b], k[b], v[b], wide, finite_v, fused, planned.block[1],
                          part.heads).part(part, args[part.pattern.key]) for part in parts]
@@ -107,14 +108,14 @@ def all_finite(t) -> bool:
     return bool(torch.isfinite(distinct.amax()) & torch.isfinite(distinct.amin()))
 
 
-def hook_args(pattern, grid, q_len: int, kv_len: int, device, wide):
+def hook_args(pattern, data: CallData, b: int, device, wide):
     """(module, mask tensors in float64, score tensors in the accumulation type) of a part's
-    pattern for one batch element (its ``grid``): the generated functions and their tensor
-    arguments, user inputs then selector tables, in slot order."""
+    pattern for batch element ``b`` of a call: the generated functions and their tensor
+    arguments, user inputs then the call's selector tables, in slot order."""
     hooks = torch_hooks(pattern)
-    values = dict(grid.tensors)
-    tables = table_values(hooks.derived, [grid], q_len, kv_len)
-    values.update({n: (t[0] if hooks.derived[n].batched else t) for n, t in tables.items()})
+    values = dict(data.grids[b].tensors)
+    values.update({n: (data.selection[n][b] if d.batched else data.selection[n])
+                   for n, d in hooks.derived.items()})
     names = sorted(hooks.slots, key=hooks.slots.get)
 
     def convert(fdt):

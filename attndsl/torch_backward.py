@@ -53,7 +53,7 @@ def tile_backward(call: BoundCall, data: CallData, q, k, v, out, lse, dout, dlse
                 delta = delta - dlse.to(wide)
         for b in range(s.batch):
             for part in planned.rows[min(b, len(planned.rows) - 1)]:
-                step = _Step(call, part, data.grids[b], wanted, (q[b], k[b], v[b]), dout[b],
+                step = _Step(call, part, (data, b), wanted, (q[b], k[b], v[b]), dout[b],
                              (out[b], lse[b].to(wide)), None if fused else delta[b], wide,
                              None if acc is None else [t[b] for t in acc], fused)
                 step.walk(planned.block[1])
@@ -99,7 +99,7 @@ def recording():
 class _Step:
     """The backward of one part of one batch element: its operands and accumulators."""
 
-    def __init__(self, call: BoundCall, part, grid, wanted, qkv, dout, result, delta, wide, acc,
+    def __init__(self, call: BoundCall, part, element, wanted, qkv, dout, result, delta, wide, acc,
                  fused: bool):
         s = call.shape
         q, k, v = qkv
@@ -123,8 +123,7 @@ class _Step:
         self.h = torch.arange(first, first + count, device=dev).view(-1, 1, 1)
         self.sizes = tuple(torch.tensor(n, dtype=torch.int64, device=dev)
                            for n in (s.q_len, s.kv_len, s.heads, s.kv_heads))
-        self.module, self.mask_t, score_t = hook_args(part.pattern, grid, s.q_len, s.kv_len,
-                                                      dev, wide)
+        self.module, self.mask_t, score_t = hook_args(part.pattern, *element, dev, wide)
         slots = torch_hooks(part.pattern).slots
         self.slot_names = sorted(slots, key=slots.get)      # of the hook's tensor arguments
         self.score_args = score_t

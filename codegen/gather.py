@@ -24,7 +24,7 @@ group's rows stand for.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -36,7 +36,7 @@ from attndsl.analysis.rows import merge, piece_bounds, touch_and_cover
 from attndsl.bound import BoundPattern
 from attndsl.caches import LRUCache
 from attndsl.interp import Evaluator
-from attndsl.ir import SELECTOR_OPS, Expr, Op, Type, const
+from attndsl.ir import SELECTOR_OPS, Expr, Op, Type, const, rewrite
 
 MIN_MODULUS = 2
 
@@ -103,19 +103,7 @@ def in_piece(p) -> Expr:
 def substitute(expr: Expr, leaves: dict) -> Expr:
     """``expr`` with every leaf whose op is a key of ``leaves`` replaced by its value (shared
     sub-trees stay shared)."""
-    memo: dict[int, Expr] = {}
-
-    def go(e: Expr) -> Expr:
-        if id(e) not in memo:
-            if e.op in leaves and not e.args:
-                memo[id(e)] = leaves[e.op]
-            elif e.args:
-                memo[id(e)] = replace(e, args=tuple(go(a) for a in e.args))
-            else:
-                memo[id(e)] = e
-        return memo[id(e)]
-
-    return go(expr)
+    return rewrite(expr, lambda e: None if e.args else leaves.get(e.op))
 
 
 # ----------------------------------------------------------------------------- planning

@@ -34,7 +34,8 @@ from . import gather, narrow
 from .config import Config, launch_grid
 from .device_tiles import device_tiles
 from .narrow import fits_int32
-from .tables import selection_pattern, table_values, with_tables
+from .select_tiles import Selected, select_tiles, selected_classes
+from .tables import with_tables
 from .tile_tables import DeviceTiles, band_tables, from_block_maps
 
 PLANS = LRUCache("codegen.plans", 32)
@@ -44,16 +45,21 @@ NARROW = LRUCache("codegen.narrow", 256)
 # ------------------------------------------------------------------------------- analyse
 @dataclass(frozen=True)
 class LaunchAnalysis:
-    """The tile classes one launch walks: ``kind`` 'tiles', 'gather' or 'device'."""
+    """The tile classes one launch walks: ``kind`` 'tiles' (host maps), 'gather' (residue
+    classes), 'device' (classified on the device from tensor inputs) or 'select' (from the
+    call's selection, codegen/select_tiles.py)."""
 
     pattern: object                                 # BoundPattern of the launch
     kind: str
-    maps: tuple = ()                                # host tile classes (none for 'device')
+    maps: tuple = ()                    # host tile classes (none for 'device' and 'select')
     component: gather.Component | None = None
+    selected: Selected | None = None    # 'select': the classes from the call's selection
 
     def describe(self) -> str:
         if self.kind == "device":
             return "tile classes: on the device, per call (tensor inputs)"
+        if self.kind == "select":
+            return self.selected.describe()
         bm = self.maps[0]
         head = (f"gather: {len(self.component.groups)} groups, query step "
                 f"{self.component.step_q}, key step {self.component.step_k}, run "
@@ -96,14 +102,12 @@ def analyse(call: BoundCall, data: CallData, block: tuple[int, int], gathers: bo
     parts = gather.components(pattern, s.q_len, s.kv_len, s.heads, s.kv_heads, block) \
         if gathers else None
     if parts is None:
-        if on_device(call) and not host:
+        if pattern.uses_selectors():        # the call's selection: classes on its device
+            launches = (LaunchAnalysis(pattern, "select", (), None, selected_classes(
+                pattern, (s.q_len, s.kv_len, s.heads, s.kv_heads), tuple(block),
+                data.selection, data.tensors, torch.device(call.device))),)
+        elif on_device(call) and not host:
             launches = (LaunchAnalysis(pattern, "device"),)
-        elif host and pattern.uses_selectors():     # the call's selection, tile by tile
-            _, _, _, derived = with_tables(pattern)
-            tables = table_values(derived, data.grids, s.q_len, s.kv_len)
-            maps = block_maps(selection_pattern(pattern), s.q_len, s.kv_len, s.heads,
-                              s.kv_heads, {**data.tensors, **tables}, block)
-            launches = (LaunchAnalysis(pattern, "tiles", tuple(maps)),)
         else:
             maps = block_maps(pattern, s.q_len, s.kv_len, s.heads, s.kv_heads, data.tensors, block)
             launches = (LaunchAnalysis(pattern, "tiles", tuple(maps)),)
@@ -123,21 +127,24 @@ class LaunchPlan:
     """One launch: its pattern, tile tables on the device, hooks, grid and selector tables."""
 
     pattern: object                                 # BoundPattern whose hooks it runs
-    kind: str                                       # 'tiles', 'gather' or 'device'
+    kind: str                                       # as LaunchAnalysis.kind
     tiles: DeviceTiles
     narrow: bool                                    # the int32 hooks
     grid: tuple[int, int, int]
-    derived_values: dict = field(default_factory=dict)      # selector tables (NumPy)
+    derived_values: dict = field(default_factory=dict)      # selector tables (torch)
     wide_out: bool = False                          # output in the accumulation dtype (merged)
 
     def describe(self) -> str:
         t = self.tiles
         gathered = (f", {t.n_groups} groups, steps q {t.step_q} k {t.step_k}, run {t.run_k}"
                     if self.kind == "gather" else "")
-        return (f"{self.kind}{gathered}; {'band' if t.band else 'list'} tables "
+        text = (f"{self.kind}{gathered}; {'band' if t.band else 'list'} tables "
                 f"{list(t.full_idx.shape)}; {'int32' if self.narrow else 'int64'} hooks; grid "
                 f"{self.grid}" + (f"; selector tables {sorted(self.derived_values)}"
                                   if self.derived_values else ""))
+        if self.kind == "select":       # the lists themselves (read back: a dump only)
+            text += "\n" + "\n".join(t.listing())
+        return text
 
 
 @dataclass(frozen=True)
@@ -170,10 +177,11 @@ class Plan:
 
 def plan(analysis: CallAnalysis, data: CallData, config: Config, q, k) -> Plan:
     """The launches of an analysed call (``q``, ``k``: the call's tensors, for the device
-    classifier; cached for calls whose analysis reads no data)."""
+    classifier; cached for calls whose analysis reads no data: no tensor input, and no selector
+    but ``random_blocks``, whose table is content)."""
     call = analysis.call
-    derived = any(with_tables(a.pattern)[3] for a in analysis.launches)
-    if data.static and not derived:
+    derived = [d for a in analysis.launches for d in with_tables(a.pattern)[3].values()]
+    if not data.tensors and all(d.kind == "random" for d in derived):
         switches = (gather.enabled(), narrow.enabled())        # ATTNDSL_GATHER, ATTNDSL_NARROW
         return PLANS.get((call.key, config, switches), lambda: _plan(analysis, data, config, q, k))
     return _plan(analysis, data, config, q, k)
@@ -187,6 +195,8 @@ def _plan(analysis: CallAnalysis, data: CallData, config: Config, q, k) -> Plan:
     for a in analysis.launches:
         if a.kind == "device":
             tiles = device_tiles(a.pattern, q, k, data.tensors, config, call.interpret)
+        elif a.kind == "select":
+            tiles = select_tiles(a.selected, s.heads, s.q_len, s.kv_len)
         elif a.kind == "gather":
             c = a.component
             tiles = from_block_maps([a.maps[0][:, None]], c.groups, device, c.step_q, c.step_k,
@@ -196,8 +206,7 @@ def _plan(analysis: CallAnalysis, data: CallData, config: Config, q, k) -> Plan:
             if len(maps) > 1 and all(m is maps[0] for m in maps):
                 maps = maps[:1]
             tiles = from_block_maps([m[None] for m in maps], [(0, s.q_len, 0, s.kv_len)], device)
-        derived = with_tables(a.pattern)[3]
-        values = table_values(derived, data.grids, s.q_len, s.kv_len) if derived else {}
+        values = data.selection if with_tables(a.pattern)[3] else {}
         launches.append(LaunchPlan(
             a.pattern, a.kind, tiles, _narrow(a.pattern, s, data, values),
             launch_grid(tiles.n_query_tiles, s.batch * s.heads, tiles.n_groups), values, merged))
@@ -218,17 +227,21 @@ def _narrow(pattern, s, data: CallData, derived_values: dict) -> bool:
             users = [g.tensors for g in data.grids]
         else:
             users = per_batch(pattern, data.tensors)[0]
-        sets = []
-        for b, user in enumerate(users):
-            tables = {name: (np.asarray(derived_values[name])[min(b, len(derived_values[name]) - 1)]
-                             if d.batched else np.asarray(derived_values[name]))
-                      for name, d in derived.items()}
-            sets.append({**user, **tables})
-        return fits_int32(roots, dict(pattern.values), sizes, sets)
+        tables = {name: _value_range(d) for name, d in derived.items()}
+        return fits_int32(roots, dict(pattern.values), sizes,
+                          [{**user, **tables} for user in users])
 
     if data.tensors or derived:
         return compute()
     return NARROW.get((pattern.key, sizes, narrow.enabled()), compute)
+
+
+def _value_range(d) -> np.ndarray:
+    """A stand-in for a selector table in the int32 proof (the tables stay on the device): the
+    range of its entries — selections 0 and 1, cluster ids below 2**31 (int32 slots) — over
+    the table's rank; the hooks compute no integer from a table's shape."""
+    high = 1 if d.kind in ("random", "blocks") else 2 ** 31 - 1
+    return np.array([0, high]).reshape((2,) + (1,) * (d.rank - 1))
 
 
 def strategy(pattern, q_len: int, kv_len: int, heads: int, kv_heads: int, block,
@@ -239,6 +252,10 @@ def strategy(pattern, q_len: int, kv_len: int, heads: int, kv_heads: int, block,
     pattern = as_bound(pattern)
     shape = CallShape(1, heads, kv_heads, q_len, kv_len, 1, 1)
     call = BoundCall(pattern, shape, "float32", "cpu", "triton-interpret", 1.0)
+    if pattern.uses_selectors():        # classes per call from its selection: the candidates
+        bm = np.stack(block_maps(pattern, q_len, kv_len, heads, kv_heads, tensors, block))
+        return [{"kind": "select", "tables": "lists", "tiles": int((bm > 0).sum()),
+                 "full": int((bm == 2).sum())}]
     out = []
     for a in analyse(call, CallData(tensors), tuple(block)).launches:
         bm = a.maps[0] if a.kind == "gather" else np.stack(a.maps)

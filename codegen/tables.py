@@ -1,6 +1,8 @@
 """Selectors as tables: ``random_blocks``, ``topk_blocks``, ``topp_blocks`` and ``route`` are
-computed per call on the host (by attndsl.selectors, the reference's own code) and read by the
-generated hooks as derived tensor inputs.
+computed per call (on the call's device by codegen/selection.py; the reference's NumPy tables by
+:func:`table_values`) and read by the generated hooks as derived tensor inputs, named by their
+content (a selector's op and arguments: equal selectors share one table, and a pattern with
+some selectors replaced by constants names the others' tables as the pattern does).
 
 Input: a :class:`~attndsl.bound.BoundPattern`. Output (:func:`with_tables`): the mask and score IR with every
 selector replaced by reads of derived tensors, the tensor slots (user inputs first) and a
@@ -12,8 +14,8 @@ start with '#', which no user identifier can.
 * ``route(c)``: ``CQ[h, q - (kv_len - q_len)] == CK[h, k]`` (cluster ids, with a batch dimension);
 where ``first = (kv_len - q_len) // b`` is the block of the first query row.
 
-The host's tile lists for selector patterns come from the relaxed mask
-(attndsl.analysis.relax).
+A call's tile classes for selector patterns come from its selection (codegen/select_tiles.py);
+the static analysis alone (``block_map``) relaxes the selectors (attndsl.analysis.relax).
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import numpy as np
 
 from attndsl.caches import LRUCache
 from attndsl.interp import evaluate_scalar
-from attndsl.ir import Expr, Op, Param, TensorType, Type
+from attndsl.ir import SELECTOR_OPS, Expr, Op, Type, rewrite
 from attndsl.selectors import random_block_table
 
 
@@ -37,6 +39,7 @@ class Derived:
     args: tuple
     rank: int
     batched: bool
+    atom: int = 0       # its selector's position in selector_atoms(pattern)
 
 
 def _i(op: Op, *args: Expr) -> Expr:
@@ -50,6 +53,18 @@ def _const(v: int) -> Expr:
 WITH_TABLES = LRUCache("codegen.with_tables", 128)
 
 
+def selector_atoms(ir) -> list[Expr]:
+    """The distinct selector nodes of a pattern's clauses (equal by structure, spans aside), in
+    the order of a walk of the mask then the score clause: the same list for every pattern
+    with the same content."""
+    seen: dict[Expr, None] = {}
+    for root in ir.roots():
+        for e in root.walk():
+            if e.op in SELECTOR_OPS:
+                seen.setdefault(e)
+    return list(seen)
+
+
 def with_tables(pattern):
     """(mask, score, slots, {name: Derived}) with the selectors of a BoundPattern read from
     derived tensors (kept per pattern: its IR and values never change)."""
@@ -59,9 +74,10 @@ def with_tables(pattern):
 def _with_tables(pattern):
     ir = pattern.ir
     values = dict(pattern.values)
+    atom_of = {e: i for i, e in enumerate(selector_atoms(ir))}
     slots = {p.name: i for i, p in enumerate(p for p in ir.params if p.is_tensor)}
     derived: dict[str, Derived] = {}
-    memo: dict[int, Expr] = {}
+    memo: dict = {}
 
     def add(name: str, d: Derived) -> str:
         if name not in slots:
@@ -77,34 +93,29 @@ def _with_tables(pattern):
         idx = (Expr(Op.H, Type.INT), row, col) if with_head else (row, col)
         return Expr(Op.EQ, Type.BOOL, (Expr(Op.INDEX, Type.INT, idx, name), _const(1)))
 
-    def go(e: Expr) -> Expr:
-        if id(e) in memo:
-            return memo[id(e)]
+    def table_read(e: Expr) -> Expr | None:
         if e.op in (Op.RANDOM_BLOCKS, Op.TOPK_BLOCKS, Op.TOPP_BLOCKS):
             args = tuple(evaluate_scalar(a, values) for a in e.args)
             if e.op is Op.RANDOM_BLOCKS:
-                name = add(f"#random{args}", Derived(e, "random", args, 2, False))
+                name = add(f"#random{args}", Derived(e, "random", args, 2, False, atom_of[e]))
                 out = block_cell(e, name, with_head=False)
             else:
-                name = add(f"#{e.op.value}{len(derived)}", Derived(e, "blocks", args, 3, True))
+                name = add(f"#{e.op.value}{args}", Derived(e, "blocks", args, 3, True, atom_of[e]))
                 out = block_cell(e, name, with_head=True)
         elif e.op is Op.ROUTE:
-            cq = add(f"#route_q{len(derived)}", Derived(e, "route_q", (), 2, True))
-            ck = add(f"#route_k{len(derived)}", Derived(e, "route_k", (), 2, True))
+            cq = add(f"#route_q({e.value})", Derived(e, "route_q", (), 2, True, atom_of[e]))
+            ck = add(f"#route_k({e.value})", Derived(e, "route_k", (), 2, True, atom_of[e]))
             offset = _i(Op.SUB, Expr(Op.KV_LEN, Type.INT), Expr(Op.Q_LEN, Type.INT))
             row = _i(Op.SUB, Expr(Op.Q, Type.INT), offset)
             h = Expr(Op.H, Type.INT)
             out = Expr(Op.EQ, Type.BOOL, (Expr(Op.INDEX, Type.INT, (h, row), cq),
                                           Expr(Op.INDEX, Type.INT, (h, Expr(Op.K, Type.INT)), ck)))
-        elif e.args:
-            out = Expr(e.op, e.type, tuple(go(a) for a in e.args), e.value, e.span)
         else:
-            out = e
-        memo[id(e)] = out
+            return None
         return out
 
-    score = go(ir.score) if ir.score is not None else None
-    return go(ir.mask), score, slots, derived
+    score = rewrite(ir.score, table_read, memo) if ir.score is not None else None
+    return rewrite(ir.mask, table_read, memo), score, slots, derived
 
 
 def table_values(derived: dict, grids, q_len: int, kv_len: int) -> dict:
@@ -122,21 +133,3 @@ def table_values(derived: dict, grids, q_len: int, kv_len: int) -> dict:
             which = 0 if d.kind == "route_q" else 1
             out[name] = np.stack([g.selectors.table(d.node)[which] for g in grids]).astype(np.int64)
     return out
-
-
-SELECTION_PATTERNS = LRUCache("codegen.selection_patterns", 64)
-
-
-def selection_pattern(pattern):
-    """The pattern with its selectors read from their tables and the tables declared as int
-    tensor inputs (their '#' names): analysed with a call's tables
-    (:func:`table_values`) as tensor inputs, its tile classes are the call's exact ones, the
-    selected blocks included (attndsl.analysis reads a block table at tile-constant indices
-    entry by entry)."""
-    def make():
-        mask, score, _, derived = with_tables(pattern)
-        params = tuple(pattern.ir.params) + tuple(
-            Param(name, TensorType(Type.INT, d.rank)) for name, d in derived.items())
-        return pattern.with_clauses(mask, score, params)
-
-    return SELECTION_PATTERNS.get(pattern.key, make)

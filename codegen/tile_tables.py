@@ -50,6 +50,19 @@ class DeviceTiles:
     run_k: int = 1                          # consecutive key rows per step (codegen/gather.py)
     classes: torch.Tensor | None = None     # int8 [Bt, G, H, nQT, nKT], when built from them
 
+    def listing(self, rows: int = 8, heads: int = 2) -> list[str]:
+        """The walked key tiles of the first ``rows`` query tiles of the first ``heads`` heads
+        of batch row 0, group 0 (list form; read back from the device: for dumps), and the
+        totals."""
+        out = [f"tile lists: {int(self.full_num.sum())} full and {int(self.part_num.sum())} "
+               f"partial tiles walked in all"]
+        for h in range(min(heads, self.full_num.shape[2])):
+            for i in range(min(rows, self.full_num.shape[3])):
+                full = self.full_idx[0, 0, h, i, :int(self.full_num[0, 0, h, i])].tolist()
+                part = self.part_idx[0, 0, h, i, :int(self.part_num[0, 0, h, i])].tolist()
+                out.append(f"  head {h} query tile {i}: full {full} partial {part}")
+        return out
+
     def even_keys(self, block_n: int) -> bool:
         """Whether every group has the same key count, a multiple of ``block_n``, and no run of
         residues (whose first rows may lie below 0): the listed key tiles then lie inside the

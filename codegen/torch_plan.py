@@ -27,7 +27,7 @@ tensor inputs, no selectors) are kept per (pattern, sizes, tile shape, launches)
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -35,11 +35,12 @@ from attndsl.bound import BoundPattern
 from attndsl.caches import LRUCache
 from attndsl.call import BoundCall, CallData
 from attndsl.errors import AttnCallError
+from attndsl.interp import evaluate_scalar
 from attndsl.ir import Op
 
 from .plan import CallAnalysis
 from .plan import analyse as analyse_launches
-from .tables import with_tables
+from .tables import selector_atoms, with_tables
 
 FULL, PARTIAL = 2, 1
 # The cost model of a tile of rows (seconds on a 2-core CPU, torch's fused operator; only their
@@ -137,6 +138,19 @@ def cpu_block(q_len: int, kv_len: int) -> tuple[int, int]:
     return (64, 64) if max(q_len, kv_len) <= 16384 else (128, 128)
 
 
+def selection_block(pattern: BoundPattern, q_len: int, kv_len: int) -> tuple[int, int]:
+    """The tile shape of the torch backend's selection walk (attndsl/torch_select.py): square
+    tiles of the smallest selector block, within 64 .. 128 (one query block per tile of rows:
+    each head's list is that block's selection; ``route`` has no block: :func:`cpu_block`),
+    or ``ATTNDSL_TORCH_BLOCK``."""
+    blocks = [int(evaluate_scalar(e.args[1], dict(pattern.values)))
+              for e in selector_atoms(pattern.ir) if e.op is not Op.ROUTE]
+    if os.environ.get("ATTNDSL_TORCH_BLOCK") or not blocks:
+        return cpu_block(q_len, kv_len)
+    side = min(128, max(64, min(blocks)))
+    return side, side
+
+
 def segment_cap(heads: int, rows: int, bk: int) -> int:
     """The most keys of a segment that one step of the torch backend scores at once for
     ``rows`` rows (a block of [heads, rows, keys] scores or mask values): a multiple of the key
@@ -146,11 +160,18 @@ def segment_cap(heads: int, rows: int, bk: int) -> int:
 
 def analyse(call: BoundCall, data: CallData, gathers: bool = True) -> CallAnalysis:
     """The analyse stage of the torch backend: the Triton backend's (codegen/plan.py) at the
-    CPU tile shape, tile classes always on the host; gathered only where every gathered
+    CPU tile shape, tile classes always on the host (a selector call's, from its selection,
+    read back: the launch keeps them in ``selected`` too); gathered only where every gathered
     component's rows are strided views (else the plain tiles)."""
     s = call.shape
-    block = cpu_block(s.q_len, s.kv_len)
+    block = selection_block(call.pattern, s.q_len, s.kv_len) if call.pattern.uses_selectors() \
+        else cpu_block(s.q_len, s.kv_len)
     found = analyse_launches(call, data, block, gathers=gathers, host=True)
+    if found.launches[0].kind == "select":      # the selection's classes, read on the host
+        a = found.launches[0]
+        classes = a.selected.classes.cpu().numpy()
+        maps = [classes[0]] * s.batch if classes.shape[0] == 1 else list(classes)
+        return replace(found, launches=(replace(a, kind="tiles", maps=tuple(maps)),))
     if all(_strided(a.component) for a in found.launches if a.kind == "gather"):
         return found
     return analyse_launches(call, data, block, gathers=False, host=True)

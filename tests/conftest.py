@@ -185,3 +185,32 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+def no_host_sync():
+    """A torch function mode failing any read of a tensor's values on the host while it is
+    active (``with no_host_sync():``): ``.item()``, ``.tolist()``, ``.numpy()``, ``.cpu()``,
+    ``bool()`` / ``int()`` / ``float()`` / ``index`` of a tensor, ``torch.Tensor.__array__``
+    (NumPy reading a tensor), and the operations whose result's shape depends on values
+    (``nonzero``, ``masked_select``, ``unique``). On CUDA each is a device-to-host
+    synchronisation; on the CPU the same code path would be one there. (``.to(device)`` is
+    not caught: on the CPU a move to the call's device cannot be told from a copy to the host;
+    what a copy to the host is for, reading values, is.)"""
+    import torch
+    from torch.overrides import TorchFunctionMode
+
+    banned = {torch.Tensor.item, torch.Tensor.tolist, torch.Tensor.numpy, torch.Tensor.cpu,
+              torch.Tensor.__bool__, torch.Tensor.__int__, torch.Tensor.__float__,
+              torch.Tensor.__index__, torch.Tensor.__array__, torch.Tensor.nonzero,
+              torch.nonzero, torch.Tensor.masked_select, torch.masked_select,
+              torch.Tensor.unique, torch.unique}
+
+    class NoHostSync(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            name = getattr(func, "__name__", repr(func))
+            if func in banned:
+                raise AssertionError(f"host synchronisation: Tensor.{name}")
+            return func(*args, **kwargs)
+
+    return NoHostSync()

@@ -64,7 +64,7 @@ LAYERS: dict[str, tuple[str, ...]] = {
     "analysis": ("attndsl.analysis", "attndsl.analysis.*"),
     "codegen": ("attndsl.codegen", "attndsl.codegen.*"),
     "runtime": ("attndsl.runtime", "attndsl.torch_backend", "attndsl.torch_backward",
-                "attndsl.op"),
+                "attndsl.torch_select", "attndsl.op"),
     "api": ("attndsl.program", "attndsl"),
     "cli": ("attndsl.cli", "attndsl.cli_*", "attndsl.__main__", "attndsl.render",
             "attndsl.codegen.aot", "attndsl.codegen.aot_runner"),
