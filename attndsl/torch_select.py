@@ -4,19 +4,23 @@ Input: a :class:`~attndsl.call.BoundCall` whose pattern uses selectors, its
 :class:`~attndsl.call.CallData` (the selection on the call's device), q [B, H, Lq, D] and k/v
 [B, KVH, Lkv, D/Dv]. Output: (out [B, H, Lq, Dv] in q's dtype, lse [B, H, Lq]), as
 :func:`attndsl.torch_backend.blockwise_attention`, which it falls back to for what it does not
-take (non-finite q, k or v, or a row whose scores reach NaN or +inf).
+take (non-finite q, k or v, or a row whose scores reach NaN or +inf) and where the heads' lists
+are alike (:func:`_heads_differ`).
 
 Heads select different key blocks, so a walk over key tiles shared by every head (the plan of
 codegen/torch_plan.py) visits the union of their selections. Here the analysis's tile classes
-of the call (codegen/select_tiles.py: the static part united with the selection) give each
-(head, tile of query rows) its list of non-empty key tiles; a tile of rows gathers each head's
-listed key and value tiles into one [H, keys, D] block (GQA: from the head's key/value head)
-and scores them in one batched step — torch's fused CPU attention operator where the pattern
-has no score clause, else matmuls, the generated score and an exact softmax — with the
-generated mask evaluated only when one of the listed tiles is partial (a full tile's keys are
-allowed outright, empty tiles are in no list). Steps hold at most
-:func:`~attndsl.codegen.torch_plan.segment_cap` keys; their results merge by log-sum-exp.
-Memory stays O(rows x cap) per step, never [q_len, kv_len].
+of the call (codegen/select_tiles.py: the static part united with the selection, at the tile of
+:func:`~attndsl.codegen.torch_plan.selection_block`) give each (head, tile of query rows) its
+lists of full and partial key tiles. A group of consecutive tiles of rows gathers each head's
+listed key and value tiles (``index_select``; GQA: from the head's key/value head) into one
+[H, tiles, keys, D] block and scores it in one batched step — torch's fused CPU attention
+operator where the pattern has no score clause (without a mask when every listed key is allowed,
+else with the step's mask materialised), else matmuls, the generated score and an exact
+softmax. The mask is evaluated on the partial tiles only, as the pattern with the selectors that
+are constant on those tiles substituted (the diagonal tile of a causal selection reads no
+table); full tiles' keys are allowed outright and empty tiles are in no list. A step holds at
+most :data:`STEP_ELEMENTS` scores (a longer list is split, the parts merged by log-sum-exp), so
+memory stays bounded per step, never [q_len, kv_len].
 """
 
 from __future__ import annotations
@@ -44,13 +48,25 @@ def selected_attention(call: BoundCall, data: CallData, q, k, v):
     analysis = dump("analysis", torch_plan.analyse(call, data), lambda a: a.describe())
     launch = analysis.launches[0]
     fused = fused_engine(call, q, k)
-    if fused or (all_finite(q) and all_finite(k)):
+    if _heads_differ(launch.maps) and (fused or (all_finite(q) and all_finite(k))):
         dump("plan", analysis, lambda a: _describe(a.block, launch.maps[0]))
         done = _Walk(call, data, q, k, v, analysis.block, fused, launch.selected).run(
             launch.maps)
         if done is not None:
             return done
     return blockwise_attention(call, data, q, k, v, analysis)
+
+
+def _heads_differ(maps) -> bool:
+    """Whether the heads' tile lists differ enough for the gathered walk: their own tiles are
+    fewer than 3/4 of what the plan's walk over every head's union would visit (heads that
+    select alike, or nearly every block, are walked faster as contiguous slices)."""
+    own = union = 0
+    for classes in {id(m): m for m in maps}.values():
+        kept = classes != 0
+        own += int(kept.sum())
+        union += int(kept.any(axis=0).sum()) * kept.shape[0]
+    return own < 0.75 * union
 
 
 def _describe(block, classes: np.ndarray) -> str:
@@ -194,28 +210,17 @@ class _Walk:
         return acc
 
     def fused_step(self, qt, kg, vg, allowed):
-        """(out, lse) of a step on the fused operator: its full columns with a per-column
-        additive mask broadcast over the rows (no [rows, keys] block is built), its partial
-        ones with the mask's block; merged by log-sum-exp."""
-        split, inside = allowed.split, allowed.inside
-        shape = qt.shape[:3]
-        done = None
-        if split:
-            bias = torch.where(inside[..., :split], 0.0, NEG_INF).to(self.wide)
-            out, lse = FUSED(qt, kg[:, :, :split], vg[:, :, :split],
-                             attn_mask=bias[:, :, None, :].expand(*shape, split),
-                             scale=self.call.scale)
-            some = inside[..., :split].any(-1)[..., None]
-            done = out, torch.where(some, lse.to(self.wide), NEG_INF)
-        if allowed.decided is not None:
-            bias = self.scratch(shape + (kg.shape[2] - split,))
-            allowed.partial_bias(bias)
-            out, lse = FUSED(qt, kg[:, :, split:], vg[:, :, split:], attn_mask=bias,
-                             scale=self.call.scale)
-            # a row with no allowed key: lse -inf, not the operator's 0
-            part = out, torch.where(allowed.some_partial(), lse.to(self.wide), NEG_INF)
-            done = part if done is None else _merge(done, part)
-        return done
+        """(out, lse) of a step on the fused operator, in one call: no mask when every listed
+        key of every row is allowed, else the step's additive mask materialised (the operator
+        is slower on a mask broadcast over the rows)."""
+        if allowed.decided is None and bool(allowed.inside.all()):
+            out, lse = FUSED(qt, kg, vg, scale=self.call.scale)
+            return out, lse.to(self.wide)
+        bias = self.scratch(qt.shape[:3] + (kg.shape[2],))
+        allowed.bias(bias)
+        out, lse = FUSED(qt, kg, vg, attn_mask=bias, scale=self.call.scale)
+        # a row with no allowed key: lse -inf, not the operator's 0
+        return out, torch.where(allowed.some(), lse.to(self.wide), NEG_INF)
 
     def general_step(self, qt, kg, vg, allowed, qpos, kpos, module, score_t):
         scores = (qt @ kg.transpose(-1, -2)).mul_(self.call.scale)
@@ -274,17 +279,19 @@ class _Allowed:
         if self.decided is not None:
             block[..., self.split:].masked_fill_(~self.decided, NEG_INF)
 
-    def partial_bias(self, block) -> None:
-        """The additive mask of the partial columns into ``block`` [H, G, R, C - split]: 0 at
-        allowed pairs, else -inf."""
+    def bias(self, block) -> None:
+        """The additive mask into ``block`` [H, G, R, C]: 0 at allowed pairs, else -inf."""
         zero = torch.zeros((), dtype=block.dtype, device=block.device)
-        inside = self.inside[..., self.split:]
-        block.copy_(torch.where(inside, zero, NEG_INF)[:, :, None, :].expand(block.shape))
-        block.masked_fill_(~self.decided, NEG_INF)
+        block.copy_(torch.where(self.inside, zero, NEG_INF)[:, :, None, :].expand(block.shape))
+        if self.decided is not None:
+            block[..., self.split:].masked_fill_(~self.decided, NEG_INF)
 
-    def some_partial(self):
-        """bool [H, G, R]: rows with an allowed key among the partial columns."""
-        return (self.decided & self.inside[:, :, None, self.split:]).any(-1)
+    def some(self):
+        """bool [H, G, R or 1]: rows with an allowed key in the step."""
+        some = self.inside[..., :self.split].any(-1)[..., None]
+        if self.decided is not None:
+            some = some | (self.decided & self.inside[:, :, None, self.split:]).any(-1)
+        return some
 
 
 def _merge(a, b):

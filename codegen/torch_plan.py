@@ -139,16 +139,17 @@ def cpu_block(q_len: int, kv_len: int) -> tuple[int, int]:
 
 
 def selection_block(pattern: BoundPattern, q_len: int, kv_len: int) -> tuple[int, int]:
-    """The tile shape of the torch backend's selection walk (attndsl/torch_select.py): square
-    tiles of the smallest selector block, within 64 .. 128 (one query block per tile of rows:
-    each head's list is that block's selection; ``route`` has no block: :func:`cpu_block`),
-    or ``ATTNDSL_TORCH_BLOCK``."""
+    """The tile shape of the torch backend's selection walk (attndsl/torch_select.py): rows of
+    the smallest selector block ``b`` within 64 .. 512 (one query block per tile of rows: each
+    head's list is that block's selection, and its key tiles are gathered once for all its
+    rows), keys ``b`` within 64 .. 128; ``route`` has no block: :func:`cpu_block`; or
+    ``ATTNDSL_TORCH_BLOCK``."""
     blocks = [int(evaluate_scalar(e.args[1], dict(pattern.values)))
               for e in selector_atoms(pattern.ir) if e.op is not Op.ROUTE]
     if os.environ.get("ATTNDSL_TORCH_BLOCK") or not blocks:
         return cpu_block(q_len, kv_len)
-    side = min(128, max(64, min(blocks)))
-    return side, side
+    b = min(blocks)
+    return min(512, max(64, b)), min(128, max(64, b))
 
 
 def segment_cap(heads: int, rows: int, bk: int) -> int:

@@ -9,12 +9,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from attndsl.codegen import torch_plan
 from attndsl.codegen.select_tiles import Selected, select_tiles, selected_classes
 from conftest import EXAMPLES, no_host_sync
 
 import attndsl
 from attndsl import runtime
 from attndsl.caches import clear
+from attndsl.torch_select import _Walk
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -198,3 +200,31 @@ def test_whole_call_captured_in_a_cuda_graph(name):
     eager = pat(q, k, v, **tensors)
     torch.cuda.synchronize()
     torch.testing.assert_close(captured, eager, atol=2e-3, rtol=2e-3)
+
+
+@pytest.mark.parametrize("name", ["moba", "topp_causal", "topp_bidirectional", "routing",
+                                  "routing_local", "two"])
+@pytest.mark.parametrize("fused", [True, False])
+@pytest.mark.parametrize("block", ["16x16", "8x16", "32x8"])
+def test_gathered_walk_equals_the_reference(name, fused, block, monkeypatch):
+    """The torch backend's gathered walk itself (whatever the choice between it and the plan's
+    walk), on the fused operator and on the general engine, with GQA and q_len < kv_len."""
+    monkeypatch.setenv("ATTNDSL_TORCH_BLOCK", block)
+    if name == "two":
+        pat = attndsl.compile(MIXED)["two"]
+        rng = np.random.default_rng(5)
+        q, k, v = (torch.tensor(rng.standard_normal(s), dtype=torch.float32)
+                   for s in ((2, 4, 45, 16), (2, 2, 77, 16), (2, 2, 77, 16)))
+        tensors = {}
+    else:
+        pat, q, k, v, tensors = _setup(name, 45, 77)
+    if fused and pat.bound().ir.score is not None:
+        pytest.skip("the fused operator takes no score clause")
+    call, data = runtime.bind(pat.bound(), q, k, v, False, None, "torch", tensors)
+    analysis = torch_plan.analyse(call, data)
+    launch = analysis.launches[0]
+    out, lse = _Walk(call, data, q, k, v, analysis.block, fused, launch.selected).run(launch.maps)
+    ref_out, ref_lse = pat.reference(q.double().numpy(), k.double().numpy(), v.double().numpy(),
+                                     **tensors)
+    np.testing.assert_allclose(out.numpy(), ref_out, atol=2e-5, rtol=2e-5)
+    np.testing.assert_allclose(lse.numpy(), ref_lse, atol=2e-5, rtol=2e-5)
