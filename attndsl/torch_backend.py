@@ -50,18 +50,16 @@ NEG_INF = float("-inf")
 FUSED = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
 
 
-def blockwise_attention(call: BoundCall, data: CallData, q, k, v, analysis=None):
-    """(out, lse) of one call; see the module docstring. ``analysis``: the call's, when the
-    caller has it (attndsl/torch_select.py)."""
+def blockwise_attention(call: BoundCall, data: CallData, q, k, v):
+    """(out, lse) of one call; see the module docstring."""
     s = call.shape
     wide = acc_dtype(q.dtype)
     if s.batch == 0 or s.q_len == 0:
         return (q.new_zeros((s.batch, s.heads, s.q_len, s.v_dim)),
                 q.new_zeros((s.batch, s.heads, s.q_len), dtype=wide))
     finite_v = all_finite(v)
-    if analysis is None:
-        analysis = dump("analysis", torch_plan.analyse(call, data, gathers=finite_v),
-                        lambda a: a.describe())
+    analysis = dump("analysis", torch_plan.analyse(call, data, gathers=finite_v),
+                    lambda a: a.describe())
     planned = dump("plan", torch_plan.plan(analysis), lambda p: p.describe())
     for pattern in _patterns(planned.rows[0]):
         dump("source", torch_hooks(pattern).source)

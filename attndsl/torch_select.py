@@ -37,7 +37,7 @@ from .torch_backend import FUSED, all_finite, blockwise_attention, fused_engine,
 NEG_INF = float("-inf")
 # elements of one step's [heads, tiles of rows, rows, keys] block of scores or mask values
 # (float32: 4 MiB): steps over several tiles of rows amortise each torch call's overhead
-STEP_ELEMENTS = 1 << 20
+STEP_ELEMENTS = 1 << 22
 
 
 def selected_attention(call: BoundCall, data: CallData, q, k, v):
@@ -45,7 +45,9 @@ def selected_attention(call: BoundCall, data: CallData, q, k, v):
     s = call.shape
     if s.batch == 0 or s.q_len == 0 or not all_finite(v):
         return blockwise_attention(call, data, q, k, v)
-    analysis = dump("analysis", torch_plan.analyse(call, data), lambda a: a.describe())
+    block = torch_plan.selection_block(call.pattern, s.q_len, s.kv_len)
+    analysis = dump("analysis", torch_plan.analyse(call, data, block=block),
+                    lambda a: a.describe())
     launch = analysis.launches[0]
     fused = fused_engine(call, q, k)
     if _heads_differ(launch.maps) and (fused or (all_finite(q) and all_finite(k))):
@@ -54,7 +56,7 @@ def selected_attention(call: BoundCall, data: CallData, q, k, v):
             launch.maps)
         if done is not None:
             return done
-    return blockwise_attention(call, data, q, k, v, analysis)
+    return blockwise_attention(call, data, q, k, v)     # its own analysis, at its own tile
 
 
 def _heads_differ(maps) -> bool:
@@ -280,16 +282,24 @@ class _Allowed:
             block[..., self.split:].masked_fill_(~self.decided, NEG_INF)
 
     def bias(self, block) -> None:
-        """The additive mask into ``block`` [H, G, R, C]: 0 at allowed pairs, else -inf."""
+        """The additive mask into ``block`` [H, G, R, C]: 0 at allowed pairs, else -inf (each
+        entry written once)."""
         zero = torch.zeros((), dtype=block.dtype, device=block.device)
-        block.copy_(torch.where(self.inside, zero, NEG_INF)[:, :, None, :].expand(block.shape))
+        low = torch.full((), NEG_INF, dtype=block.dtype, device=block.device)
+        full, split = block[..., :self.split], self.split
+        if bool(self.inside[..., :split].all()):
+            full.zero_()
+        else:
+            full.copy_(torch.where(self.inside[..., :split], zero, low)[:, :, None, :]
+                       .expand(full.shape))
         if self.decided is not None:
-            block[..., self.split:].masked_fill_(~self.decided, NEG_INF)
+            torch.where(self.decided & self.inside[:, :, None, split:], zero, low,
+                        out=block[..., split:])
 
     def some(self):
         """bool [H, G, R or 1]: rows with an allowed key in the step."""
         some = self.inside[..., :self.split].any(-1)[..., None]
-        if self.decided is not None:
+        if self.decided is not None and not bool(some.all()):
             some = some | (self.decided & self.inside[:, :, None, self.split:]).any(-1)
         return some
 

@@ -60,7 +60,15 @@ fc.ensure_attndsl()         # before anything imports attndsl (the GPU machine h
 from bench_block_map import machine_info  # noqa: E402
 from cpu_report import HEAD_DIM, HEADS, fmt_e, fmt_ms, fmt_s  # noqa: E402
 from forward_cases import write_section  # noqa: E402
-from select_report import DenseRef, SelRow, diff_ok, failed_targets, report  # noqa: E402
+from select_report import (  # noqa: E402
+    CPU_TARGET_CASE,
+    CPU_TARGET_N,
+    DenseRef,
+    SelRow,
+    diff_ok,
+    failed_targets,
+    report,
+)
 
 LENGTHS = "4096,8192,32768,131072"
 QUICK_LENGTHS = "4096"
@@ -300,6 +308,31 @@ def first_line(exc) -> str:
     return f"{type(exc).__name__}: " + (str(exc).strip().splitlines() or [""])[0][:200]
 
 
+def causal_call(args, q, k, v):
+    """attndsl's dense causal call on (q, k, v), the same backend."""
+    import attndsl
+
+    causal = call_of(attndsl.load(os.path.join(ROOT, "examples", "causal.attn"))["causal_lm"], args)
+    return lambda: causal(q, k, v)
+
+
+def paired_ratio(fn, other, args, rounds: int = 15) -> tuple[float, float, float, float]:
+    """(fastest seconds of ``fn``, of ``other``, median of ``fn``, of ``other``) over
+    ``rounds`` alternating calls of the two (after one of each). Alternating, load that drifts
+    during the run reaches both alike; the fastest call of each is its cost with the least
+    disturbance from the rest of a shared machine (timeit's estimator), the steadier ratio."""
+    fn()
+    other()
+    a, b = [], []
+    for _ in range(rounds):
+        for f, into in ((fn, a), (other, b)):
+            t0 = time.perf_counter()
+            f()
+            sync(args.device)
+            into.append(time.perf_counter() - t0)
+    return min(a), min(b), statistics.median(a), statistics.median(b)
+
+
 def run_row(case: SelCase, n: int, dense: DenseRef, args, log) -> SelRow:
     import torch
     import torch.nn.functional as F
@@ -324,6 +357,12 @@ def run_row(case: SelCase, n: int, dense: DenseRef, args, log) -> SelRow:
         row.errors.append(f"attndsl: {first_line(exc)}")
         log(f"    attndsl failed: {row.errors[-1]}")
     log(f"    attndsl {fmt_ms(row.attndsl)} ms (first {fmt_ms(row.attndsl_first)} ms)")
+    if out_a is not None and args.device.type == "cpu" and case.key == CPU_TARGET_CASE \
+            and n == CPU_TARGET_N:
+        row.paired = paired_ratio(lambda: attend(q, k, v), causal_call(args, q, k, v), args)
+        log(f"    paired with dense causal: fastest {row.paired[0] * 1e3:.1f} ms / "
+            f"{row.paired[1] * 1e3:.1f} ms, median {row.paired[2] * 1e3:.1f} ms / "
+            f"{row.paired[3] * 1e3:.1f} ms")
 
     # the Flex way: selection + BlockMask, then compiled flex_attention
     try:
@@ -505,16 +544,6 @@ def main(argv=None) -> int:
     threads = torch.get_num_threads()
     t_start = time.perf_counter()
 
-    sem = {}
-    if args.mask_n:
-        for key in keys:
-            try:
-                sem[key] = check_semantics(CASES_BY_KEY[key], args.mask_n, args)
-            except Exception as exc:        # recorded as a failed check
-                sem[key] = {"differ": -1, "pairs": 0, "what": f"raised {first_line(exc)}"}
-            log(f"selection check {key} N={args.mask_n} ({sem[key]['what']}): "
-                f"{sem[key]['differ']} pairs differ")
-
     rows: list[SelRow] = []
     dense: list[DenseRef] = []
     ref = None                          # (n, seconds per dense call) to scale from
@@ -547,6 +576,18 @@ def main(argv=None) -> int:
             case = CASES_BY_KEY[key]
             log(f"  {case.label(n)} N={n}")
             rows.append(run_row(case, n, d, args, log))
+    # the selection checks run after the timings: their NumPy reference (float64 BLAS) left
+    # the timed calls after it measurably slower on a 2-core machine
+    sem = {}
+    if args.mask_n:
+        for key in keys:
+            try:
+                sem[key] = check_semantics(CASES_BY_KEY[key], args.mask_n, args)
+            except Exception as exc:        # recorded as a failed check
+                sem[key] = {"differ": -1, "pairs": 0, "what": f"raised {first_line(exc)}"}
+            log(f"selection check {key} N={args.mask_n} ({sem[key]['what']}): "
+                f"{sem[key]['differ']} pairs differ")
+
     info["load"].append(os.getloadavg()[0])
     info["seconds"] = time.perf_counter() - t_start
     log(f"benchmark took {info['seconds']:.0f} s")

@@ -159,14 +159,14 @@ def segment_cap(heads: int, rows: int, bk: int) -> int:
     return max(bk, SEGMENT_ELEMENTS // max(1, heads * rows) // bk * bk)
 
 
-def analyse(call: BoundCall, data: CallData, gathers: bool = True) -> CallAnalysis:
+def analyse(call: BoundCall, data: CallData, gathers: bool = True,
+            block: tuple[int, int] | None = None) -> CallAnalysis:
     """The analyse stage of the torch backend: the Triton backend's (codegen/plan.py) at the
-    CPU tile shape, tile classes always on the host (a selector call's, from its selection,
-    read back: the launch keeps them in ``selected`` too); gathered only where every gathered
-    component's rows are strided views (else the plain tiles)."""
+    CPU tile shape (or ``block``), tile classes always on the host (a selector call's, from its
+    selection, read back: the launch keeps them in ``selected`` too); gathered only where every
+    gathered component's rows are strided views (else the plain tiles)."""
     s = call.shape
-    block = selection_block(call.pattern, s.q_len, s.kv_len) if call.pattern.uses_selectors() \
-        else cpu_block(s.q_len, s.kv_len)
+    block = block or cpu_block(s.q_len, s.kv_len)
     found = analyse_launches(call, data, block, gathers=gathers, host=True)
     if found.launches[0].kind == "select":      # the selection's classes, read on the host
         a = found.launches[0]
