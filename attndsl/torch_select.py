@@ -37,7 +37,7 @@ from .torch_backend import FUSED, all_finite, blockwise_attention, fused_engine,
 NEG_INF = float("-inf")
 # elements of one step's [heads, tiles of rows, rows, keys] block of scores or mask values
 # (float32: 4 MiB): steps over several tiles of rows amortise each torch call's overhead
-STEP_ELEMENTS = 1 << 22
+STEP_ELEMENTS = 1 << 20
 
 
 def selected_attention(call: BoundCall, data: CallData, q, k, v):
@@ -118,8 +118,10 @@ class _Walk:
         module, mask_t, score_t = hook_args(self.call.pattern, self.data, b, self.q.device, wide)
 
         def tiles(x, n, size):      # [G, n, size, D]: rows padded to n tiles of ``size``
-            x = torch.nn.functional.pad(x.to(wide), (0, 0, 0, n * size - x.shape[1]))
-            return x.view(x.shape[0], n, size, x.shape[-1])
+            x = x.to(wide)          # (a copy only where the type or the length needs one)
+            if n * size != x.shape[1]:
+                x = torch.nn.functional.pad(x, (0, 0, 0, n * size - x.shape[1]))
+            return x.reshape(x.shape[0], n, size, x.shape[-1])
 
         keys, values = tiles(self.k[b], n_kt, bk), tiles(self.v[b], n_kt, bk)
         queries = tiles(self.q[b], n_qt, bq)                            # [H, nQT, BQ, D]
