@@ -59,6 +59,7 @@ from attndsl.render import demo_inputs
 from .args import Launch
 from .backend import prepare, prepare_backward
 from .config import DEFAULT_CONFIG, Config
+from .selection import selection_tables
 
 SKELETON = Path(__file__).absolute().parent / "skeleton.py"
 SKELETON_BWD = Path(__file__).absolute().parent / "skeleton_bwd.py"
@@ -133,7 +134,7 @@ def describe(pattern, call: Call = Call(), config: Config = DEFAULT_CONFIG,
                                             call.head_dim, dv),
                            str(dtype).removeprefix("torch."), "cpu",
                            "triton-interpret" if interpret else "triton", scale)
-    data = CallData(tensors, tuple(grids))
+    data = CallData(tensors, tuple(grids), selection_tables(bound, q, k, scale, tensors))
     if not backward:
         return prepare(bound_call, data, q, k, v, config)[0]
     out = torch.zeros(q.shape[:-1] + (dv,), dtype=dtype)
