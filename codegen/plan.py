@@ -4,17 +4,18 @@
 and the tile shape. Output: :class:`CallAnalysis`, one :class:`LaunchAnalysis` per launch:
 the whole pattern on the analysis's tile classes (``tiles``: one int8 map ``[H or 1, nQT,
 nKT]`` per batch row, attndsl.analysis.call_tiles), tile classes left to the device classifier
-(``device``: CUDA calls with tensor inputs, codegen/device_tiles.py), or, for dilated and
-strided patterns, one launch per residue-class component (``gather``: maps ``[G, nQT, nKT]``
-over compressed indices, codegen/gather.py) whose results are merged.
+(``device``: CUDA calls with tensor inputs, codegen/device_tiles.py), the classes of a
+selector call from its selection (``select``: on the call's device, codegen/select_tiles.py),
+or, for dilated and strided patterns, one launch per residue-class component (``gather``: maps
+``[G, nQT, nKT]`` over compressed indices, codegen/gather.py) whose results are merged.
 
 ``plan`` — input: the analysis and a tile configuration. Output: :class:`Plan`, one
 :class:`LaunchPlan` per launch: its pattern (a component's restriction, or the call's), tile
 tables on the device (band or list form, codegen/tile_tables.py), whether the int32 hooks run
-(codegen/narrow.py), the selector tables read as derived tensors (codegen/tables.py), the
-grid; and whether the results are merged by log-sum-exp. Plans of calls whose analysis reads
-no data (no tensor inputs, no selectors) are kept per (call, configuration), so a repeated
-call uploads nothing.
+(codegen/narrow.py), the selector tables read as derived tensors (codegen/tables.py, the
+call's selection), the grid; and whether the results are merged by log-sum-exp. Plans of calls
+whose analysis reads no data (no tensor inputs, no selector but ``random_blocks``) are kept per
+(call, configuration), so a repeated call uploads nothing.
 """
 
 from __future__ import annotations
@@ -96,8 +97,8 @@ def analyse(call: BoundCall, data: CallData, block: tuple[int, int], gathers: bo
             host: bool = False) -> CallAnalysis:
     """The launches of a call and the tile classes each walks (see the module). ``gathers``:
     residue-class components allowed; ``host``: tile classes on the host even where the device
-    could compute them, and for selector patterns the call's exact classes, its selection
-    included (the torch backend; the kernels take the relaxed classes, cached per pattern)."""
+    could compute them from tensor inputs (the torch backend). A selector call's classes are
+    its selection's, on its device, for both backends."""
     s, pattern = call.shape, call.pattern
     parts = gather.components(pattern, s.q_len, s.kv_len, s.heads, s.kv_heads, block) \
         if gathers else None

@@ -206,18 +206,21 @@ def test_whole_call_captured_in_a_cuda_graph(name):
                                   "routing_local", "two"])
 @pytest.mark.parametrize("fused", [True, False])
 @pytest.mark.parametrize("block", ["16x16", "8x16", "32x8"])
-def test_gathered_walk_equals_the_reference(name, fused, block, monkeypatch):
+@pytest.mark.parametrize("lengths", [(45, 77), (77, 45)])
+def test_gathered_walk_equals_the_reference(name, fused, block, lengths, monkeypatch):
     """The torch backend's gathered walk itself (whatever the choice between it and the plan's
-    walk), on the fused operator and on the general engine, with GQA and q_len < kv_len."""
+    walk), on the fused operator and on the general engine, with GQA, q_len < kv_len and
+    q_len > kv_len (rows without keys)."""
     monkeypatch.setenv("ATTNDSL_TORCH_BLOCK", block)
     if name == "two":
         pat = attndsl.compile(MIXED)["two"]
         rng = np.random.default_rng(5)
+        lq, lk = lengths
         q, k, v = (torch.tensor(rng.standard_normal(s), dtype=torch.float32)
-                   for s in ((2, 4, 45, 16), (2, 2, 77, 16), (2, 2, 77, 16)))
+                   for s in ((2, 4, lq, 16), (2, 2, lk, 16), (2, 2, lk, 16)))
         tensors = {}
     else:
-        pat, q, k, v, tensors = _setup(name, 45, 77)
+        pat, q, k, v, tensors = _setup(name, *lengths)
     if fused and pat.bound().ir.score is not None:
         pytest.skip("the fused operator takes no score clause")
     call, data = runtime.bind(pat.bound(), q, k, v, False, None, "torch", tensors)
