@@ -145,11 +145,11 @@ def bind(pattern: BoundPattern, q, k, v, return_lse, scale, backend, tensors: di
     tensors = call_tensor_inputs(pattern.ir, tensors, float32=backend != "torch")
     # the reference grids read q and k only to check tensor indices pair by pair, where
     # intervals cannot prove them (a selector pattern that also indexes a tensor): a host copy
-    need_qk = pattern.uses_selectors() and any(
-        e.op is Op.INDEX for r in pattern.ir.roots() for e in r.walk())
+    indexed = {e.value for r in pattern.ir.roots() for e in r.walk() if e.op is Op.INDEX}
+    need_qk = pattern.uses_selectors() and bool(indexed)
     qn = q.detach().float().cpu().numpy().astype(np.float64) if need_qk else None
     kn = k.detach().float().cpu().numpy().astype(np.float64) if need_qk else None
-    grids = call_grids(pattern, shapes, qn, kn, scale, _for_grids(pattern, tensors or {}))
+    grids = call_grids(pattern, shapes, qn, kn, scale, _for_grids(indexed, tensors or {}))
     batch, heads, kv_heads, q_len, kv_len = shapes
     shape = CallShape(batch, heads, kv_heads, q_len, kv_len, q.shape[-1], v.shape[-1])
     call = BoundCall(pattern, shape, str(q.dtype).replace("torch.", ""), str(q.device), backend,
@@ -161,11 +161,11 @@ def bind(pattern: BoundPattern, q, k, v, return_lse, scale, backend, tensors: di
     return call, CallData(tensors or {}, tuple(grids), selection)
 
 
-def _for_grids(pattern: BoundPattern, tensors: dict) -> dict:
+def _for_grids(indexed: set, tensors: dict) -> dict:
     """The tensor inputs as the reference grids take them (NumPy copies on the host): those
-    read only by selectors (``route``'s centroids, used on the device by codegen/selection.py,
-    which checks them) become placeholders of their rank, so no tensor is read on the host."""
-    indexed = {e.value for r in pattern.ir.roots() for e in r.walk() if e.op is Op.INDEX}
+    the clauses do not index (``indexed``: the names they do), read only by selectors
+    (``route``'s centroids, used on the device by codegen/selection.py, which checks them),
+    become placeholders of their rank, so no tensor is read on the host."""
     return {n: (t if n in indexed or not isinstance(t, torch.Tensor) else
                 np.zeros((1,) * t.dim(), dtype=np.float32 if t.is_floating_point() else np.int64))
             for n, t in tensors.items()}

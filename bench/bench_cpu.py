@@ -174,13 +174,35 @@ def count_pairs(mask_mod, heads: int, n: int) -> int:
 
 
 # ------------------------------------------------------------------------------------ timing
-def timed(fn, reps: int, budget_s: float):
-    """(result of the first call, first call s, median of up to reps further calls s). Further
-    calls stop once they have used budget_s (at least one is made)."""
+def sync(device) -> None:
+    """Wait for the device's queued work (CUDA); nothing on the CPU."""
+    if device.type == "cuda":
+        import torch
+
+        torch.cuda.synchronize()
+
+
+def synced(fn, device):
+    """``fn`` followed by :func:`sync` (what a timed call on a device must measure)."""
+    def call():
+        out = fn()
+        sync(device)
+        return out
+    return call
+
+
+def timed(fn, reps: int, budget_s: float, warmup: int = 0):
+    """(result of the first call, first call s, median of up to reps further calls s): the
+    first call, ``warmup`` untimed calls (none once the first took budget_s), then the timed
+    calls, which stop once they have used budget_s (at least one is made)."""
     gc.collect()
     t0 = time.perf_counter()
     out = fn()
     first = time.perf_counter() - t0
+    for _ in range(warmup):
+        if first > budget_s:
+            break
+        fn()
     times: list[float] = []
     while len(times) < max(1, reps) and (not times or sum(times) < budget_s):
         t0 = time.perf_counter()

@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
-import gc
 import json
 import math
 import os
@@ -58,6 +57,9 @@ import forward_cases as fc  # noqa: E402
 fc.ensure_attndsl()         # before anything imports attndsl (the GPU machine has no install)
 
 from bench_block_map import machine_info  # noqa: E402
+from bench_cpu import make_qkv as cpu_qkv  # noqa: E402
+from bench_cpu import synced  # noqa: E402
+from bench_cpu import timed as timed_calls  # noqa: E402
 from cpu_report import HEAD_DIM, HEADS, fmt_e, fmt_ms, fmt_s  # noqa: E402
 from flex_select import (  # noqa: E402
     block_mask_of,
@@ -123,44 +125,16 @@ CASES_BY_KEY = {c.key: c for c in CASES}
 
 
 # ------------------------------------------------------------------------------- timing
-def sync(device) -> None:
-    if device.type == "cuda":
-        import torch
-
-        torch.cuda.synchronize()
-
-
 def timed(fn, args):
     """(result of the first call, first call s, median of the timed calls s): the first call,
     args.warmup - 1 further untimed calls, then up to args.reps timed calls, stopping once they
     have used args.budget seconds (at least one is made). Synchronises CUDA after each call."""
-    def call():
-        out = fn()
-        sync(args.device)
-        return out
-
-    gc.collect()
-    t0 = time.perf_counter()
-    out = call()
-    first = time.perf_counter() - t0
-    for _ in range(max(0, args.warmup - 1)):
-        if first > args.budget:
-            break
-        call()
-    times: list[float] = []
-    while len(times) < max(1, args.reps) and (not times or sum(times) < args.budget):
-        t0 = time.perf_counter()
-        call()
-        times.append(time.perf_counter() - t0)
-    return out, first, statistics.median(times)
+    return timed_calls(synced(fn, args.device), args.reps, args.budget, max(0, args.warmup - 1))
 
 
 def make_qkv(n: int, args):
-    import torch
-
-    gen = torch.Generator().manual_seed(args.seed + n)
-    return tuple(torch.randn((1, HEADS, n, HEAD_DIM), generator=gen).to(args.device, args.dtype)
-                 for _ in range(3))
+    """bench_cpu's q, k, v at length n (seed + n), on the run's device and dtype."""
+    return tuple(t.to(args.device, args.dtype) for t in cpu_qkv(n, args.seed + n))
 
 
 def where_max(a, b, block: int) -> tuple[float, str]:
@@ -226,6 +200,7 @@ def paired_ratio(fn, other, args, rounds: int = 15) -> tuple[float, float, float
     ``rounds`` alternating calls of the two (after one of each). Alternating, load that drifts
     during the run reaches both alike; the fastest call of each is its cost with the least
     disturbance from the rest of a shared machine (timeit's estimator), the steadier ratio."""
+    fn, other = synced(fn, args.device), synced(other, args.device)
     fn()
     other()
     a, b = [], []
@@ -233,7 +208,6 @@ def paired_ratio(fn, other, args, rounds: int = 15) -> tuple[float, float, float
         for f, into in ((fn, a), (other, b)):
             t0 = time.perf_counter()
             f()
-            sync(args.device)
             into.append(time.perf_counter() - t0)
     return min(a), min(b), statistics.median(a), statistics.median(b)
 

@@ -46,6 +46,7 @@ from bench_cpu import (  # noqa: E402
     count_pairs,
     dense_mask,
     make_qkv,
+    synced,
     timed,
 )
 from cpu_report import HEADS, MASK_BLOCK, fmt_e, fmt_ms, fmt_s  # noqa: E402
@@ -71,13 +72,6 @@ def worst(grads, others) -> float:
 
 def leaves(tensors, device, dtype=None):
     return tuple(t.to(device=device, dtype=dtype or t.dtype).detach().requires_grad_() for t in tensors)
-
-
-def sync(device) -> None:
-    if device.type == "cuda":
-        import torch
-
-        torch.cuda.synchronize()
 
 
 def fwd_bwd(attend, q, k, v, dout):
@@ -144,11 +138,7 @@ def run_case(cc: CpuCase, n: int, args, log) -> TrainRow:
             return None
 
     def timed_sync(fn, reps=args.reps, budget=args.budget):
-        def call():
-            got = fn()
-            sync(device)
-            return got
-        return timed(call, reps, budget)
+        return timed(synced(fn, device), reps, budget)
 
     q0, k0, v0 = make_qkv(n, args.seed + n)
     q, k, v = leaves((q0, k0, v0), device)
