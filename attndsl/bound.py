@@ -22,12 +22,14 @@ from types import MappingProxyType
 from .caches import LRUCache
 from .constants import call_constant_sites
 from .errors import AttnCallError, source_for
+from .expand import expand_reductions, has_reductions
 from .inputs import tensor_inputs
 from .interp import evaluate_scalar
 from .ir import DATA_SELECTOR_OPS, Expr, PatternIR
 from .reference import CallGrid
 
 CALL_CONSTANT_SITES = LRUCache("bound.call_constant_sites", 256)
+EXPANDED = LRUCache("bound.expanded", 64)      # (pattern key, sizes) -> expanded BoundPattern
 
 
 def _atom(value) -> str:
@@ -110,6 +112,19 @@ class BoundPattern:
         values = {n: v for n, v in self.values.items() if any(p.name == n for p in ir.params)}
         return BoundPattern.make(ir, values, self.source)
 
+    def for_sizes(self, q_len, kv_len, heads, kv_heads) -> BoundPattern:
+        """The pattern every stage below the API runs at a call of these sizes: itself, or with
+        its reductions expanded (attndsl/expand.py; cached by content and sizes in
+        ``bound.expanded``)."""
+        if not has_reductions(self.ir):
+            return self
+        sizes = {"q_len": q_len, "kv_len": kv_len, "heads": heads, "kv_heads": kv_heads}
+
+        def make() -> BoundPattern:
+            ir = expand_reductions(self.ir, dict(self.values), sizes)
+            return BoundPattern.make(ir, dict(self.values), self.source)
+        return EXPANDED.get((self.key, tuple(sizes.values())), make)
+
     def check_sizes(self, q_len, kv_len, heads, kv_heads) -> None:
         """Every divisor of ``//`` and ``%`` that reads the call's sizes is greater than 0 at
         these sizes (LANGUAGE.md section 3), else an AttnCallError at the divisor's line and
@@ -126,9 +141,10 @@ class BoundPattern:
     def grid(self, q_len, kv_len, heads, kv_heads, tensors, query=None, key=None,
              scale=None) -> CallGrid:
         """The reference's evaluation grid of one call (one batch element), its sizes checked
-        (:meth:`check_sizes`)."""
+        (:meth:`check_sizes`); its IR is the pattern's at these sizes (:meth:`for_sizes`)."""
         self.check_sizes(q_len, kv_len, heads, kv_heads)
-        return CallGrid(self.ir, dict(self.values), q_len, kv_len, heads, kv_heads, tensors,
+        ir = self.for_sizes(q_len, kv_len, heads, kv_heads).ir
+        return CallGrid(ir, dict(self.values), q_len, kv_len, heads, kv_heads, tensors,
                         query, key, scale)
 
 

@@ -16,14 +16,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .constants import check_constants, is_call_constant, is_constant
+from .constants import check_constants
 from .decls import cycles, parse_type, walk_surface
 from .errors import AttnError, AttnNameError, AttnTypeError, ErrorSink, Span
-from .ir import BUILTIN_LEAVES, Expr, Op, Param, PatternIR, TensorType, Type, const, kv_head_expr
+from .ir import BUILTIN_LEAVES, Expr, Op, Param, PatternIR, TensorType, Type, const, kv_head_expr, rewrite
 from .limits import MAX_DEPTH, Heights, depth_message, logic_chain, surface_operands, tree_size
-from .ops import NUM, OPS
+from .ops import OPS, REDUCE_OPS, SELECTOR_OPS
 from .parser import HUGE_INT, DefDecl, Node, PatternDecl
 from .reserved import BUILTIN_NAMES, why_reserved
+from .typing_rules import TYPING, TypingRules
 
 PRELUDE_FILENAME = "<prelude>"
 MAX_TREE_SIZE = 200_000
@@ -31,17 +32,19 @@ INT_MIN, INT_MAX = -(2 ** 63), 2 ** 63 - 1     # ints are int64 in the reference
 
 # surface syntax -> op, from the registry (attndsl.ops)
 _INFIX = {i.spelling: op for op, i in OPS.items() if i.form == "infix"}
-_SURFACE = _INFIX | {"neg": Op.NEG, "not": Op.NOT, "if": Op.IF}     # (and, or: see _BY_KIND)
+_SURFACE = _INFIX | {"neg": Op.NEG, "not": Op.NOT, "if": Op.IF, "~": Op.INVERT}  # (and, or: _BY_KIND)
 _FUNCTIONS = {i.spelling: op for op, i in OPS.items() if i.form == "call" and not i.selector}
 FUNCTIONS = set(_FUNCTIONS) | {"clamp"}         # clamp(x, lo, hi) is min(max(x, lo), hi)
 # selector signatures: (parameter name, type, default or None when required)
 SELECTORS = {i.spelling: (op, i.params) for op, i in OPS.items() if i.selector}
-RESERVED = set(BUILTIN_LEAVES) | {"score", "inf", "kv_head"} | FUNCTIONS | set(SELECTORS)
+# the functions that take a generator, 'any(E for i in range(N))': name -> op
+REDUCTIONS = {OPS[op].spelling: op for op in REDUCE_OPS}
+AT = "at"                                       # at(E, q = E1, k = E2): position rebinding
+RESERVED = set(BUILTIN_LEAVES) | {"score", "inf", "kv_head", AT, "range"} | FUNCTIONS | \
+    set(SELECTORS) | set(REDUCTIONS)
 _BUILTIN = RESERVED | set(BUILTIN_NAMES)       # cannot be declared (builtins to come included)
 # ops whose operands are type-checked one by one, each before the next is checked (_t_operand)
 _EARLY = {Op.NOT, Op.AND, Op.OR, Op.IF, Op.INDEX, Op.TOPK_BLOCKS, Op.TOPP_BLOCKS, Op.RANDOM_BLOCKS}
-_HINTS = {Op.DIV: " (write float(x), or use '//' for floor division)", Op.POW: " (write float(x))"}
-_CALL_CONST = "a call constant: an int expression of literals, parameters, heads, kv_heads, q_len and kv_len"
 
 
 class _Reported(Exception):
@@ -60,9 +63,10 @@ class _Scope:
     params: dict[str, Param]           # pattern parameters (empty inside a def)
     allow_score: bool
     def_stack: tuple[str, ...] = ()
+    depth: int = 0                     # reductions around the expression (loop variables bound)
 
 
-class Checker:
+class Checker(TypingRules):
     def __init__(self, decls: tuple, source: str, prelude: tuple[DefDecl, ...] = (),
                  sink: ErrorSink | None = None, broken: set | None = None):
         self.sink = sink if sink is not None else ErrorSink(source)
@@ -115,12 +119,20 @@ class Checker:
         self._check_names(d.body, {p.name for p in d.params or ()})
 
     def _check_names(self, node: Node, local: set[str]) -> None:
-        """Report unknown names in a def body (types are checked when the def is used)."""
-        for n in walk_surface(node):
-            if n.value in self.broken or n.value in local:
+        """Report unknown names in a def body (types are checked when the def is used); a
+        reduction's loop variable is known inside its body."""
+        stack = [(node, frozenset(local))]
+        while stack:
+            n, names = stack.pop()
+            if n.kind == "reduction":
+                stack.append((n.children[0], names | {n.value[1]}))
+                stack.extend((c, names) for c in n.children[1:])
+                continue
+            stack.extend((c, names) for c in n.children if isinstance(c, Node))
+            if n.value in self.broken or n.value in names:
                 continue
             if n.kind in ("name", "call") and n.value not in self.defs and n.value not in \
-                    (RESERVED if n.kind == "name" else FUNCTIONS | set(SELECTORS)):
+                    (RESERVED if n.kind == "name" else FUNCTIONS | set(SELECTORS) | {AT}):
                 self.sink.add(AttnNameError, f"unknown name '{n.value}'", n.span)
             elif n.kind == "index":
                 self.sink.add(AttnNameError, f"'{n.value}' is not a tensor input here: a def cannot "
@@ -171,7 +183,7 @@ class Checker:
                 continue
             if ptype is None:
                 self.sink.add(AttnTypeError, f"unknown type '{p.type_name}' (expected int, float, bool, "
-                              "int[], float[], int[][], float[][] or float[][][])", p.span)
+                              "or a tensor type: int, float or bool followed by 1 to 3 '[]')", p.span)
                 continue
             params[p.name] = Param(p.name, ptype, None, p.span)
         return params
@@ -376,103 +388,6 @@ class Checker:
                             node.span)
         return self._typed(Op.INDEX, self._operands(Op.INDEX, node.children, scope), [], node.span, p)
 
-    # ------------------------------------------------------------------ typing rules
-    # (op, operands, spans, node span, value: a literal's, or the Param of PARAM/INDEX/ROUTE)
-    def _fail(self, message: str, span: Span):
-        raise self._err(AttnTypeError, message, span)
-
-    def _numeric(self, x: Expr, what: str, span: Span) -> None:
-        if x.type not in (Type.INT, Type.FLOAT):
-            self._fail(f"{what} needs an int or float, got {x.type.value}", span)
-
-    def _one_type(self, name: str, args: list, spans: list) -> Type:      # abs, min, max, clamp
-        for a, a_span in zip(args, spans):
-            self._numeric(a, f"'{name}'", a_span)
-            if a.type is not args[0].type:
-                self._fail(f"the arguments of '{name}' must have one type, got "
-                           f"{args[0].type.value} and {a.type.value}", a_span)
-        return args[0].type
-
-    def _t_build(self, op, args, spans, span, value) -> Expr:     # the registry's result type
-        return Expr(op, OPS[op].result, tuple(args), None, span)
-
-    def _t_value(self, op, args, spans, span, value) -> Expr:
-        if op is Op.CONST:                      # a literal: the type of its value
-            return const(value, span)
-        if op is Op.INDEX:                      # value: the tensor input
-            return Expr(op, value.type.elem, tuple(args), value.name, span)
-        if op is Op.ROUTE:                      # value: the parameter named, or None
-            if value is None or value.type != parse_type(OPS[op].params[0][1]):
-                self._fail("route(c) needs a tensor input c of type float[][][] (centroids "
-                           "[heads, C, head_dim])", spans[0])
-            return Expr(op, Type.BOOL, (), value.name, span)
-        if value.is_tensor:
-            self._fail(f"'{value.name}' is a tensor input ({value.type}); index it, as in "
-                       f"{value.name}[q]", span)
-        return Expr(op, value.type, (), value.name, span)
-
-    def _t_negate(self, op, args, spans, span, value) -> Expr:
-        self._numeric(args[0], f"unary '{OPS[op].spelling}'", span)
-        return Expr(op, args[0].type, (args[0],), None, span)
-
-    def _t_arith(self, op, args, spans, span, value) -> Expr:     # +, -, *
-        sym, (a, b) = OPS[op].spelling, args
-        self._numeric(a, f"'{sym}'", spans[0])
-        if a.type is not b.type:
-            self._fail(f"operands of '{sym}' must have one type, got {a.type.value} and "
-                       f"{b.type.value} (convert with float(x))", spans[1])
-        return Expr(op, a.type, (a, b), None, span)
-
-    def _t_fixed(self, op, args, spans, span, value) -> Expr:     # /, **, //, %
-        info = OPS[op]
-        for x, want, x_span in zip(args, info.operands, spans):
-            if x.type is not want:
-                self._fail(f"'{info.spelling}' needs {want.value} operands, got {x.type.value}"
-                           f"{_HINTS.get(op, '')}", x_span)
-        for i in (i for i in info.call_constant_args if not is_call_constant(args[i])):
-            self._fail(f"the divisor of '{info.spelling}' must be {_CALL_CONST}", spans[i])
-        return self._t_build(op, args, spans, span, value)
-
-    def _t_compare(self, op, args, spans, span, value) -> Expr:
-        sym, (a, b) = OPS[op].spelling, args
-        if a.type is not b.type:
-            self._fail(f"cannot compare {a.type.value} with {b.type.value} using '{sym}'", spans[1])
-        if a.type is Type.BOOL and OPS[op].operands[0] == NUM:
-            self._fail(f"'{sym}' does not order bools", spans[1])
-        return Expr(op, Type.BOOL, (a, b), None, a.span)
-
-    def _t_if(self, op, args, spans, span, value) -> Expr:
-        test, a, b = args
-        if a.type is not b.type:
-            self._fail(f"both branches of 'if' must have one type, got {a.type.value} and "
-                       f"{b.type.value}", spans[2])
-        return Expr(op, a.type, (test, a, b), None, span)
-
-    def _t_numeric(self, op, args, spans, span, value) -> Expr:   # abs, min, max
-        return Expr(op, self._one_type(OPS[op].spelling, args, spans), tuple(args), None, span)
-
-    def _t_function(self, op, args, spans, span, value) -> Expr:  # float(), exp, log, ...
-        t, want = args[0].type, OPS[op].operands[0]
-        if op is Op.FLOAT and t is Type.FLOAT:
-            return args[0]                      # float() of a float is that float
-        if t is not want:
-            self._fail(f"float() takes an int, got {t.value}" if op is Op.FLOAT else
-                       f"'{OPS[op].spelling}' takes a float, got {t.value} (write float(x))", spans[0])
-        return self._t_build(op, args, spans, span, value)
-
-    def _t_operand(self, op, i, x, span) -> None:
-        """The check of operand ``i`` of an op in _EARLY (done before the next operand is
-        checked, so its error comes first), by its kind in the registry."""
-        info, want, got = OPS[op], OPS[op].kind(i), x.type.value
-        if isinstance(want, Type) and x.type is not want:
-            what = "the condition of 'if'" if op is Op.IF else f"'{info.spelling}'"
-            self._fail(f"an index must be int, got {got}" if op is Op.INDEX else
-                       f"argument '{info.params[i][0]}' of '{info.spelling}' must be {want.value}, "
-                       f"got {got}" if info.selector else f"{what} needs a bool, got {got}", span)
-        if info.selector and not is_constant(x):
-            self._fail(f"argument '{info.params[i][0]}' of '{info.spelling}' must be a compile-time "
-                       "constant (a literal or a scalar parameter)", span)
-
     # ------------------------------------------------------------------ calls
     def _split_args(self, node: Node) -> tuple[list[Node], list[Node]]:
         pos = [c for c in node.children if c.kind != "kwarg"]
@@ -511,6 +426,11 @@ class Checker:
             return self._inline(self.defs[name], node.children, node, scope)
         if name in SELECTORS:
             return self._selector(node, scope)
+        if name == AT:
+            return self._at(node, scope)
+        if name in REDUCTIONS and name not in FUNCTIONS:
+            raise self._err(AttnTypeError, f"'{name}' takes a generator: {name}(E for i in "
+                            "range(N))", node.span)
         if name not in FUNCTIONS:
             if name in self.broken:
                 raise _Reported()
@@ -553,6 +473,61 @@ class Checker:
             args.append(x)
         return self._typed(op, args, [], node.span)
 
+    def _reduction(self, node: Node, scope: _Scope) -> Expr:
+        """``any/all/sum/max/min(E for i in range(N))``: N checked in the enclosing scope, E
+        with ``i`` bound to a loop variable (Op.VAR) whose value is the binder's depth."""
+        func, var, var_span, range_name, range_span = node.value
+        if func not in REDUCTIONS:
+            raise self._err(AttnTypeError, f"'{func}' does not take a generator; any, all, sum, "
+                            "max and min do", node.span)
+        if range_name != "range":
+            raise self._err(AttnTypeError, f"a reduction loops over range(N), not "
+                            f"'{range_name}'", range_span)
+        body, *bounds = node.children
+        if len(bounds) != 1 or bounds[0].kind == "kwarg":
+            raise self._err(AttnTypeError, f"range() takes one argument N here (the loop runs "
+                            f"over 0 .. N-1), got {len(bounds)}", range_span)
+        if var in scope.locals or var in scope.params or var in self.defs or var in _BUILTIN:
+            what = "a builtin name" if var in _BUILTIN else "already a name in scope"
+            raise self._err(AttnNameError, f"loop variable '{var}' is {what}; choose another name",
+                            var_span)
+        n = self.expr(bounds[0], scope)
+        inner = _Scope({**scope.locals, var: Expr(Op.VAR, Type.INT, (), scope.depth, var_span)},
+                       scope.params, scope.allow_score, scope.def_stack, scope.depth + 1)
+        items = self.expr(body, inner)
+        return self._typed(REDUCTIONS[func], [n, items], [bounds[0].span, body.span], node.span,
+                           scope.depth)
+
+    def _at(self, node: Node, scope: _Scope) -> Expr:
+        """``at(E, q = E1, k = E2)``: E with the builtins q and k replaced (after its defs and
+        lets are inlined) by E1 and E2, checked in the enclosing scope."""
+        pos, kw = self._split_args(node)
+        if len(pos) != 1:
+            raise self._err(AttnTypeError, f"'at' takes one expression and q = ... and/or k = ..., "
+                            f"got {len(pos)} positional arguments", node.span)
+        if not kw:
+            raise self._err(AttnTypeError, "'at' needs q = ... or k = ... (the positions to "
+                            "rebind)", node.span)
+        new: dict[Op, Expr] = {}
+        for k in kw:
+            op = {"q": Op.Q, "k": Op.K}.get(k.value)
+            if op is None:
+                raise self._err(AttnTypeError, f"'at' rebinds only q and k, not '{k.value}'", k.span)
+            if op in new:
+                raise self._err(AttnTypeError, f"argument '{k.value}' of 'at' given twice", k.span)
+            x = self.expr(k.children[0], scope)
+            if x.type is not Type.INT:
+                raise self._err(AttnTypeError, f"'at' rebinds {k.value} to an int, got "
+                                f"{x.type.value}", k.children[0].span)
+            new[op] = x
+        inner = self.expr(pos[0], scope)
+        bad = next((n for n in inner.walk() if n.op is Op.SCORE or n.op in SELECTOR_OPS), None)
+        if bad is not None:
+            what = "'score'" if bad.op is Op.SCORE else f"the selector '{OPS[bad.op].spelling}'"
+            raise self._err(AttnTypeError, f"{what} cannot be used inside 'at' (only positions "
+                            "are rebound)", bad.span)
+        return rewrite(inner, lambda e: new.get(e.op))
+
     def _inline(self, d: DefDecl, arg_nodes: tuple, node: Node, scope: _Scope) -> Expr:
         if d.name in self.recursive:
             raise _Reported()
@@ -562,7 +537,7 @@ class Checker:
         names = [p.name for p in d.params or ()]
         defaults = {p.name: p.default for p in d.params or ()}
         bound = self._bind_args(d.name, names, defaults, node) if node.kind == "call" else {}
-        def_scope = _Scope({}, {}, scope.allow_score, scope.def_stack + (d.name,))
+        def_scope = _Scope({}, {}, scope.allow_score, scope.def_stack + (d.name,), scope.depth)
         if len(def_scope.def_stack) > MAX_DEPTH:
             raise self._err(AttnTypeError, f"defs nested too deeply: more than {MAX_DEPTH} "
                             "uses of defs inside one another", node.span)
@@ -586,15 +561,4 @@ class Checker:
 
 _C = Checker
 _BY_KIND = {"name": _C._name, "and": _C._logic, "or": _C._logic, "chain": _C._chain,
-            "call": _C._call, "index": _C._index}
-TYPING = {                          # one typing rule per op (see "typing rules" in Checker)
-    **dict.fromkeys((Op.CONST, Op.PARAM, Op.INDEX, Op.ROUTE), _C._t_value),
-    **dict.fromkeys((Op.Q, Op.K, Op.H, Op.Q_LEN, Op.KV_LEN, Op.HEADS, Op.KV_HEADS, Op.SCORE), _C._t_build),
-    Op.NEG: _C._t_negate, Op.ADD: _C._t_arith, Op.SUB: _C._t_arith, Op.MUL: _C._t_arith,
-    **dict.fromkeys((Op.DIV, Op.FLOORDIV, Op.MOD, Op.POW), _C._t_fixed),
-    **dict.fromkeys((Op.LT, Op.LE, Op.GT, Op.GE, Op.EQ, Op.NE), _C._t_compare),
-    Op.NOT: _C._t_build, Op.AND: _C._t_build, Op.OR: _C._t_build, Op.IF: _C._t_if,
-    Op.ABS: _C._t_numeric, Op.MIN: _C._t_numeric, Op.MAX: _C._t_numeric,
-    **dict.fromkeys((Op.FLOAT, Op.EXP, Op.LOG, Op.SQRT, Op.TANH, Op.SIGMOID), _C._t_function),
-    **dict.fromkeys((Op.TOPK_BLOCKS, Op.TOPP_BLOCKS, Op.RANDOM_BLOCKS), _C._t_build),
-}
+            "call": _C._call, "index": _C._index, "reduction": _C._reduction}

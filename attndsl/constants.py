@@ -9,7 +9,9 @@ from __future__ import annotations
 
 from .errors import AttnError, AttnTypeError, ErrorSink
 from .ir import Expr, Op, PatternIR
-from .ops import CALL_CONSTANT_OPS, CONSTANT_OPS  # pure ops: constant when their operands are
+
+# (CONSTANT_OPS: the pure ops, constant when their operands are)
+from .ops import CALL_CONSTANT_OPS, CONSTANT_OPS, MAX_RANGE, REDUCE_OPS
 
 __all__ = ["CALL_CONSTANT_OPS", "CONSTANT_OPS", "call_constant_sites", "check_constants",
            "constant_sites", "is_call_constant", "is_constant"]
@@ -40,6 +42,8 @@ _RANGES = {
     (Op.TOPP_BLOCKS, 1): (lambda v: v > 0, "topp_blocks: the block size b must be greater than 0"),
     (Op.RANDOM_BLOCKS, 0): (lambda v: v >= 0, "random_blocks: r must not be negative"),
     (Op.RANDOM_BLOCKS, 1): (lambda v: v > 0, "random_blocks: the block size b must be greater than 0"),
+    **{(op, 0): (lambda v: 0 <= v <= MAX_RANGE, f"range(N): N must be between 0 and {MAX_RANGE}")
+       for op in REDUCE_OPS},
 }
 
 
@@ -63,9 +67,16 @@ def constant_sites(ir: PatternIR):
 
 
 def call_constant_sites(ir: PatternIR):
-    """Every (divisor, predicate, message) whose value depends on the call's sizes: checked
-    for each call (:meth:`attndsl.bound.BoundPattern.check_sizes`)."""
-    return ((arg, ok, msg) for arg, ok, msg in _range_sites(ir) if not is_constant(arg))
+    """Every (divisor or range bound, predicate, message) whose value depends on the call's
+    sizes: checked for each call (:meth:`attndsl.bound.BoundPattern.check_sizes`). A site
+    that reads a loop variable is checked where its reduction is expanded (attndsl/expand.py)."""
+    return ((arg, ok, msg) for arg, ok, msg in _range_sites(ir)
+            if not is_constant(arg) and not arg.uses(Op.VAR))
+
+
+def range_sites(ir: PatternIR):
+    """Every (operand, predicate, message) of the pattern that must hold at a call."""
+    return _range_sites(ir)
 
 
 def check_constants(ir: PatternIR, values: dict, source: str | None, partial: bool = False) -> None:

@@ -34,7 +34,7 @@ def parse_type(text: str):
         return None
     if rank == 0:
         return t
-    if t is Type.BOOL or rank > 3:
+    if rank > 3:
         return None
     return TensorType(t, rank)
 

@@ -17,8 +17,11 @@ bool-typed node, tensor reads (``INDEX``: the clause's tensor inputs are constan
 selectors have derivative 0, and so has ``float(...)``, whose operand is an int. The float ops
 follow calculus: sum, difference, product and quotient rules; ``a ** b`` gives
 ``b * a ** (b - 1) * da + a ** b * log(a) * db``, emitting only the terms whose factor ``da``
-or ``db`` is not zero; ``exp``, ``log``, ``sqrt``, ``tanh`` and ``sigmoid`` their usual
-derivatives written with the node itself (``tanh``: ``(1 - t * t) * da``); ``abs(a)`` gives
+or ``db`` is not zero; ``exp``, ``log``, ``sqrt``, ``tanh``, ``sigmoid``, ``exp2`` and
+``log2`` their usual derivatives written with the node itself (``tanh``: ``(1 - t * t) * da``,
+``exp2``: ``e * 0.693... * da``), ``erf(a)`` gives ``1.128... * exp(-(a * a)) * da``
+(2 / sqrt(pi)); the float -> int functions, ``ilog2`` and the bit operators are int-valued
+(derivative 0, their operands never read the score: the checker refuses it); ``abs(a)`` gives
 ``-da if a < 0.0 else da``; ``if`` the derivative of the branch it takes (the condition is not
 differentiated: the clause is piecewise, each piece differentiated), and where one branch is
 the constant ``-inf`` simply the other branch's (the dropped pairs never read it) unless that
@@ -37,6 +40,9 @@ matter. Evaluating it never raises: it reads only the sub-expressions the clause
 under the same ``if``/``and``/``or`` conditions, and float exceptions give inf/NaN as IEEE
 arithmetic does. At a kink (``abs`` at 0, ``min``/``max`` at a tie, an ``if`` on the score at its
 boundary) it is the one-sided derivative of the selected piece.
+
+Reductions (``any``, ``sum``, ... and their loop variable) have no rule: a call expands them
+(attndsl/expand.py) before anything is differentiated, and their entry raises ValueError.
 """
 
 from __future__ import annotations
@@ -292,6 +298,30 @@ def _sigmoid(b, node, args, d):
     return b.mul(b.mul(node, b.sub(b.one(s), node, s), s), d[0], s)
 
 
+def _erf(b, node, args, d):
+    # 2 / sqrt(pi) * exp(-(a * a)) * da
+    s = node.span
+    a = args[0]
+    bell = b.call(Op.EXP, b.neg(b.mul(a, a, s), s), s)
+    return b.mul(b.mul(_literal(2.0 / math.sqrt(math.pi), s), bell, s), d[0], s)
+
+
+def _exp2(b, node, args, d):
+    s = node.span
+    return b.mul(b.mul(node, _literal(math.log(2.0), s), s), d[0], s)
+
+
+def _log2(b, node, args, d):
+    s = node.span
+    return b.div(d[0], b.mul(args[0], _literal(math.log(2.0), s), s), s)
+
+
+def _expanded(b, node, args, d):
+    """A reduction or its loop variable: expanded before anything is differentiated."""
+    raise ValueError(f"'{node.op.value}' must be expanded (attndsl/expand.py) before the score "
+                     "clause is differentiated")
+
+
 DERIVATIVE_RULES = {
     Op.CONST: _zero,
     Op.PARAM: _zero,
@@ -330,6 +360,25 @@ DERIVATIVE_RULES = {
     Op.SQRT: _sqrt,
     Op.TANH: _tanh,
     Op.SIGMOID: _sigmoid,
+    Op.ERF: _erf,
+    Op.EXP2: _exp2,
+    Op.LOG2: _log2,
+    Op.FLOOR: _zero,                # int
+    Op.CEIL: _zero,                 # int
+    Op.ROUND: _zero,                # int
+    Op.ILOG2: _zero,                # int
+    Op.BIT_AND: _zero,              # int
+    Op.BIT_OR: _zero,
+    Op.BIT_XOR: _zero,
+    Op.LSHIFT: _zero,
+    Op.RSHIFT: _zero,
+    Op.INVERT: _zero,
+    Op.ANY: _expanded,              # reductions: expanded per call before differentiation
+    Op.ALL: _expanded,
+    Op.SUM: _expanded,
+    Op.REDUCE_MAX: _expanded,
+    Op.REDUCE_MIN: _expanded,
+    Op.VAR: _expanded,
     Op.INDEX: _zero,                # tensor inputs are constants of the clause
     Op.TOPK_BLOCKS: _zero,          # selectors are not differentiated
     Op.TOPP_BLOCKS: _zero,

@@ -120,7 +120,16 @@ def as_float64(arr: np.ndarray, name: str) -> np.ndarray:
 
 
 def _convert(name: str, arr: np.ndarray, ttype: TensorType) -> np.ndarray:
+    """``arr`` in its declared element type: bool inputs take bool arrays only (numpy bool,
+    ``torch.bool``); int inputs integers or bools (as 0 and 1), within int64; float inputs
+    integers or floats, in float64."""
     kind = arr.dtype.kind
+    if ttype.elem is Type.BOOL:
+        if kind != "b":
+            raise AttnCallError(f"tensor input '{name}' is declared {ttype} and needs bools (a "
+                                f"NumPy bool array or a torch.bool tensor), got dtype "
+                                f"{arr.dtype}")
+        return arr
     if ttype.elem is Type.INT:
         if kind not in "iub":
             raise AttnCallError(f"tensor input '{name}' is declared {ttype} and needs integers, "

@@ -11,19 +11,40 @@ namespace ``env.xp`` (:class:`NumpyOps`: int64 and float64; the gradient oracle
 so that autograd differentiates the score clause). The backends do not interpret:
 they run code generated from the IR (codegen/lower.py for Triton, codegen/torch_lower.py for
 torch), checked against this interpreter. ``and``/``or``/``if`` narrow the set of *live* grid
-points for their right-hand/branch operands, so that a tensor index is only required to be in
-range where it is actually used (``doc[q - 1] if q > 0 else -1`` is valid).
+points for their right-hand/branch operands, and ``any``/``all`` each item to the points the
+earlier items did not decide, so that what can fail at a pair is only required to be valid
+where it is actually used (``doc[q - 1] if q > 0 else -1`` is valid): a tensor index in range,
+a shift count in 0..62, a finite ``floor``/``ceil``/``round`` argument whose result fits int64.
+Each is an :class:`~attndsl.errors.AttnCallError` at the failing operand (the index, the count,
+the function) naming the value and the first (h, q, k) where it is evaluated; with
+``Env.out_of_range`` a list, the analysis' mode, such values are clipped instead and the bool
+array of the pairs where it happened is appended.
+
+Integers are int64 (``<<`` wraps as two's complement, ``>>`` is arithmetic), ``round`` is half
+to even, ``ilog2`` is exact (``floor(log2(n))`` for n >= 1, -1 below). The reductions
+(``any``, ``all``, ``sum``, ``max``, ``min`` over ``range(n)``) loop for real: ``Env.vars``
+holds the loop variables (binder depth -> value) and every iteration re-evaluates the nodes that
+read them. Their bound n, a call constant, must lie in 0..MAX_RANGE and ``max``/``min`` of an
+empty range is an error: both wherever the reduction is evaluated at all, whatever the live
+points (as attndsl/expand.py's expansion, which every backend runs, checks them).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from functools import reduce
 
 import numpy as np
 
 from .errors import AttnCallError, source_for
-from .ir import Expr, Op
+from .ir import Expr, Op, Type
+from .ops import FLOAT_TO_INT_OPS, MAX_RANGE, REDUCE_OPS, SHIFT_OPS
+
+MAX_SHIFT = 62              # shift counts lie in 0..MAX_SHIFT
+# the ops whose operands can fail at a pair: evaluated only at live points
+_LIVE_OPS = (Op.INDEX, *SHIFT_OPS, *FLOAT_TO_INT_OPS)
+_ERF = np.frompyfunc(math.erf, 1, 1)
 
 
 class NumpyOps:
@@ -39,10 +60,27 @@ class NumpyOps:
     sqrt = staticmethod(np.sqrt)
     tanh = staticmethod(np.tanh)
     power = staticmethod(np.power)
+    exp2 = staticmethod(np.exp2)
+    log2 = staticmethod(np.log2)
+    floor = staticmethod(np.floor)
+    ceil = staticmethod(np.ceil)
+    round = staticmethod(np.rint)           # half to even
+    left_shift = staticmethod(np.left_shift)        # int64: wraps
+    right_shift = staticmethod(np.right_shift)      # int64: arithmetic
 
     @staticmethod
     def sigmoid(x):
         return 0.5 * (1.0 + np.tanh(0.5 * x))
+
+    @staticmethod
+    def erf(x):
+        """Python's ``math.erf`` elementwise (NumPy has none; SciPy is no dependency)."""
+        return np.asarray(_ERF(np.asarray(x, dtype=np.float64)), dtype=np.float64)
+
+    @staticmethod
+    def to_int(x):
+        """Integral float64 values within int64 as int64."""
+        return np.asarray(x).astype(np.int64)
 
     @staticmethod
     def scalar(v):
@@ -84,40 +122,77 @@ class Env:
     selectors: object = None                        # SelectorTables (see selectors.py)
     score: object = None
     xp: object = NumpyOps
-    # None: an index out of range raises. A list: such indices are clipped and the bool array
-    # of grid points where it happened is appended (the analysis then treats them as unknown).
+    # None: an index out of range (a bad shift count, a float -> int conversion that fails)
+    # raises. A list: such values are clipped and the bool array of grid points where it
+    # happened is appended (the analysis then treats them as unknown).
     out_of_range: list | None = None
+    vars: dict = field(default_factory=dict)        # reduction binder depth -> loop value
 
 
 class Evaluator:
-    """Evaluates IR expressions against one Env; results of shared sub-trees are memoised."""
+    """Evaluates IR expressions against one Env; results of shared sub-trees are memoised
+    (those that read a reduction's loop variable per iteration: one memo per binder depth,
+    emptied when a loop at that depth or outside it moves on)."""
 
     def __init__(self, env: Env):
         self.env = env
         self.xp = env.xp
         self._memo: dict[int, object] = {}
-        self._has_index: dict[int, bool] = {}
-        # whether this evaluates the score clause (an Env with a score): only for the message
-        # of an index out of range
+        self._var_memo: dict[int, dict] = {}        # depth -> memo of nodes reading var depth
+        self._live: dict[int, bool] = {}
+        self._free: dict[int, int] = {}             # id -> bit mask of the free loop depths
+        self._keep: list[Expr] = []                 # keeps the nodes of _free alive
+        # whether this evaluates the score clause (an Env with a score): only for the messages
+        # of the errors at a pair
         self.score_clause = env.score is not None
 
-    def _flag(self, cache: dict, node: Expr, op: Op) -> bool:
-        got = cache.get(id(node))
+    def needs_live(self, node: Expr) -> bool:
+        """Whether ``node`` reads something that can fail at a pair (a tensor index, a shift,
+        a float -> int conversion): it is then evaluated at live points only."""
+        got = self._live.get(id(node))
         if got is None:
-            got = node.uses(op)
-            cache[id(node)] = got
+            got = node.uses(*_LIVE_OPS)
+            self._live[id(node)] = got
         return got
 
-    def needs_live(self, node: Expr) -> bool:
-        return self._flag(self._has_index, node, Op.INDEX)
+    def free_vars(self, node: Expr) -> int:
+        """The loop variables ``node`` reads but does not bind, as a bit mask of depths."""
+        stack = [(node, False)]
+        while stack:
+            n, ready = stack.pop()
+            if id(n) in self._free:
+                continue
+            if not ready:
+                stack.append((n, True))
+                stack.extend((c, False) for c in n.args if id(c) not in self._free)
+                continue
+            if n.op is Op.VAR:
+                mask = 1 << n.value
+            else:
+                mask = reduce(lambda m, c: m | self._free[id(c)], n.args, 0)
+                if n.op in REDUCE_OPS:
+                    mask = self._free[id(n.args[0])] | \
+                        (self._free[id(n.args[1])] & ~(1 << n.value))
+            self._free[id(n)] = mask
+            self._keep.append(n)
+        return self._free[id(node)]
+
+    def forget(self, depth: int) -> None:
+        """Drop the memoised values of the nodes that read a loop variable of ``depth`` or
+        deeper (a loop at ``depth`` moves on)."""
+        for d in [d for d in self._var_memo if d >= depth]:
+            del self._var_memo[d]
 
     def sub(self, node: Expr, live=None):
         """The value of ``node`` where ``live`` (a bool array or None for everywhere) holds."""
         if live is None:
+            free = self.free_vars(node) if self.env.vars else 0
+            memo = self._memo if not free else \
+                self._var_memo.setdefault(free.bit_length() - 1, {})
             key = id(node)
-            if key not in self._memo:
-                self._memo[key] = EVAL_RULES[node.op](self, node, None)
-            return self._memo[key]
+            if key not in memo:
+                memo[key] = EVAL_RULES[node.op](self, node, None)
+            return memo[key]
         return EVAL_RULES[node.op](self, node, live)
 
 
@@ -200,17 +275,12 @@ def _index(ev, node, live):
     xp = ev.xp
     idx = [np.asarray(xp.to_numpy(ev.sub(a, live)), dtype=np.int64) for a in node.args]
     shape = np.broadcast_shapes(*(i.shape for i in idx))
-    live_np = None if live is None else np.asarray(xp.to_numpy(live), dtype=bool)
     clipped = []
     for axis, i in enumerate(idx):
         size = tensor.shape[axis]
         bad = (i < 0) | (i >= size)
-        if live_np is not None:
-            bad = bad & live_np
-        if np.any(bad):
-            if ev.env.out_of_range is None:
-                _raise_out_of_range(ev, node, axis, i, bad, size)
-            ev.env.out_of_range.append(bad)
+        if _failed(ev, bad, live):
+            _raise_out_of_range(ev, node, axis, i, bad & _live_np(ev, live), size)
         clipped.append(np.broadcast_to(np.clip(i, 0, max(size - 1, 0)), shape))
     if 0 in tensor.shape:       # NumPy arrays, or torch tensors (reference_grad's namespace)
         zeros = tensor.new_zeros(shape) if hasattr(tensor, "new_zeros") else \
@@ -221,37 +291,183 @@ def _index(ev, node, live):
     return xp.from_numpy(tensor[tuple(clipped)])
 
 
+def _live_np(ev, live):
+    return True if live is None else np.asarray(ev.xp.to_numpy(live), dtype=bool)
+
+
+def _failed(ev, bad: np.ndarray, live) -> bool:
+    """Whether ``bad`` (a NumPy bool array over the grid) holds at a live point: then the
+    caller raises, unless the Env collects such points (``out_of_range`` is a list: they are
+    appended and False is returned, the caller clips)."""
+    bad = bad & _live_np(ev, live)
+    if not np.any(bad):
+        return False
+    if ev.env.out_of_range is None:
+        return True
+    ev.env.out_of_range.append(bad)
+    return False
+
+
+def _first(ev, bad, value):
+    """(the value at, the text of) the first (h, q, k) where ``bad`` holds."""
+    env = ev.env
+    full = np.broadcast_shapes(np.shape(bad), np.shape(value), np.shape(env.h), np.shape(env.q),
+                               np.shape(env.k))
+    where = tuple(np.argwhere(np.broadcast_to(bad, full))[0])
+    h, q, k = (int(np.broadcast_to(np.asarray(x), full)[where]) for x in (env.h, env.q, env.k))
+    row = q - (env.kv_len - env.q_len)
+    at = f"h={h}, q={q}, k={k}" + (f" (query row {row})" if row != q else "")
+    return np.broadcast_to(value, full)[where], at
+
+
+def _why(ev, what: str, plural: str) -> str:
+    """Why ``what`` (e.g. 'an index') is evaluated at the pair of an error."""
+    if ev.score_clause:
+        return ("the score clause is evaluated at every (h, q, k) pair, masked pairs included "
+                f"(LANGUAGE.md sections 1 and 3), so {plural} at every pair")
+    return (f"the mask evaluates {what} at every pair that no enclosing 'and', 'or' or 'if' "
+            "rules out (nor an 'any' or 'all' that an earlier item decided)")
+
+
+def _short(node: Expr) -> str:
+    from .printer import print_expr  # local: keeps this module's imports light
+
+    text = print_expr(node)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
 def _raise_out_of_range(ev, node, axis, idx, bad, size):
     """Raise the AttnCallError of an index out of range: the tensor, its size, the index
     expression and its value at the first (h, q, k) where it is evaluated, and why it is
     evaluated there (the score clause at every pair, masked ones included; the mask wherever
     no enclosing and/or/if rules the operand out)."""
-    from .printer import print_expr  # local: keeps this module's imports light
-
-    env = ev.env
-    full = np.broadcast_shapes(bad.shape, np.shape(env.h), np.shape(env.q), np.shape(env.k))
-    where = np.argwhere(np.broadcast_to(bad, full))[0]
-    h = int(np.broadcast_to(env.h, full)[tuple(where)])
-    q = int(np.broadcast_to(env.q, full)[tuple(where)])
-    k = int(np.broadcast_to(env.k, full)[tuple(where)])
-    value = int(np.broadcast_to(idx, full)[tuple(where)])
+    value, at = _first(ev, bad, idx)
+    value = int(value)
     dim = f" (dimension {axis})" if len(node.args) > 1 else ""
-    expr = print_expr(node.args[axis])
-    if len(expr) > 60:
-        expr = expr[:57] + "..."
-    row = q - (env.kv_len - env.q_len)
-    at = f"h={h}, q={q}, k={k}" + (f" (query row {row})" if row != q else "")
+    expr = _short(node.args[axis])
     guard = f"{expr} >= 0" if value < 0 else f"{expr} < {size}"
-    if ev.score_clause:
-        why = ("the score clause is evaluated at every (h, q, k) pair, masked pairs included "
-               "(LANGUAGE.md sections 1 and 3), so its indices must be in range at every pair")
-    else:
-        why = ("the mask evaluates an index at every pair that no enclosing 'and', 'or' or "
-               "'if' rules out")
+    why = _why(ev, "an index", "its indices must be in range")
     raise AttnCallError(f"index {value} is out of range for tensor input '{node.value}'{dim} of "
                         f"size {size}: the index '{expr}' is {value} at {at}; {why}; guard it "
                         f"('... if {guard} else ...') or clamp the index", node.span,
                         _source_of(node))
+
+
+def _shift(name):
+    """``<<`` (int64, wrapping) or ``>>`` (arithmetic); a count outside 0..MAX_SHIFT where it
+    is live is an error at the count."""
+    def rule(ev, node, live):
+        xp = ev.xp
+        a, count = node.args
+        x, c = ev.sub(a, live), ev.sub(count, live)
+        c_np = np.asarray(xp.to_numpy(c), dtype=np.int64)
+        bad = (c_np < 0) | (c_np > MAX_SHIFT)
+        if _failed(ev, bad, live):
+            value, at = _first(ev, bad & _live_np(ev, live), c_np)
+            expr = _short(count)
+            why = _why(ev, "a shift", "its shift counts must be in 0..62")
+            raise AttnCallError(
+                f"shift count {int(value)} is out of range: the count '{expr}' of "
+                f"'{node.op.value}' is {int(value)} at {at}, and a shift count must lie in "
+                f"0..{MAX_SHIFT}; {why}; guard it ('... if 0 <= {expr} <= {MAX_SHIFT} else "
+                "...') or clamp the count", count.span, _source_of(count))
+        if np.any(bad):         # clipped (where not live, or collected): any value will do
+            c = xp.from_numpy(np.clip(c_np, 0, MAX_SHIFT))
+        return getattr(xp, name)(x, c)
+    return rule
+
+
+_INT64_LIMIT = 2.0 ** 63
+
+
+def _to_int(name):
+    """``floor``, ``ceil`` or ``round`` (half to even) of a float64 as an int64; NaN, an
+    infinity or a result beyond int64 where it is live is an error at the call."""
+    def rule(ev, node, live):
+        xp = ev.xp
+        r = getattr(xp, name)(ev.sub(node.args[0], live))
+        ok = (r >= -_INT64_LIMIT) & (r < _INT64_LIMIT)          # NaN is neither
+        bad = ~np.asarray(xp.to_numpy(ok), dtype=bool)
+        if _failed(ev, bad, live):
+            x = np.asarray(xp.to_numpy(ev.sub(node.args[0], live)), dtype=np.float64)
+            value, at = _first(ev, bad & _live_np(ev, live), x)
+            expr = _short(node.args[0])
+            why = _why(ev, f"'{name}'", f"the arguments of its '{name}' must be valid")
+            raise AttnCallError(
+                f"{name} of {float(value)!r} is not an int64: the argument '{expr}' is "
+                f"{float(value)!r} at {at}, and {name} needs a finite argument whose result "
+                f"lies in [-2**63, 2**63 - 1]; {why}; guard it ('... if ... else ...') so "
+                "that it is not evaluated there", node.span, _source_of(node))
+        return xp.to_int(xp.where(ok, r, 0.0))
+    return rule
+
+
+def _ilog2(ev, node, live):
+    """floor(log2(n)) for n >= 1, -1 for n <= 0, exactly (halving by shifts: no float)."""
+    xp = ev.xp
+    n = ev.sub(node.args[0], live)
+    x, out = xp.maximum(n, 1), 0
+    for step in (32, 16, 8, 4, 2, 1):
+        big = x >= (1 << step)
+        out = out + xp.where(big, step, 0)
+        x = xp.where(big, x >> step, x)
+    return xp.where(n >= 1, out, -1)
+
+
+def _bound(ev, node) -> int:
+    """The bound n of a reduction's range(n), checked 0 <= n <= MAX_RANGE (a call constant:
+    checked wherever the reduction is evaluated, whatever the live points)."""
+    count = node.args[0]
+    n = int(np.asarray(ev.xp.to_numpy(ev.sub(count))).item())
+    if not 0 <= n <= MAX_RANGE:
+        env = ev.env
+        raise AttnCallError(f"range(N): N must be between 0 and {MAX_RANGE}, got {n} at this "
+                            f"call (q_len={env.q_len}, kv_len={env.kv_len}, heads={env.heads}, "
+                            f"kv_heads={env.kv_heads})", count.span, _source_of(count))
+    return n
+
+
+def _reduction(ev, node, live):
+    """any/all (or/and chains: an item is live where the earlier ones did not decide), sum
+    (0 or 0.0, then the items added in order) and max/min (folded like MAX/MIN) over
+    ``body[var := i]`` for i in range(n)."""
+    n = _bound(ev, node)
+    op, body, depth, xp = node.op, node.args[1], node.value, ev.xp
+    if n == 0:
+        if op in (Op.REDUCE_MAX, Op.REDUCE_MIN):
+            name = "max" if op is Op.REDUCE_MAX else "min"
+            raise AttnCallError(f"{name}() of an empty range: range(N) has N = 0 at this call",
+                                node.span, _source_of(node))
+        if op is Op.SUM:
+            return xp.scalar(0.0 if node.type is Type.FLOAT else 0)
+        return xp.scalar(op is Op.ALL)
+    narrow = op in (Op.ANY, Op.ALL) and ev.needs_live(body)
+    acc = xp.scalar(0.0 if node.type is Type.FLOAT else 0) if op is Op.SUM else None
+    item_live = live
+    env = ev.env
+    try:
+        for i in range(n):
+            env.vars[depth] = i
+            ev.forget(depth)
+            v = ev.sub(body, item_live)
+            if op is Op.SUM:
+                acc = acc + v
+            elif acc is None:
+                acc = v
+            elif op in (Op.ANY, Op.ALL):
+                acc = (acc | v) if op is Op.ANY else (acc & v)
+            else:
+                acc = (xp.maximum if op is Op.REDUCE_MAX else xp.minimum)(acc, v)
+            if narrow:
+                item_live = _and_live(item_live, ~v if op is Op.ANY else v)
+    finally:
+        env.vars.pop(depth, None)
+        ev.forget(depth)
+    return acc
+
+
+def _var(ev, node, live):
+    return ev.xp.scalar(ev.env.vars[node.value])
 
 
 def _source_of(node: Expr):
@@ -308,6 +524,25 @@ EVAL_RULES = {
     Op.SQRT: _unary(lambda xp, a: xp.sqrt(a)),
     Op.TANH: _unary(lambda xp, a: xp.tanh(a)),
     Op.SIGMOID: _unary(lambda xp, a: xp.sigmoid(a)),
+    Op.ERF: _unary(lambda xp, a: xp.erf(a)),
+    Op.EXP2: _unary(lambda xp, a: xp.exp2(a)),
+    Op.LOG2: _unary(lambda xp, a: xp.log2(a)),
+    Op.FLOOR: _to_int("floor"),
+    Op.CEIL: _to_int("ceil"),
+    Op.ROUND: _to_int("round"),
+    Op.ILOG2: _ilog2,
+    Op.BIT_AND: _binary(lambda xp, a, b: a & b),
+    Op.BIT_OR: _binary(lambda xp, a, b: a | b),
+    Op.BIT_XOR: _binary(lambda xp, a, b: a ^ b),
+    Op.LSHIFT: _shift("left_shift"),
+    Op.RSHIFT: _shift("right_shift"),
+    Op.INVERT: _unary(lambda xp, a: ~a),
+    Op.ANY: _reduction,
+    Op.ALL: _reduction,
+    Op.SUM: _reduction,
+    Op.REDUCE_MAX: _reduction,
+    Op.REDUCE_MIN: _reduction,
+    Op.VAR: _var,
     Op.INDEX: _index,
     Op.TOPK_BLOCKS: _selector,
     Op.TOPP_BLOCKS: _selector,

@@ -75,6 +75,29 @@ class Op(enum.Enum):
     SQRT = "sqrt"
     TANH = "tanh"
     SIGMOID = "sigmoid"
+    ERF = "erf"
+    EXP2 = "exp2"
+    LOG2 = "log2"
+    FLOOR = "floor"          # float -> int (like ceil, round: NaN, inf, beyond int64: call error)
+    CEIL = "ceil"
+    ROUND = "round"          # half to even, as Python
+    ILOG2 = "ilog2"          # int -> int: floor(log2(n)) for n >= 1, -1 for n <= 0
+    # bit operators on ints (two's complement int64; shift counts 0..62 else a call error)
+    BIT_AND = "&"
+    BIT_OR = "|"
+    BIT_XOR = "^"
+    LSHIFT = "<<"
+    RSHIFT = ">>"            # arithmetic
+    INVERT = "~"
+    # bounded reductions: args (n, body), value: the loop variable's binder depth (see VAR);
+    # 'any(body for i in range(n))' and the like. Expanded into and/or/+/max/min chains once a
+    # call's sizes are known (attndsl/expand.py), before analysis and lowering.
+    ANY = "any"
+    ALL = "all"
+    SUM = "sum"
+    REDUCE_MAX = "reduce_max"        # spelt max(... for i in range(n))
+    REDUCE_MIN = "reduce_min"        # spelt min(... for i in range(n))
+    VAR = "var"              # a reduction's loop variable; value: its binder's depth
     # tensors and selectors
     INDEX = "index"          # value: tensor parameter name; args: indices
     TOPK_BLOCKS = "topk_blocks"      # args: (n, b, causal) constant expressions
@@ -91,11 +114,15 @@ class Prec(enum.IntEnum):
     AND = 2
     NOT = 3
     CMP = 4
-    ADD = 5
-    MUL = 6
-    UNARY = 7
-    POW = 8
-    ATOM = 9
+    BIT_OR = 5
+    BIT_XOR = 6
+    BIT_AND = 7
+    SHIFT = 8
+    ADD = 9
+    MUL = 10
+    UNARY = 11
+    POW = 12
+    ATOM = 13
 
 
 NUM = "num"          # operand kind: int or float, one type for all NUM operands of a node
@@ -105,7 +132,8 @@ PARAM_TYPE = "param"     # result kind of PARAM: the declared type of the parame
 ELEM_TYPE = "elem"       # result kind of INDEX: the element type of the tensor input
 
 # printing forms (printer.PRINT_RULES has one rule per form)
-FORMS = ("literal", "param", "name", "infix", "prefix", "if", "call", "index", "route")
+FORMS = ("literal", "param", "name", "infix", "prefix", "if", "call", "index", "route",
+         "reduce", "var")
 
 
 @dataclass(frozen=True, slots=True)
@@ -174,6 +202,10 @@ def _selector(op: Op, params, data: bool) -> OpInfo:
                   params=params)
 
 
+def _reduce(op: Op, spelling: str, body) -> OpInfo:
+    return OpInfo(op, spelling, 2, (Type.INT, body), body, "reduce", call_constant_args=(0,))
+
+
 _I, _F, _B, _P = Type.INT, Type.FLOAT, Type.BOOL, Prec
 _NN, _FF, _II = (NUM, NUM), (_F, _F), (_I, _I)
 
@@ -192,12 +224,18 @@ OPS: dict[Op, OpInfo] = {info.op: info for info in (
            call_constant_args=(1,)),
     OpInfo(Op.MOD, "%", 2, _II, _I, "infix", _P.MUL, _P.MUL, _P.UNARY, call_constant_args=(1,)),
     _infix(Op.POW, _FF, _F, _P.POW, _P.ATOM, _P.UNARY),
-    _infix(Op.LT, _NN, _B, _P.CMP, _P.ADD, _P.ADD),
-    _infix(Op.LE, _NN, _B, _P.CMP, _P.ADD, _P.ADD),
-    _infix(Op.GT, _NN, _B, _P.CMP, _P.ADD, _P.ADD),
-    _infix(Op.GE, _NN, _B, _P.CMP, _P.ADD, _P.ADD),
-    _infix(Op.EQ, (ANY, ANY), _B, _P.CMP, _P.ADD, _P.ADD),
-    _infix(Op.NE, (ANY, ANY), _B, _P.CMP, _P.ADD, _P.ADD),
+    _infix(Op.LT, _NN, _B, _P.CMP, _P.BIT_OR, _P.BIT_OR),
+    _infix(Op.LE, _NN, _B, _P.CMP, _P.BIT_OR, _P.BIT_OR),
+    _infix(Op.GT, _NN, _B, _P.CMP, _P.BIT_OR, _P.BIT_OR),
+    _infix(Op.GE, _NN, _B, _P.CMP, _P.BIT_OR, _P.BIT_OR),
+    _infix(Op.EQ, (ANY, ANY), _B, _P.CMP, _P.BIT_OR, _P.BIT_OR),
+    _infix(Op.NE, (ANY, ANY), _B, _P.CMP, _P.BIT_OR, _P.BIT_OR),
+    _infix(Op.BIT_OR, _II, _I, _P.BIT_OR, _P.BIT_OR, _P.BIT_XOR),
+    _infix(Op.BIT_XOR, _II, _I, _P.BIT_XOR, _P.BIT_XOR, _P.BIT_AND),
+    _infix(Op.BIT_AND, _II, _I, _P.BIT_AND, _P.BIT_AND, _P.SHIFT),
+    _infix(Op.LSHIFT, _II, _I, _P.SHIFT, _P.SHIFT, _P.ADD),
+    _infix(Op.RSHIFT, _II, _I, _P.SHIFT, _P.SHIFT, _P.ADD),
+    OpInfo(Op.INVERT, "~", 1, (_I,), _I, "prefix", _P.UNARY, right=_P.UNARY),
     OpInfo(Op.NOT, "not", 1, (_B,), _B, "prefix", _P.NOT, right=_P.NOT),
     _infix(Op.AND, (_B, _B), _B, _P.AND, _P.AND, _P.NOT),
     _infix(Op.OR, (_B, _B), _B, _P.OR, _P.OR, _P.AND),
@@ -208,12 +246,18 @@ OPS: dict[Op, OpInfo] = {info.op: info for info in (
     _call(Op.FLOAT, (_I,), _F),                 # of a float: the checker keeps the operand
     _call(Op.EXP, (_F,), _F), _call(Op.LOG, (_F,), _F), _call(Op.SQRT, (_F,), _F),
     _call(Op.TANH, (_F,), _F), _call(Op.SIGMOID, (_F,), _F),
+    _call(Op.ERF, (_F,), _F), _call(Op.EXP2, (_F,), _F), _call(Op.LOG2, (_F,), _F),
+    _call(Op.FLOOR, (_F,), _I), _call(Op.CEIL, (_F,), _I), _call(Op.ROUND, (_F,), _I),
+    _call(Op.ILOG2, (_I,), _I),
     OpInfo(Op.INDEX, None, 1, (_I,), ELEM_TYPE, "index", variadic=True, constant=False),
     _selector(Op.TOPK_BLOCKS, (("n", _I, None), ("b", _I, None), ("causal", _B, True)), True),
     _selector(Op.TOPP_BLOCKS, (("p", _F, None), ("b", _I, None), ("causal", _B, True)), True),
     OpInfo(Op.ROUTE, "route", 0, (), _B, "route", constant=False, selector=True,
            data_selector=True, params=(("c", "float[][][]", None),)),   # value: the tensor
     _selector(Op.RANDOM_BLOCKS, (("r", _I, None), ("b", _I, None), ("seed", _I, 0)), False),
+    _reduce(Op.ANY, "any", _B), _reduce(Op.ALL, "all", _B), _reduce(Op.SUM, "sum", NUM),
+    _reduce(Op.REDUCE_MAX, "max", NUM), _reduce(Op.REDUCE_MIN, "min", NUM),
+    OpInfo(Op.VAR, None, 0, (), _I, "var", constant=False),
 )}
 
 # ----------------------------------------------------------------------------- groups
@@ -225,12 +269,21 @@ BUILTIN_LEAVES = {i.spelling: op for op, i in OPS.items()
 ARITH_OPS = {op for op, i in OPS.items() if i.form == "infix" and i.operands == _NN and
              i.result == NUM}
 COMPARE_OPS = {op for op, i in OPS.items() if i.form == "infix" and i.level is Prec.CMP}
-UNARY_FLOAT_FUNCS = {op for op, i in OPS.items() if i.form == "call" and i.operands == (_F,)}
+UNARY_FLOAT_FUNCS = {op for op, i in OPS.items() if i.form == "call" and i.operands == (_F,)
+                     and i.result is _F}
 SELECTOR_OPS = {op for op, i in OPS.items() if i.selector}
 DATA_SELECTOR_OPS = {op for op, i in OPS.items() if i.data_selector}  # need the call's Q and K
 CONSTANT_OPS = {op for op, i in OPS.items() if i.constant}
 # known once a call's sizes are: the constant ops and the size builtins
-CALL_CONSTANT_OPS = CONSTANT_OPS | {Op.Q_LEN, Op.KV_LEN, Op.HEADS, Op.KV_HEADS}
+# (a reduction's loop variable is a call constant inside its body: known once the reduction is
+# expanded, attndsl/expand.py)
+CALL_CONSTANT_OPS = CONSTANT_OPS | {Op.Q_LEN, Op.KV_LEN, Op.HEADS, Op.KV_HEADS, Op.VAR}
+REDUCE_OPS = {op for op, i in OPS.items() if i.form == "reduce"}
+# the ops a call's expansion removes (attndsl/expand.py): analysis and lowering never see them
+EXPANDED_OPS = REDUCE_OPS | {Op.VAR}
+FLOAT_TO_INT_OPS = {Op.FLOOR, Op.CEIL, Op.ROUND}
+MAX_RANGE = 256          # the largest bound N of a reduction's range(N)
+SHIFT_OPS = {Op.LSHIFT, Op.RSHIFT}
 
 
 def table_gaps(table, ops=Op) -> tuple[list, list]:

@@ -151,6 +151,7 @@ _WORDS = {
     "NAME": "a name", "INT": "an integer", "FLOAT": "a number", "_NL": "end of line",
     "_INDENT": "an indented block", "_DEDENT": "end of the indented block", "CMP_OP": "a comparison",
     "TRUE": "'true'", "FALSE": "'false'", "$END": "end of file", "COMMENT": "a comment",
+    "SHL": "'<<'", "SHR": "'>>'",
 }
 
 
@@ -301,6 +302,24 @@ class _ToSurface:
     def pow(self, c):
         return Node("**", tuple(c), None, c[0].span)
 
+    def bit_or(self, c):
+        return Node("|", tuple(c), None, c[0].span)
+
+    def bit_xor(self, c):
+        return Node("^", tuple(c), None, c[0].span)
+
+    def bit_and(self, c):
+        return Node("&", tuple(c), None, c[0].span)
+
+    def lshift(self, c):                     # c: operand, the '<<' token, operand
+        return Node("<<", (c[0], c[2]), None, c[0].span)
+
+    def rshift(self, c):
+        return Node(">>", (c[0], c[2]), None, c[0].span)
+
+    def invert(self, c):                     # c: the '~' token and the operand
+        return Node("~", (c[1],), None, self._unary_span(c[0], c[1]))
+
     def or_(self, c):
         return Node("or", tuple(c), None, c[0].span)
 
@@ -326,6 +345,15 @@ class _ToSurface:
         name_tok = c[0]
         args = c[1] if len(c) > 1 and c[1] is not None else ()
         return Node("call", tuple(args), str(name_tok), _tok_span(self.f, name_tok))
+
+    def reduction(self, c):
+        """``NAME(body for VAR in RANGE(args))``: children (body, *range arguments), value
+        (function name, loop variable, its span, the range function's name, its span)."""
+        func, body, var, range_name, args = c
+        node_args = tuple(args) if args is not None else ()
+        value = (str(func), str(var), _tok_span(self.f, var), str(range_name),
+                 _tok_span(self.f, range_name))
+        return Node("reduction", (body, *node_args), value, _tok_span(self.f, func))
 
     def arguments(self, c):
         return tuple(a for a in c if a is not None)

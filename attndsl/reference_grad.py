@@ -95,6 +95,42 @@ class TorchOps:
         return 0.5 * (1.0 + torch.tanh(0.5 * _t(x)))
 
     @staticmethod
+    def erf(x):
+        return torch.special.erf(_t(x))
+
+    @staticmethod
+    def exp2(x):
+        return torch.exp2(_t(x))
+
+    @staticmethod
+    def log2(x):
+        return torch.log2(_t(x))
+
+    @staticmethod
+    def floor(x):
+        return torch.floor(_t(x))
+
+    @staticmethod
+    def ceil(x):
+        return torch.ceil(_t(x))
+
+    @staticmethod
+    def round(x):
+        return torch.round(_t(x))           # half to even
+
+    @staticmethod
+    def to_int(x):
+        return _t(x).to(torch.int64)
+
+    @staticmethod
+    def left_shift(a, c):
+        return torch.bitwise_left_shift(_t(a), _t(c))      # int64: wraps
+
+    @staticmethod
+    def right_shift(a, c):
+        return torch.bitwise_right_shift(_t(a), _t(c))     # arithmetic
+
+    @staticmethod
     def scalar(v):
         if isinstance(v, bool):
             return torch.tensor(v)

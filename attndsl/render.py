@@ -217,7 +217,7 @@ class _Probe:
         self.ndim = ttype.rank
         self.shape = (self.BIG,) * ttype.rank
         self.size = self.BIG ** ttype.rank
-        self.dtype = np.dtype(np.int64 if ttype.elem is Type.INT else np.float64)
+        self.dtype = np.dtype({Type.INT: np.int64, Type.BOOL: np.bool_}.get(ttype.elem, np.float64))
         self.top = [-1] * ttype.rank
 
     def __getitem__(self, index):
@@ -320,7 +320,8 @@ def demo_inputs(pat, sizes, head_dim: int, rng, query=None, key=None):
     covering the keys (or, when the pattern compares it with constants, contiguous segments with
     those labels), one named like ``*start*`` the documents' first positions; every other input
     gets random values of the smallest shape covering the indices the pattern uses (ints in
-    ``[0, kv_len)``, floats Gaussian). The shapes come from evaluating the pattern with probes.
+    ``[0, kv_len)``, floats Gaussian, bools true one time in eight). The shapes come from
+    evaluating the pattern with probes.
     """
     q_len, kv_len, heads, _ = sizes
     declared = {p.name: p.type for p in pat.ir.params if p.is_tensor}
@@ -360,13 +361,17 @@ def demo_inputs(pat, sizes, head_dim: int, rng, query=None, key=None):
 
 def _random_input(n: str, shape, t, kv_len: int, rng, out: dict, notes: list) -> None:
     """Random values of ``shape`` for tensor input ``n`` (ints in [0, kv_len), floats
-    Gaussian) into ``out``, with a note; too large a shape is an AttnCallError."""
+    Gaussian, bools true one time in eight) into ``out``, with a note; too large a shape is an
+    AttnCallError."""
     if int(np.prod(shape)) > 1 << 26:
         raise AttnCallError(f"cannot make demo values for tensor input '{n}': its indices "
                             f"need shape {list(shape)}; use smaller sizes")
     if t.elem is Type.INT:
         out[n] = rng.integers(0, max(1, kv_len), shape)
         notes.append(f"{n}: random ints in [0, {max(1, kv_len)}) of shape {list(shape)}")
+    elif t.elem is Type.BOOL:
+        out[n] = rng.random(shape) < 0.125
+        notes.append(f"{n}: random bools (true with probability 1/8) of shape {list(shape)}")
     else:
         out[n] = rng.standard_normal(shape)
         notes.append(f"{n}: random Gaussian {t} of shape {list(shape)}")

@@ -20,6 +20,7 @@ BUILTIN_NAMES: tuple[str, ...] = (
     "q", "k", "h", "q_len", "kv_len", "heads", "kv_heads", "kv_head", "score", "inf",
     "abs", "min", "max", "clamp", "float", "exp", "log", "sqrt", "tanh", "sigmoid",
     "topk_blocks", "topp_blocks", "random_blocks", "route",
+    "erf", "exp2", "log2", "floor", "ceil", "round", "ilog2", "any", "all", "sum", "range", "at",
 )
 
 PARAM_API_NAMES: tuple[str, ...] = ("self",)          # Pattern.bind(self, **values)

@@ -16,7 +16,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .analysis.intervals import indices_in_range
+from .analysis.call_checks import call_values_proved
 from .bound import BoundPattern, call_grids
 from .call import BoundCall, CallData, CallShape
 from .codegen import backend as triton_backend
@@ -110,7 +110,7 @@ def forward(pattern: BoundPattern, q, k, v, scale: float, backend: str, tensors:
 
 
 def _forward(call: BoundCall, data: CallData, q, k, v):
-    check_call_indices(data)
+    check_call_values(data)
     if call.backend == "torch":
         if call.pattern.uses_selectors():       # every head walks its own selected tiles
             return selected_attention(call, data, q, k, v)
@@ -141,6 +141,8 @@ def bind(pattern: BoundPattern, q, k, v, return_lse, scale, backend, tensors: di
     """The bind stage: every argument checked; (BoundCall, CallData)."""
     scale, backend, shapes = check_arguments(pattern, q, k, v, return_lse, scale, backend,
                                              tensors)
+    batch, heads, kv_heads, q_len, kv_len = shapes
+    pattern = pattern.for_sizes(q_len, kv_len, heads, kv_heads)     # reductions expanded
     # readable tensor inputs; float32 range where the kernels store them so
     tensors = call_tensor_inputs(pattern.ir, tensors, float32=backend != "torch")
     # the reference grids read q and k only to check tensor indices pair by pair, where
@@ -150,7 +152,6 @@ def bind(pattern: BoundPattern, q, k, v, return_lse, scale, backend, tensors: di
     qn = q.detach().float().cpu().numpy().astype(np.float64) if need_qk else None
     kn = k.detach().float().cpu().numpy().astype(np.float64) if need_qk else None
     grids = call_grids(pattern, shapes, qn, kn, scale, _for_grids(indexed, tensors or {}))
-    batch, heads, kv_heads, q_len, kv_len = shapes
     shape = CallShape(batch, heads, kv_heads, q_len, kv_len, q.shape[-1], v.shape[-1])
     call = BoundCall(pattern, shape, str(q.dtype).replace("torch.", ""), str(q.device), backend,
                      float(scale))
@@ -167,7 +168,8 @@ def _for_grids(indexed: set, tensors: dict) -> dict:
     (``route``'s centroids, used on the device by codegen/selection.py, which checks them),
     become placeholders of their rank, so no tensor is read on the host."""
     return {n: (t if n in indexed or not isinstance(t, torch.Tensor) else
-                np.zeros((1,) * t.dim(), dtype=np.float32 if t.is_floating_point() else np.int64))
+                np.zeros((1,) * t.dim(), dtype=np.float32 if t.is_floating_point() else
+                         np.bool_ if t.dtype == torch.bool else np.int64))
             for n, t in tensors.items()}
 
 
@@ -204,9 +206,11 @@ def planned_source(pattern: BoundPattern, q_len: int, kv_len: int, heads: int, k
     return "\n".join(parts)
 
 
-def check_call_indices(data: CallData) -> None:
-    """Every tensor index of the call in range, before any tile runs (section 3): proved by
-    intervals in O(length), else checked pair by pair."""
-    unproved = [g for g in data.grids if not indices_in_range(g)]
+def check_call_values(data: CallData) -> None:
+    """Every tensor index of the call in range, every shift count in 0..62 and every argument of
+    floor/ceil/round convertible to int64, before any tile runs (section 3): proved by intervals
+    in O(length) (analysis/call_checks.py), else checked pair by pair (the interpreter raises
+    the located error of the first bad value)."""
+    unproved = [g for g in data.grids if not call_values_proved(g)]
     if unproved:
         check_indices(unproved)

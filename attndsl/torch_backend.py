@@ -109,24 +109,26 @@ def all_finite(t) -> bool:
 def hook_args(pattern, data: CallData, b: int, device, wide):
     """(module, mask tensors in float64, score tensors in the accumulation type) of a part's
     pattern for batch element ``b`` of a call: the generated functions and their tensor
-    arguments, user inputs then the call's selector tables, in slot order."""
+    arguments, user inputs then the call's selector tables, in slot order. A float input that
+    a floor/ceil/round argument of the score clause reads is a score tensor in float64 (the
+    module computes those arguments in float64: ``TorchHooks.wide_inputs``)."""
     hooks = torch_hooks(pattern)
     values = dict(data.grids[b].tensors)
     values.update({n: (data.selection[n][b] if d.batched else data.selection[n])
                    for n, d in hooks.derived.items()})
     names = sorted(hooks.slots, key=hooks.slots.get)
 
-    def convert(fdt):
+    def convert(fdt, wide_inputs=frozenset()):
         out = []
         for n in names:
             t = values[n]
             t = t.to(device) if isinstance(t, torch.Tensor) else \
                 torch.as_tensor(np.asarray(t), device=device)
-            out.append(t.to(fdt) if t.is_floating_point() else
-                       (t if t.dtype == torch.bool else t.to(torch.int64)))
+            out.append(t.to(torch.float64 if n in wide_inputs else fdt) if t.is_floating_point()
+                       else (t if t.dtype == torch.bool else t.to(torch.int64)))
         return tuple(out)
 
-    return hooks.module, convert(torch.float64), convert(wide)
+    return hooks.module, convert(torch.float64), convert(wide, hooks.wide_inputs)
 
 
 def merge(results):

@@ -113,9 +113,9 @@ def describe(pattern, call: Call = Call(), config: Config = DEFAULT_CONFIG,
     dtype = DTYPES[call.dtype] if call.dtype in DTYPES else None
     if dtype is None:
         raise AttnCallError(f"dtype {call.dtype!r}: expected one of bf16, fp16, fp32")
-    bound = pattern.bound()
     kv_len = call.q_len if call.kv_len is None else call.kv_len
     kv_heads = call.kv_heads or call.heads
+    bound = pattern.bound().for_sizes(call.q_len, kv_len, call.heads, kv_heads)
     dv = call.head_dim_v or call.head_dim
     gen = torch.Generator().manual_seed(0)
     q = torch.randn(call.batch, call.heads, call.q_len, call.head_dim, generator=gen).to(dtype)

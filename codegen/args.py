@@ -72,11 +72,16 @@ def tensor_args(pattern, given: dict, derived_values: dict, device) -> list:
     return args
 
 
+_USER_SLOT_DTYPES = {Type.INT: torch.int64, Type.FLOAT: torch.float32, Type.BOOL: torch.int8}
+
+
 def slot_dtype(param, derived) -> torch.dtype:
-    """The dtype a tensor slot holds: int64 for the language's ints and float32 for floats from
-    the user; the selector tables are narrow (their [tile x tile] gathers are staged in shared
-    memory by the software pipeline, so width is what limits the tile configuration): 0/1
-    selections int8, cluster ids int32."""
+    """The dtype a tensor slot holds: int64 for the language's ints, float32 for floats and
+    int8 for bools (0/1, read as ``!= 0`` by the hooks, codegen/lower.py: a plain byte load on
+    every Triton version and in the interpreter, not an ``*i1`` pointer) from the user; the selector
+    tables are narrow (their [tile x tile] gathers are staged in shared memory by the software
+    pipeline, so width is what limits the tile configuration): 0/1 selections int8, cluster ids
+    int32."""
     if param is not None:
-        return torch.int64 if param.type.elem is Type.INT else torch.float32
+        return _USER_SLOT_DTYPES[param.type.elem]
     return torch.int8 if derived.kind in ("random", "blocks") else torch.int32

@@ -14,6 +14,14 @@ Triton's typing of Python numbers.
 Equal sub-expressions are computed once: the IR is hash-consed first (:func:`share_equal`), then
 each node gets one local.
 
+Floats are float32 in a hook (the scores, float tensor inputs, ``float(...)``), except the operand
+of ``floor``, ``ceil`` and ``round``: it is computed in float64 (:data:`TRITON_F64_RULES`, a second
+mode of :class:`Context`), so that the integer it gives is the reference's wherever float32
+would round differently (``floor(float(q) * 0.1)``). Ints are int64 (int32 in the ``*_hook32``
+variants); bool tensor inputs arrive as int8 (codegen/args.py) and are read as ``!= 0``.
+Reductions and their loop variables (``ops.EXPANDED_OPS``) are expanded before lowering
+(attndsl/expand.py): their rule refuses them (:func:`needs_expansion`).
+
 :func:`module_hooks` gives a pattern's hooks (``mask_hook``, ``mask_hook32`` and, with a score
 clause, ``score_hook``, ``score_hook32`` and the backward pass's ``score_grad_hook``,
 ``score_grad_hook32``: d(score clause)/d(score) from attndsl/derivative.py) preceded by the
@@ -29,8 +37,10 @@ from pathlib import Path
 
 from attndsl.constants import CONSTANT_OPS
 from attndsl.derivative import score_derivative
+from attndsl.errors import AttnError
 from attndsl.interp import evaluate_scalar
 from attndsl.ir import Expr, Op, Type
+from attndsl.ops import EXPANDED_OPS, FLOAT_TO_INT_OPS
 
 MAX_TENSORS = 4
 MAX_RANK = 3
@@ -55,6 +65,16 @@ def _literal(value, kind: Type) -> str:
     if math.isinf(v):
         return 'float("inf")' if v > 0 else '(-float("inf"))'
     return f"({v!r})"
+
+
+def _literal64(value, kind: Type) -> str:
+    """A literal of the float64 mode: floats as float64 tiles (a Python float would be typed
+    float32 by ``tl.cast``, rounding it), ints and bools as in float32 mode."""
+    if kind is not Type.FLOAT:
+        return _literal(value, kind)
+    v = float(value)
+    text = repr(v) if math.isfinite(v) else f'float("{v}")'
+    return f"tl.full((1, 1), {text}, tl.float64)"
 
 
 # rule makers shared with the torch lowering (codegen/torch_lower.py)
@@ -104,12 +124,47 @@ def _index(ctx, node, a):
     slot = ctx.slots[node.value]
     terms = [f"tl.minimum(tl.maximum({x}, 0), t{slot}_n{d} - 1) * t{slot}_s{d}"
              for d, x in enumerate(a)]
-    return f"tl.load(t{slot} + {' + '.join(terms)})"
+    load = f"tl.load(t{slot} + {' + '.join(terms)})"
+    # a bool tensor's slot holds int8 (codegen/args.py slot_dtype)
+    return f"({load} != 0)" if node.type is Type.BOOL else load
+
+
+def _index64(ctx, node, a):
+    # a float tensor holds float32: its read, widened (an int or bool read lands here only when
+    # an index depends on a float64 value)
+    load = _index(ctx, node, a)
+    return f"tl.cast({load}, tl.float64)" if node.type is Type.FLOAT else load
+
+
+def _as_int(ctx, text: str) -> str:
+    """An int64 helper's result in the hook's int type (int32 in a narrowed hook: the value
+    is proved to fit, codegen/narrow.py)."""
+    return text if ctx.int_type == "tl.int64" else f"tl.cast({text}, {ctx.int_type})"
+
+
+def int_helper(fn, inner=None):
+    """The rule calling the int64 helper ``fn`` (codegen/tlhelpers.py) on the operands, or on
+    ``inner(operand)`` for one operand."""
+    def rule(ctx, node, a):
+        args = ", ".join(a) if inner is None else inner.format(*a)
+        return _as_int(ctx, f"{fn}({args})")
+    return rule
+
+
+def size(name):
+    # the sizes arrive as int32 kernel arguments (or constexpr 1); the language's int is 64-bit
+    return lambda ctx, node, a: f"tl.cast({name}, {ctx.int_type})"
 
 
 def needs_table(ctx, node, a):
     """The rule of a selector: it is read from a table (codegen/tables.py), never lowered."""
     raise LoweringError(f"{node.op.value} must be replaced by a table before lowering")
+
+
+def needs_expansion(ctx, node, a):
+    """The rule of a reduction and its loop variable: a call expands them into and/or/+/max/min
+    chains over constants (attndsl/expand.py) before lowering, so no lowering meets them."""
+    raise LoweringError(f"{node.op.value} must be expanded before lowering (attndsl/expand.py)")
 
 
 # the rules both lowerings share (the torch lowering, codegen/torch_lower.py, too): literals,
@@ -128,11 +183,10 @@ COMMON_RULES = {
 }
 
 TRITON_RULES = {
-    # the sizes arrive as int32 kernel arguments (or constexpr 1); the language's int is 64-bit
-    Op.Q_LEN: leaf("tl.cast(q_len, tl.int64)"),
-    Op.KV_LEN: leaf("tl.cast(kv_len, tl.int64)"),
-    Op.HEADS: leaf("tl.cast(heads, tl.int64)"),
-    Op.KV_HEADS: leaf("tl.cast(kv_heads, tl.int64)"),
+    Op.Q_LEN: size("q_len"),
+    Op.KV_LEN: size("kv_len"),
+    Op.HEADS: size("heads"),
+    Op.KV_HEADS: size("kv_heads"),
     **COMMON_RULES,
     Op.FLOORDIV: call("floordiv"),
     Op.MOD: call("floormod"),
@@ -148,11 +202,33 @@ TRITON_RULES = {
     Op.SQRT: call("tl.sqrt"),
     Op.TANH: call("tanh"),
     Op.SIGMOID: call("tl.sigmoid"),
+    Op.ERF: call("tl.erf"),
+    Op.EXP2: call("tl.exp2"),
+    Op.LOG2: call("tl.log2"),
+    # the operand is float64 (the float64 mode, below); the helpers give int64
+    Op.FLOOR: int_helper("to_int64", "tl.floor({})"),
+    Op.CEIL: int_helper("to_int64", "tl.ceil({})"),
+    Op.ROUND: int_helper("to_int64", "round_even({})"),
+    Op.ILOG2: int_helper("ilog2"),
+    # Triton's & | ^ ~ on ints are two's complement, as Python's; int32 operands of a narrowed
+    # hook widen where they meet an int64 (sign-extended: the same value)
+    **{op: binary(sym) for op, sym in ((Op.BIT_AND, "&"), (Op.BIT_OR, "|"), (Op.BIT_XOR, "^"))},
+    Op.INVERT: lambda ctx, node, a: f"(~{a[0]})",
+    Op.LSHIFT: int_helper("shl"),
+    Op.RSHIFT: int_helper("shr"),
     Op.INDEX: _index,
     Op.TOPK_BLOCKS: needs_table,
     Op.TOPP_BLOCKS: needs_table,
     Op.ROUTE: needs_table,
     Op.RANDOM_BLOCKS: needs_table,
+    **{op: needs_expansion for op in EXPANDED_OPS},
+}
+
+# the float64 mode: the operand of floor/ceil/round and every float it is computed from
+TRITON_F64_RULES = {
+    **TRITON_RULES,
+    Op.FLOAT: lambda ctx, node, a: f"tl.cast({a[0]}, tl.float64)",
+    Op.INDEX: _index64,
 }
 
 
@@ -186,61 +262,108 @@ def share_equal(root: Expr) -> Expr:
     return canonical[id(root)]
 
 
-def _narrowed(line: str) -> str:
-    for wide, narrow in _NARROW.items():
-        line = line.replace(wide, narrow)
-    return line
-
-
 class Context:
     """The state of one lowering: parameter values, tensor slots, the op rule table and literal
-    spelling of the target, and the locals emitted so far (one per inner node)."""
+    spelling of the target, its int type (``int_type``: the text of a Triton dtype, for the
+    rules that name it), and the locals emitted so far (one per inner node).
 
-    def __init__(self, values: dict, slots: dict, rules: dict | None = None, literal=None):
+    ``f64``: (rules, literal) of a float64 mode, or None. With it, the operands of
+    ``floor``/``ceil``/``round`` (``ops.FLOAT_TO_INT_OPS``) are emitted in a second context,
+    :meth:`float64`, sharing this one's lines: there every float node, and every node computed
+    from one (but not through a float-to-int op), gets a local of its own, while the other nodes
+    (ints and bools from ints: their value is the same in both modes) are this context's
+    (``base``), computed once for both."""
+
+    def __init__(self, values: dict, slots: dict, rules: dict | None = None, literal=None,
+                 int_type: str = "tl.int64", f64: tuple | None = None):
         self.values = values
         self.slots = slots
         self.rules = TRITON_RULES if rules is None else rules
         self.literal = _literal if literal is None else literal
+        self.int_type = int_type
         self.lines: list[str] = []
         self.names: dict[int, str] = {}
         self.keep: list[Expr] = []          # keeps nodes alive so their ids stay unique
         self.constant: dict[int, bool] = {}
+        self.base = self                    # the context of the nodes both modes share
+        self.own: set[int] = set()          # float64 mode: the nodes with locals of their own
+        self._f64 = f64
+        self._mode64: Context | None = None
+
+    def float64(self) -> Context:
+        """The float64 mode of this lowering (made on first use)."""
+        if self._mode64 is None:
+            rules, literal = self._f64
+            mode = Context(self.values, self.slots, rules, literal, self.int_type)
+            mode.lines, mode.keep, mode.base = self.lines, self.keep, self
+            self._mode64 = mode
+        return self._mode64
+
+    def operand_context(self, node: Expr) -> Context:
+        """The context that computes the operands of ``node``."""
+        if node.op in FLOAT_TO_INT_OPS and self.base._f64 is not None:
+            return self.base.float64()
+        return self
+
+    def owner(self, node: Expr) -> Context:
+        """The context that computes ``node`` (its operands done): this one, or in the float64
+        mode the shared base context for a node whose value does not depend on the mode."""
+        if self.base is self or node.type is Type.FLOAT:
+            return self
+        if node.op not in FLOAT_TO_INT_OPS and any(id(a) in self.own for a in node.args):
+            return self
+        return self.base
 
 
 def emit(ctx: Context, root: Expr) -> str:
     """Locals for every inner node (children first, iteratively; ``ctx.lines``), constant
     sub-expressions folded with the interpreter's semantics; the root's local name (or its
-    literal). Shared by the Triton lowering and the torch lowering (codegen/torch_lower.py)."""
-    stack = [(root, False)]
+    literal). Shared by the Triton lowering and the torch lowering (codegen/torch_lower.py).
+
+    A constant that the interpreter refuses to compute (``floor`` of NaN, a shift count out of
+    range) is one no evaluated pair reaches: the runtime checks every such value at the pairs a
+    call evaluates before any kernel runs. Its local is then any value of its type."""
+    stack = [(ctx, root, False)]
     while stack:
-        node, ready = stack.pop()
-        if id(node) in ctx.names:
+        c, node, ready = stack.pop()
+        if id(node) in c.names:
             continue
         if not ready:
-            stack.append((node, True))
-            stack.extend((c, False) for c in reversed(node.args) if id(c) not in ctx.names)
+            stack.append((c, node, True))
+            inner = c.operand_context(node)
+            stack.extend((inner, a, False) for a in reversed(node.args) if id(a) not in inner.names)
             continue
-        constant = node.op in CONSTANT_OPS and all(ctx.constant[id(c)] for c in node.args)
-        ctx.constant[id(node)] = constant
-        if constant and node.args:
-            # folded with the interpreter's semantics: Python numbers inside the jit code would
-            # be typed by Triton (int32 overflow, no .to(), ...), not by the language
-            text = ctx.literal(evaluate_scalar(node, ctx.values), node.type)
-        else:
-            text = ctx.rules[node.op](ctx, node, [ctx.names[id(c)] for c in node.args])
-        if node.args and not constant:
-            name = f"v{len(ctx.lines)}"
-            ctx.lines.append(f"    {name} = {text}")
-            text = name
-        ctx.names[id(node)] = text
-        ctx.keep.append(node)
+        inner, owner = c.operand_context(node), c.owner(node)
+        if id(node) not in owner.names:
+            _emit_node(owner, node, inner)
+        if owner is not c:
+            c.names[id(node)], c.constant[id(node)] = owner.names[id(node)], owner.constant[id(node)]
     return ctx.names[id(root)]
 
 
-_NARROW = {"tl.cast(q_len, tl.int64)": "tl.cast(q_len, tl.int32)",
-           "tl.cast(kv_len, tl.int64)": "tl.cast(kv_len, tl.int32)",
-           "tl.cast(heads, tl.int64)": "tl.cast(heads, tl.int32)",
-           "tl.cast(kv_heads, tl.int64)": "tl.cast(kv_heads, tl.int32)"}
+def _emit_node(ctx: Context, node: Expr, inner: Context) -> None:
+    """The text (a literal, a leaf, or a new local) of ``node`` in ``ctx``, its operands' in
+    ``inner``."""
+    constant = node.op in CONSTANT_OPS and all(inner.constant[id(a)] for a in node.args)
+    ctx.constant[id(node)] = constant
+    if constant and node.args:
+        # folded with the interpreter's semantics: Python numbers inside the jit code would
+        # be typed by Triton (int32 overflow, no .to(), ...), not by the language
+        try:
+            value = evaluate_scalar(node, ctx.values)
+        except AttnError:
+            value = {Type.INT: 0, Type.FLOAT: 0.0, Type.BOOL: False}[node.type]
+        text = ctx.literal(value, node.type)
+    else:
+        text = ctx.rules[node.op](ctx, node, [inner.names[id(a)] for a in node.args])
+    if node.args and not constant:
+        name = f"v{len(ctx.lines)}"
+        ctx.lines.append(f"    {name} = {text}")
+        text = name
+    ctx.names[id(node)] = text
+    if ctx.base is not ctx:
+        ctx.own.add(id(node))
+    ctx.keep.append(node)
 
 
 def hook_source(name: str, expr: Expr, values: dict, slots: dict, narrow: bool = False) -> str:
@@ -254,12 +377,11 @@ def hook_source(name: str, expr: Expr, values: dict, slots: dict, narrow: bool =
     if len(slots) > MAX_TENSORS:
         raise LoweringError(f"the Triton backend takes at most {MAX_TENSORS} tensor inputs")
     expr = share_equal(expr)
-    ctx = Context(values, slots)
+    ctx = Context(values, slots, int_type="tl.int32" if narrow else "tl.int64",
+                  f64=(TRITON_F64_RULES, _literal64))
     result = emit(ctx, expr)
     if narrow:
-        ctx.lines = [f"    {v} = {v}.to(tl.int32)" for v in ("q", "k", "h")] + [
-            _narrowed(line) for line in ctx.lines]
-        result = _narrowed(result)
+        ctx.lines[:0] = [f"    {v} = {v}.to(tl.int32)" for v in ("q", "k", "h")]
     if expr.type is Type.FLOAT and not expr.uses(Op.SCORE):
         # a constant, parameter or per-head value is no tile (a Python float or a scalar)
         result = f"tl.zeros_like(s) + {result}"

@@ -8,8 +8,8 @@ modules (codegen/cache.py, keyed by its source and the torch version), with
 * ``mask(q, k, h, q_len, kv_len, heads, kv_heads, fdt, t0, ...)``: a bool tensor broadcastable
   to ``[H, R, C]`` for query positions ``q`` ``[1, R, 1]``, key positions ``k`` ``[1, 1, C]``
   and heads ``h`` ``[H, 1, 1]`` (int64 tensors), the sizes as 0-d int64 tensors, the float type
-  ``fdt`` of float arithmetic, and the tensor inputs ``tI`` of this batch element (int64 or
-  ``fdt``);
+  ``fdt`` of float arithmetic, and the tensor inputs ``tI`` of this batch element (int64, bool,
+  or ``fdt``, float64 for the inputs in :attr:`TorchHooks.wide_inputs`);
 * ``score(s, q, k, h, ...)`` when the pattern has a score clause: the new scores (float,
   broadcastable to ``s``'s shape), ``s`` the scaled dot products;
 * ``score_grad(s, q, k, h, ...)`` with it: d(score clause)/d(score) (attndsl/derivative.py), a
@@ -19,11 +19,22 @@ modules (codegen/cache.py, keyed by its source and the torch version), with
 One rule per op in :data:`TORCH_RULES` (the op registry's torch table; tests/test_op_registry.py
 checks it). Semantics are the interpreter's (attndsl/interp.py): integers are int64 tensors (every
 literal is a module-level 0-d tensor, so nothing is computed in Python's unbounded ints),
-``//``/``%`` floor, ``sigmoid`` is ``(1 + tanh(x / 2)) / 2``, and a tensor index is clamped into
-range (the runtime has proved or checked every live index in range before a tile runs, so the
-clamp changes only values that ``and``/``or``/``if`` discard). Constant sub-expressions are
-folded with the interpreter, equal sub-expressions computed once (codegen/lower.py), and no
-user identifier is written out.
+``//``/``%`` floor, ``sigmoid`` is ``(1 + tanh(x / 2)) / 2``, bit operators and shifts are
+torch's on int64 (``<<`` wraps, ``>>`` is arithmetic), ``round`` is ``torch.round`` (half to
+even), ``ilog2`` is exact (a halving ladder of shifts, the module's ``ilog2``), and a tensor
+index is clamped into range (the runtime has proved or checked every live index in range, and
+every live shift count and float -> int argument valid, before a tile runs, so the clamp, or a
+count or NaN out of range, changes only values that ``and``/``or``/``if`` discard).
+
+The argument of every ``floor``/``ceil``/``round`` is computed in float64 whatever ``fdt`` is
+(the float64 mode of codegen/lower.py's Context, :data:`TORCH_F64_RULES`: ``float(...)`` and
+float tensor reads in float64), so the integer it gives is the reference's, also in a score
+clause evaluated in float32; the float inputs such an argument reads
+(:attr:`TorchHooks.wide_inputs`, :func:`wide_reads`) are passed to the score functions in
+float64, every float read outside float64 mode being cast to ``fdt``. Reductions never reach
+this pass (a call expands them, attndsl/expand.py): their rule refuses. Constant
+sub-expressions are folded with the interpreter, equal sub-expressions computed once
+(codegen/lower.py), and no user identifier is written out.
 """
 
 from __future__ import annotations
@@ -35,9 +46,21 @@ from attndsl.bound import BoundPattern
 from attndsl.caches import LRUCache
 from attndsl.derivative import score_derivative
 from attndsl.ir import Expr, Op, Type
+from attndsl.ops import EXPANDED_OPS, FLOAT_TO_INT_OPS
 
 from .cache import load_torch_module
-from .lower import COMMON_RULES, Context, call, emit, fold, leaf, needs_table, share_equal
+from .lower import (
+    COMMON_RULES,
+    Context,
+    binary,
+    call,
+    emit,
+    fold,
+    leaf,
+    needs_expansion,
+    needs_table,
+    share_equal,
+)
 from .tables import with_tables
 
 SIZE_ARGS = ("q", "k", "h", "q_len", "kv_len", "heads", "kv_heads", "fdt")
@@ -48,6 +71,16 @@ _GATHER = '''def gather(t, *index):
     if t.numel() == 0:
         return torch.zeros(torch.broadcast_shapes(*(i.shape for i in index)), dtype=t.dtype)
     return t[tuple(i.clamp(0, n - 1) for i, n in zip(index, t.shape))]
+'''
+
+_ILOG2 = '''def ilog2(n):
+    """floor(log2(n)) for n >= 1, -1 for n <= 0 (int64, exact: a halving ladder of shifts)."""
+    x, out = torch.clamp(n, min=1), torch.zeros_like(n)
+    for step in (32, 16, 8, 4, 2, 1):
+        big = x >= (1 << step)
+        out = out + big * step
+        x = torch.where(big, x >> step, x)
+    return torch.where(n >= 1, out, -1)
 '''
 
 
@@ -75,7 +108,19 @@ class _Literals:
 
 
 def _index(ctx, node, a):
-    return f"gather(t{ctx.slots[node.value]}, {', '.join(a)})"
+    text = f"gather(t{ctx.slots[node.value]}, {', '.join(a)})"
+    # a float input may arrive in float64 (TorchHooks.wide_inputs): read in fdt
+    return f"{text}.to(fdt)" if node.type is Type.FLOAT else text
+
+
+def _index64(ctx, node, a):
+    # float64 mode (reached by float reads only): the input's float64 values where it
+    # arrives in float64, else its fdt values widened
+    return f"gather(t{ctx.slots[node.value]}, {', '.join(a)}).to(torch.float64)"
+
+
+def _to_int(fn):
+    return lambda ctx, node, a: f"{fn}({a[0]}).to(torch.int64)"
 
 
 TORCH_RULES = {
@@ -98,23 +143,56 @@ TORCH_RULES = {
     Op.SQRT: call("torch.sqrt"),
     Op.TANH: call("torch.tanh"),
     Op.SIGMOID: lambda ctx, node, a: f"(0.5 * (1.0 + torch.tanh(0.5 * {a[0]})))",
+    Op.ERF: call("torch.special.erf"),
+    Op.EXP2: call("torch.exp2"),
+    Op.LOG2: call("torch.log2"),
+    Op.FLOOR: _to_int("torch.floor"),
+    Op.CEIL: _to_int("torch.ceil"),
+    Op.ROUND: _to_int("torch.round"),          # half to even
+    Op.ILOG2: call("ilog2"),
+    Op.BIT_AND: binary("&"),
+    Op.BIT_OR: binary("|"),
+    Op.BIT_XOR: binary("^"),
+    Op.LSHIFT: call("torch.bitwise_left_shift"),
+    Op.RSHIFT: call("torch.bitwise_right_shift"),
+    Op.INVERT: call("torch.bitwise_not"),
     Op.INDEX: _index,
     Op.TOPK_BLOCKS: needs_table,
     Op.TOPP_BLOCKS: needs_table,
     Op.ROUTE: needs_table,
     Op.RANDOM_BLOCKS: needs_table,
+    **{op: needs_expansion for op in EXPANDED_OPS},
 }
+
+# the float64 mode of the lowering (codegen/lower.py Context): the argument of every
+# floor/ceil/round, so that the integer it gives is the reference's whatever fdt is
+TORCH_F64_RULES = {
+    **TORCH_RULES,
+    Op.FLOAT: lambda ctx, node, a: f"{a[0]}.to(torch.float64)",
+    Op.INDEX: _index64,
+}
+
+
+def wide_reads(roots) -> frozenset:
+    """The float tensor inputs read inside the argument of a floor/ceil/round of ``roots``:
+    the backends pass them to the score functions in float64."""
+    return frozenset(n.value for root in roots if root is not None for e in root.walk()
+                     if e.op in FLOAT_TO_INT_OPS for n in e.args[0].walk()
+                     if n.op is Op.INDEX and n.type is Type.FLOAT)
 
 
 def _function(name: str, expr: Expr, first: tuple, values: dict, slots: dict,
               literals: _Literals, tile: bool = False) -> str:
-    """``def NAME(*first, *SIZE_ARGS, t0, ...)`` returning ``expr``; ``tile``: a float result
-    that does not read the score is added to ``zeros_like(s)`` (the shape and type of ``s``)."""
-    ctx = Context(values, slots, TORCH_RULES, literals)
+    """``def NAME(*first, *SIZE_ARGS, t0, ...)`` returning ``expr`` (a float result in ``fdt``);
+    ``tile``: a float result that does not read the score is added to ``zeros_like(s)`` (the
+    shape and type of ``s``)."""
+    ctx = Context(values, slots, TORCH_RULES, literals, f64=(TORCH_F64_RULES, literals))
     expr = share_equal(expr)
     result = emit(ctx, expr)
     if tile and expr.type is Type.FLOAT and not expr.uses(Op.SCORE):
         result = f"torch.zeros_like(s) + {result}"
+    if expr.type is Type.FLOAT:     # (literals are float64 0-d tensors: where(c, C1, C0) is one)
+        result = f"{result}.to(fdt)"
     args = ", ".join(first + SIZE_ARGS + tuple(f"t{i}" for i in range(len(slots))))
     body = "\n".join(ctx.lines + [f"    return {result}"])
     return f"def {name}({args}):\n{body}\n"
@@ -128,8 +206,8 @@ def module_source(mask: Expr, score: Expr | None, values: dict, slots: dict) -> 
         functions.append(_function("score", score, ("s",), values, slots, literals))
         functions.append(_function("score_grad", score_derivative(score, values), ("s",), values,
                                    slots, literals, tile=True))
-    helpers = [_GATHER] if any(e.op is Op.INDEX for root in (mask, score) if root is not None
-                               for e in root.walk()) else []
+    used = {e.op for root in (mask, score) if root is not None for e in root.walk()}
+    helpers = [text for op, text in ((Op.INDEX, _GATHER), (Op.ILOG2, _ILOG2)) if op in used]
     head = "\n".join(["import torch", ""] + literals.lines())
     return "\n\n".join([head] + helpers + functions)
 
@@ -137,12 +215,15 @@ def module_source(mask: Expr, score: Expr | None, values: dict, slots: dict) -> 
 @dataclass(frozen=True)
 class TorchHooks:
     """A pattern's generated torch module, its source, and the tensor slots it reads (user
-    inputs first, then the derived selector tables, codegen/tables.py)."""
+    inputs first, then the derived selector tables, codegen/tables.py); ``wide_inputs``: the
+    float tensor inputs the score functions take in float64 (every float input of ``mask``
+    is float64)."""
 
     module: object
     source: str
     slots: dict
     derived: dict
+    wide_inputs: frozenset = frozenset()
 
 
 TORCH_MODULES = LRUCache("codegen.torch_modules", 128)
@@ -154,6 +235,7 @@ def torch_hooks(pattern: BoundPattern) -> TorchHooks:
     def build():
         mask, score, slots, derived = with_tables(pattern)
         source = module_source(mask, score, dict(pattern.values), slots)
-        return TorchHooks(load_torch_module(source), source, slots, derived)
+        return TorchHooks(load_torch_module(source), source, slots, derived,
+                          wide_reads((score,)))
 
     return TORCH_MODULES.get(pattern.key, build)

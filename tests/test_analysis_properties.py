@@ -2,13 +2,16 @@
 
 Random well-typed ``.attn`` patterns are generated as source text: bool masks over q, k and h
 built from comparisons of linear forms, ``//`` and ``%`` by constants, abs/min/max/clamp,
-if-else, the prelude, not/and/or, ``random_blocks``, shared lets, and tensor inputs
+if-else, the bit operators ``& | ^ ~`` (with constants and with variables), shifts by small
+constant and variable counts, ``ilog2``, ``floor``/``ceil``/``round`` of ``float(..) / c``,
+bounded reductions (``any``/``all``/``sum``/``max``/``min`` over ``range(n)``, expanded per
+call), the prelude, not/and/or, ``random_blocks``, shared lets, and tensor inputs
 (``doc: int[]`` in sorted, run-shuffled and unsorted documents, ``w: float[]`` with NaN and
-infinities under float functions). They run at random lengths (q_len < kv_len, q_len == 1,
-q_len > kv_len i.e. negative positions, empty calls, lengths that are no multiple of the tile),
-tile shapes (non-powers of two, (1, 1), tiles larger than the call) and 1-4 heads with
-grouped kv heads. The oracle is ``attndsl.blocks.block_map_by_tiles`` (every pair evaluated)
-and ``Pattern.dense_mask``.
+infinities under float functions, ``g: bool[]`` flags). They run at random lengths
+(q_len < kv_len, q_len == 1, q_len > kv_len i.e. negative positions, empty calls, lengths that
+are no multiple of the tile), tile shapes (non-powers of two, (1, 1), tiles larger than the
+call) and 1-4 heads with grouped kv heads. The oracle is ``attndsl.blocks.block_map_by_tiles``
+(every pair evaluated) and ``Pattern.dense_mask``.
 
 Properties: soundness of ``block_map`` (with and without refinement, and with a tiny solver
 piece budget); row sets lower <= mask <= upper row by row; "exact solve => exact map";
@@ -22,6 +25,7 @@ symbolic passes, so most properties run with ``blockmap.REFINE_PAIRS = 0``.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 
 import numpy as np
@@ -50,13 +54,19 @@ SETTINGS = dict(deadline=None, derandomize=SCALE == 1,
 
 @contextlib.contextmanager
 def patched(refine: int | None = None, max_pieces: int | None = None):
-    """Temporarily disable refinement and/or shrink the solver's piece budget."""
+    """Temporarily disable refinement and/or shrink the solver's piece budget (row sets solved
+    under another budget are not kept: the cache is cleared on both sides)."""
     with pytest.MonkeyPatch.context() as mp:
         if refine is not None:
             mp.setattr(blockmap, "REFINE_PAIRS", refine)
         if max_pieces is not None:
             mp.setattr(pieces, "MAX_PIECES", max_pieces)
-        yield
+            attndsl.caches.clear()
+        try:
+            yield
+        finally:
+            if max_pieces is not None:
+                attndsl.caches.clear()
 
 
 def compile_mask(mask: str, lets: tuple[str, ...] = (), doc: bool = False) -> attndsl.Pattern:
@@ -68,7 +78,8 @@ def compile_mask(mask: str, lets: tuple[str, ...] = (), doc: bool = False) -> at
 def tensors_of(case) -> dict:
     if case.doc is None:
         return {}
-    return {"doc": np.asarray(case.doc, dtype=np.int64), "w": np.asarray(case.w, dtype=np.float64)}
+    doc = np.asarray(case.doc, dtype=np.int64)
+    return {"doc": doc, "w": np.asarray(case.w, dtype=np.float64), "g": doc % 2 == 1}
 
 
 def brute(pat, case):
@@ -112,8 +123,9 @@ def piece_mask(pieces, heads, sub, q_len) -> np.ndarray:
 
 # ----------------------------------------------------------------------------- generators
 
-# Patterns with tensor inputs take both: documents and a float per position (NaN and inf too).
-TENSOR_PARAMS = "(doc: int[], w: float[])"
+# Patterns with tensor inputs take all three: documents, a float per position (NaN and inf too)
+# and a bool flag per position (the documents' parity).
+TENSOR_PARAMS = "(doc: int[], w: float[], g: bool[])"
 FLOATS = [0.0, 1.5, -2.0, 0.25, 1e300, float("inf"), float("-inf"), float("nan")]
 
 LINEAR = ["q - k", "k - q", "k", "q", "q + k", "2 * q - k", "q - 2 * k", "2 * k - q", "3 * k + 1",
@@ -137,8 +149,10 @@ def int_expr(draw, depth: int, doc: bool) -> str:
         return draw(st.one_of(*leaves))
     sub = int_expr(depth - 1, doc)
     kind = draw(st.sampled_from(["div", "mod", "abs", "min", "max", "clamp", "if", "add", "mul",
-                                 "neg"]))
+                                 "neg", "bits", "bits", "shift", "ilog2", "to_int", "reduce"]))
     a = draw(sub)
+    if kind in ("bits", "shift", "ilog2", "to_int", "reduce"):
+        return draw(bit_expr(kind, a, sub, f"i{next(_LOOP_NAMES)}"))
     if kind == "div":
         return f"({a}) // {draw(POS)}"
     if kind == "mod":
@@ -158,6 +172,39 @@ def int_expr(draw, depth: int, doc: bool) -> str:
     if kind == "mul":
         return f"{draw(st.sampled_from([2, 3, -1]))} * ({a})".replace("-1 *", "(-1) *")
     return f"-({a})"
+
+
+MASKS = st.sampled_from([0, 1, 3, 5, 7, 12, 15, 63, -4])
+_LOOP_NAMES = itertools.count()         # loop variables may not shadow one another
+
+
+@st.composite
+def bit_expr(draw, kind: str, a: str, sub, var: str) -> str:
+    """The new int operators over ``a`` (and another int expression): bit operators with a
+    constant or a variable, shifts by small constant or variable counts (always in 0..62),
+    ilog2, float-to-int of ``float(a) / c`` (never NaN or past int64 here) and reductions
+    (loop variable ``var``: a fresh name, so that nested ones do not shadow)."""
+    if kind == "bits":
+        op = draw(st.sampled_from(["&", "|", "^"]))
+        if draw(st.booleans()):
+            return f"({a}) {op} {lit(draw(MASKS))}"
+        if draw(st.integers(0, 3)) == 0:
+            return f"~({a})"
+        return f"({a}) {op} ({draw(sub)})"
+    if kind == "shift":
+        op = draw(st.sampled_from([">>", ">>", "<<"]))
+        count = draw(st.one_of(st.integers(0, 4).map(str),
+                               st.sampled_from(["q % 4", "k % 3", "(q + k) % 5", "h"])))
+        return f"({a}) {op} ({count})"
+    if kind == "ilog2":
+        return f"ilog2({a})"
+    if kind == "to_int":
+        fn = draw(st.sampled_from(["floor", "ceil", "round"]))
+        return f"{fn}(float({a}) / {draw(st.sampled_from(['2.5', '3.0', '0.5', '(-1.5)', '7.0']))})"
+    n = draw(st.integers(1, 3))
+    fn = draw(st.sampled_from(["sum", "max", "min"]))
+    body = draw(st.sampled_from(["({a}) >> {i}", "({a}) + {i}", "(({a}) & (1 << {i}))", "{i} * ({a})"]))
+    return f"{fn}({body.format(a=a, i=var)} for {var} in range({n}))"
 
 
 PRELUDE = {
@@ -189,11 +236,12 @@ def comparison(draw, doc: bool) -> str:
 
 @st.composite
 def bool_leaf(draw, doc: bool, with_h: bool) -> str:
-    kinds = ["prelude", "prelude", "cmp", "cmp", "const", "random", "modular"]
+    kinds = ["prelude", "prelude", "cmp", "cmp", "const", "random", "modular", "bitform",
+             "reduce"]
     if with_h:
         kinds.append("head")
     if doc:
-        kinds += ["doc", "doc", "float", "float"]
+        kinds += ["doc", "doc", "float", "float", "flag"]
     kind = draw(st.sampled_from(kinds))
     if kind == "prelude":
         return PRELUDE[draw(st.sampled_from(sorted(PRELUDE)))](draw)
@@ -212,6 +260,29 @@ def bool_leaf(draw, doc: bool, with_h: bool) -> str:
             f"(k + q) % {m} {draw(st.sampled_from(OPS))} {draw(st.integers(-1, m))}",
             f"(k - 2) % {m} != (q + h) % {m}",
         ]))
+    if kind == "bitform":          # the forms a constant makes exact (analysis/bitforms.py)
+        m, c = draw(st.integers(0, 4)), draw(st.integers(-1, 9))
+        return draw(st.sampled_from([
+            f"(k >> {m}) {draw(st.sampled_from(OPS))} (q >> {m})",
+            f"(k & {(1 << m) - 1}) {draw(st.sampled_from(OPS))} {lit(c)}",
+            f"((q ^ k) & {draw(MASKS)}) {draw(st.sampled_from(['==', '!=']))} {lit(c)}",
+            f"((k - q) ^ {draw(MASKS)}) & 7 {draw(st.sampled_from(OPS))} {lit(c)}",
+            f"((q ^ k) >> {m}) {draw(st.sampled_from(['==', '!=']))} {lit(c % 3)}",
+            f"ilog2(q - k + {lit(c)}) {draw(st.sampled_from(OPS))} {m}",
+            f"ilog2(k) {draw(st.sampled_from(OPS))} {lit(c % 6)}",
+            f"~k {draw(st.sampled_from(OPS))} -q + {lit(c)}",
+            f"(k << {m}) <= q + {lit(c)}",
+        ]))
+    if kind == "reduce":
+        n = draw(st.integers(0, 3))
+        return draw(st.sampled_from([
+            f"any(k == q - {draw(POS)} * i for i in range({n}))",
+            f"all((k >> i) != (q >> i) for i in range({n}))",
+            f"any(({draw(band_comparison())}) and i < {draw(st.integers(0, 3))} for i in range({n}))",
+        ]))
+    if kind == "flag":
+        return draw(st.sampled_from(["g[k]", "g[q]", "not g[k]", "g[k] == g[q]",
+                                     "g[clamp(k - 1, 0, kv_len - 1)]"]))
     if kind == "head":
         return draw(st.sampled_from(["h % 2 == 0", "h < 2", "h == 1", "k < 3 * h", "q - k <= 2 * h + 1"]))
     if kind == "float":
@@ -392,7 +463,7 @@ def test_tile_interval_analysis_sound(case):
         return
     tiles = make_grid(case.q_len, case.kv_len, case.heads, case.kv_heads, case.block, grid.params,
                       grid.tensors, per_head=grid.mask_per_head)
-    t = classify_tiles(pat.ir.mask, tiles)
+    t = classify_tiles(grid.ir.mask, tiles)                 # (reductions expanded)
     may = np.broadcast_to(t.may, ref.shape)
     must = np.broadcast_to(t.must, ref.shape)
     assert not (~may & (ref != 0)).any(), f"interval analysis: empty tile with an allowed pair\n{case}"
@@ -604,7 +675,7 @@ def float_expr(draw, depth: int, doc: bool) -> str:
                             + (["w[k]", "w[q]", "w[k]", "w[clamp(k - q, 0, kv_len - 1)]"] if doc else []))))
     sub = float_expr(depth - 1, doc)
     kind = draw(st.sampled_from(["+", "-", "*", "/", "**", "neg", "exp", "log", "sqrt", "tanh",
-                                 "sigmoid", "abs", "min", "max", "if"]))
+                                 "sigmoid", "abs", "min", "max", "if", "erf", "exp2", "log2"]))
     a = draw(sub)
     if kind in ("+", "-", "*", "/", "**"):
         return f"({a}) {kind} ({draw(sub)})"
@@ -631,13 +702,14 @@ def test_interval_rules_contain_values(expr, size, tvals, wvals):
     (and a float NaN anywhere in the tile is flagged)."""
     kind, text = expr
     q_len, kv_len, heads, kv_heads, block = size
-    src = (f"pattern t(doc: int[], w: float[], t: int[], u: int[][]):\n    let x = {text}\n"
+    src = (f"pattern t(doc: int[], w: float[], g: bool[], t: int[], u: int[][]):\n    let x = {text}\n"
            f"    mask = x == x\n")
     pat = attndsl.compile(src)["t"]
     tensors = {"t": np.array(tvals[:kv_len], np.int64), "u": np.tile(np.array(tvals[:kv_len]), (4, 1)),
-               "w": np.array(wvals[:kv_len], np.float64), "doc": np.array(tvals[::-1][:kv_len], np.int64)}
-    node = pat.ir.mask.args[0]
+               "w": np.array(wvals[:kv_len], np.float64), "doc": np.array(tvals[::-1][:kv_len], np.int64),
+               "g": np.array(tvals[:kv_len]) > 0}
     grid = pat.grid(q_len, kv_len, heads, kv_heads, tensors)
+    node = grid.ir.mask.args[0]                             # (reductions expanded)
     if q_len == 0:
         return
     with np.errstate(all="ignore"):
@@ -689,7 +761,9 @@ def test_generators_cover_every_op():
     not_needed = {Op.TOPK_BLOCKS, Op.TOPP_BLOCKS, Op.ROUTE, Op.SCORE, Op.PARAM, Op.HEADS, Op.Q_LEN,
                   Op.KV_HEADS}
     assert not set(Op) - masks - floats - not_needed, set(Op) - masks - floats - not_needed
-    # the masks themselves reach every int and bool op, and floats through w[k]
-    float_only = {Op.DIV, Op.POW, Op.EXP, Op.LOG, Op.SQRT, Op.TANH, Op.SIGMOID}
+    # the masks themselves reach every int and bool op (the reductions before their expansion),
+    # and floats through w[k]
+    float_only = {Op.DIV, Op.POW, Op.EXP, Op.LOG, Op.SQRT, Op.TANH, Op.SIGMOID, Op.ERF, Op.EXP2,
+                  Op.LOG2}
     assert not set(Op) - masks - not_needed - float_only, set(Op) - masks - not_needed - float_only
     assert masks & float_only

@@ -24,13 +24,16 @@ import torch
 from conftest import assert_same_values, examples
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from test_examples import CASES, EXAMPLES, MANY_HEADS
+from test_examples import CASES as EXAMPLE_CASES
+from test_examples import EXAMPLES, MANY_HEADS
+from test_lang_examples import LANG_CASES
 
 import attndsl
 from attndsl.ir import Type
 from attndsl.reference_grad import reference_call, reference_grads
 
 pytestmark = pytest.mark.usefixtures("one_thread")
+CASES = EXAMPLE_CASES + LANG_CASES      # every example file's patterns
 
 BACKENDS = ("torch", "triton-interpret")
 D = 16

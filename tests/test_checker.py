@@ -389,7 +389,7 @@ def test_tensor_elements_have_the_declared_type():
     assert mask_pattern("t[q] == 1.0", "t: float[]").ir.mask.args[0].type is Type.FLOAT
 
 
-@pytest.mark.parametrize("typ", ["bool[]", "bool[][]", "float[][][][]", "int[][][][]", "str", "double",
+@pytest.mark.parametrize("typ", ["bool[][][][]", "bool[1]", "float[][][][]", "int[][][][]", "str", "double",
                                  "int[1]"])
 def test_unknown_types(typ):
     src = f"pattern t(x: {typ}):\n    mask = true\n"

@@ -33,6 +33,14 @@ def _tensors(pat, kv_len: int, heads: int, d: int = 16) -> dict:
     for p in pat.ir.params:
         if not p.is_tensor:
             continue
+        if p.type.elem.value == "bool":                      # flags (global tokens): every 5th
+            out[p.name] = np.arange(kv_len) % 5 == 0
+            continue
+        if p.type.elem.value == "int" and p.type.rank == 3:  # block lists [heads, q block, j]
+            sel = np.random.default_rng(4).integers(-1, 4, (heads, kv_len, 16))
+            sel[..., 0] = np.arange(kv_len)                  # its own block first
+            out[p.name] = sel
+            continue
         if p.type.rank == 1 and p.type.elem.value == "int":
             if p.name.endswith("start"):
                 docs = out.get("doc", _docs(kv_len, 1))

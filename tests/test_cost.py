@@ -43,12 +43,21 @@ def _docs(n: int) -> np.ndarray:
     return np.searchsorted(np.array(cuts), np.arange(n), side="right").astype(np.int64)
 
 
+def _block_lists(n: int, heads: int) -> np.ndarray:
+    """Selected key block ids [heads, query block, 16] (-1: unused), each row's own block first."""
+    sel = np.random.default_rng(5).integers(-1, 4, (heads, n, 16))
+    sel[..., 0] = np.arange(n)
+    return sel
+
+
 def demo_tensors(pat, kv_len: int, heads: int) -> dict:
     """Tensor inputs for the example patterns that take some (indexed by absolute positions)."""
     doc = _docs(kv_len)
     known = {"doc": doc, "segment": doc % 2, "rel": np.linspace(-1, 1, heads * 40).reshape(heads, 40),
              "doc_start": np.array([np.flatnonzero(doc == d)[0] for d in range(doc.max() + 1)]),
-             "retrieval": np.arange(heads) % 2}                  # one flag per key/value head
+             "retrieval": np.arange(heads) % 2,                  # one flag per key/value head
+             "g": np.arange(kv_len) % 7 == 0,                    # global-token flags
+             "sel": _block_lists(kv_len, heads)}
     return {name: known[name] for name in pat.tensor_params}
 
 
@@ -92,7 +101,7 @@ SHAPES = [(96, 96, 1, None, (16, 16)), (200, 200, HEADS, None, (32, 16)), (37, 1
 def test_kept_pairs_equal_dense_mask(pat):
     for q_len, kv_len, heads, kv_heads, block in SHAPES:
         given = demo_tensors(pat, kv_len, heads)
-        if q_len > kv_len and {"doc", "segment"} & set(given):
+        if q_len > kv_len and {"doc", "segment", "g", "sel"} & set(given):
             continue            # negative positions would index the document tensors
         r = cost_report(pat, q_len, kv_len, heads=heads, kv_heads=kv_heads, block=block, head_dim=64, **given)
         dense = allowed_pairs(pat, q_len, kv_len, heads, kv_heads, given)

@@ -113,7 +113,7 @@ def test_load_of_a_missing_file_is_an_attn_error(tmp_path):
     ("pattern t:\n    mask = q $ k\n", 2, 14, "'$'"),
     ("pattern t:\n    mask = q @ k\n", 2, 14, "'@'"),
     ("pattern t:\n    mask = k <= q ? 1\n", 2, 19, "'?'"),
-    ("pattern t:\n    mask = k <= q & true\n", 2, 19, "'&'"),
+    ("pattern t:\n    mask = k <= q & true\n", 2, 21, "'&' needs int operands"),
     ("pattern t:\n    mask = `k`\n", 2, 12, "'`'"),
     ("pattern t(w = 1):\n    mask = k <= q;\n", 2, 18, "';'"),
     ("def f = {k}\n", 1, 9, "'{'"),

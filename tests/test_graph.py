@@ -281,6 +281,12 @@ def demo_tensors(pat, n, heads):
             out["rel"] = np.zeros((heads, 2 * pat.values["max_dist"] + 1))
         elif p.name == "retrieval":                 # one flag per key/value head
             out["retrieval"] = np.arange(heads) % 2
+        elif p.name == "g":                         # global-token flags
+            out["g"] = np.arange(n) % 37 == 0
+        elif p.name == "sel":                       # key block lists, own block first
+            sel = np.random.default_rng(6).integers(-1, 4, (heads, n, 16))
+            sel[..., 0] = np.arange(n)
+            out["sel"] = sel
         else:
             raise AssertionError(f"no demo tensor for {pat.name}.{p.name}")
     return out

@@ -1,7 +1,8 @@
-"""The index range proof that spares the kernels' calls the pair-by-pair check
-(attndsl.analysis.intervals.indices_in_range): whenever it proves a call's indices in range,
-the exact check finds none out of range, and calls with an index out of range still fail with
-the interpreter's error before any kernel runs."""
+"""The proof that spares the kernels' calls the pair-by-pair check of their values
+(attndsl.analysis.call_checks.call_values_proved): whenever it proves a call's tensor indices in
+range, its shift counts in 0..62 and its floor/ceil/round arguments convertible to int64, the
+exact check finds no bad value, and calls with a bad value still fail with the interpreter's
+error before any kernel runs."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import attndsl
-from attndsl.analysis.intervals import indices_in_range
+from attndsl.analysis.call_checks import call_values_proved
 from attndsl.errors import AttnCallError
 from attndsl.reference import check_indices
 
@@ -44,7 +45,7 @@ def test_what_the_intervals_prove(expr, proved):
     doc = np.repeat(np.arange(3), 20)
     grids = _grids(f"pattern p(doc: int[], t: int[], start: int[], u: int[][]):\n    mask = {expr}\n", n, n,
                    doc=doc, t=np.arange(n), start=np.array([0, 20, 40]), u=np.ones((2, n), np.int64))
-    assert indices_in_range(grids[0]) is proved
+    assert call_values_proved(grids[0]) is proved
     if proved:
         assert _exact_ok(grids)
 
@@ -56,7 +57,7 @@ def test_a_proof_is_never_wrong(a, b, c, kv_len, short, size):
     q_len = max(1, kv_len - short)
     src = f"pattern p(t: int[]):\n    mask = t[{a} * q + {b} * k + {c}] >= 0\n"
     grids = _grids(src, q_len, kv_len, t=np.zeros(size, np.int64))
-    if indices_in_range(grids[0]):
+    if call_values_proved(grids[0]):
         assert _exact_ok(grids)
 
 
@@ -65,3 +66,50 @@ def test_out_of_range_calls_fail_before_the_kernel():
     q = torch.randn(1, 1, 20, 16)
     with pytest.raises(AttnCallError, match="out of range"):
         pat(q, q, q, backend="triton-interpret", t=np.zeros(20, np.int64))
+
+
+@pytest.mark.parametrize("expr,proved", [
+    ("(k >> 3) == (q >> 3)", True),
+    ("(k << (q % 8)) > 0", True),
+    ("(k >> (q - k)) > 0", False),                          # q - k < 0 below the diagonal
+    ("(k >> (q - k)) > 0 if q >= k else false", False),     # guarded: not proved, yet valid
+    ("(1 << (q // 2)) > k", False),                         # at 130 keys (below): counts to 64
+    ("floor(float(q) / 3.0) == k", True),
+    ("round(w[k]) > 0", True),
+    ("floor(w[k] * 1e300 * 1e300) > 0", False),             # w[k] * 1e600 is inf
+    ("ceil(log(float(k))) < 3", False),                     # log(0.0) is -inf
+    ("ceil(log(float(k + 1))) < 3", True),
+])
+def test_what_the_intervals_prove_of_shifts_and_float_to_int(expr, proved):
+    n = 60
+    src = f"pattern p(w: float[]):\n    mask = {expr}\n"
+    grids = _grids(src, n, n, w=np.linspace(-3.0, 3.0, n))
+    if "q // 2" in expr:        # counts 0..29: proved; at 130 keys, 0..64: not
+        assert call_values_proved(grids[0])
+        grids = _grids(src, 130, 130, w=np.zeros(130))
+    assert call_values_proved(grids[0]) is proved
+    if proved:
+        assert _exact_ok(grids)
+
+
+@settings(max_examples=100, deadline=None, derandomize=True)
+@given(st.integers(-3, 3), st.integers(-3, 3), st.integers(-70, 70), st.integers(1, 70), st.integers(0, 30),
+       st.sampled_from([">>", "<<"]))
+def test_a_shift_proof_is_never_wrong(a, b, c, kv_len, short, op):
+    q_len = max(1, kv_len - short)
+    src = f"pattern p:\n    mask = (k {op} ({a} * q + {b} * k + {c})) >= 0\n"
+    grids = _grids(src, q_len, kv_len)
+    if call_values_proved(grids[0]):
+        assert _exact_ok(grids)
+
+
+def test_bad_shift_counts_and_floats_fail_before_the_kernel():
+    q = torch.randn(1, 1, 20, 16)
+    pat = attndsl.compile("pattern p:\n    mask = (k >> (q - 3)) >= 0\n")["p"]
+    with pytest.raises(AttnCallError, match="shift count -3"):
+        pat(q, q, q, backend="triton-interpret")
+    pat = attndsl.compile("pattern p(w: float[]):\n    mask = floor(w[k]) >= 0\n")["p"]
+    w = np.zeros(20)
+    w[7] = np.nan
+    with pytest.raises(AttnCallError, match="floor of nan"):
+        pat(q, q, q, backend="triton-interpret", w=w)

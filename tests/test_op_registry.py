@@ -72,7 +72,7 @@ def test_registry_entries_are_well_formed():
             assert tuple(p[1] for p in info.params) == info.operands
             assert info.constant_args == tuple(range(info.arity)) and not info.constant
         assert info.data_selector <= info.selector
-        assert (info.spelling is None) == (info.form in ("literal", "param", "index")), op
+        assert (info.spelling is None) == (info.form in ("literal", "param", "index", "var")), op
         if info.form in ("infix", "prefix"):
             assert info.level < Prec.ATOM, op
         else:
@@ -81,7 +81,7 @@ def test_registry_entries_are_well_formed():
 
 def test_spellings_are_unique_within_a_syntax():
     # infix operators, and names (functions, selectors, builtin leaves), are each one op
-    for forms in (("infix",), ("call", "route", "name")):
+    for forms in (("infix",), ("call", "route", "name"), ("reduce",)):
         spellings = [i.spelling for i in OPS.values() if i.form in forms]
         assert len(spellings) == len(set(spellings)), forms
 
@@ -92,11 +92,15 @@ def test_groups_derive_from_the_registry_and_ir_re_exports_them():
     assert ops.DATA_SELECTOR_OPS == {Op.TOPK_BLOCKS, Op.TOPP_BLOCKS, Op.ROUTE}
     assert ops.ARITH_OPS == {Op.ADD, Op.SUB, Op.MUL}
     assert ops.COMPARE_OPS == {Op.LT, Op.LE, Op.GT, Op.GE, Op.EQ, Op.NE}
-    assert ops.UNARY_FLOAT_FUNCS == {Op.EXP, Op.LOG, Op.SQRT, Op.TANH, Op.SIGMOID}
+    assert ops.UNARY_FLOAT_FUNCS == {Op.EXP, Op.LOG, Op.SQRT, Op.TANH, Op.SIGMOID, Op.ERF, Op.EXP2,
+                                     Op.LOG2}
+    assert ops.REDUCE_OPS == {Op.ANY, Op.ALL, Op.SUM, Op.REDUCE_MAX, Op.REDUCE_MIN}
+    assert ops.EXPANDED_OPS == ops.REDUCE_OPS | {Op.VAR}
     assert ops.BUILTIN_LEAVES == {"q": Op.Q, "k": Op.K, "h": Op.H, "q_len": Op.Q_LEN,
                                   "kv_len": Op.KV_LEN, "heads": Op.HEADS, "kv_heads": Op.KV_HEADS}
     # the pure ops: every op but the grid's leaves, score, tensor reads and selectors
-    impure = {Op.Q, Op.K, Op.H, Op.Q_LEN, Op.KV_LEN, Op.HEADS, Op.KV_HEADS, Op.SCORE, Op.INDEX}
+    impure = {Op.Q, Op.K, Op.H, Op.Q_LEN, Op.KV_LEN, Op.HEADS, Op.KV_HEADS, Op.SCORE, Op.INDEX,
+              Op.VAR}
     assert CONSTANT_OPS == set(Op) - impure - ops.SELECTOR_OPS
     for name in ("Op", "Type", "LEAF_OPS", "BUILTIN_LEAVES", "ARITH_OPS", "COMPARE_OPS",
                  "UNARY_FLOAT_FUNCS", "SELECTOR_OPS", "DATA_SELECTOR_OPS"):
@@ -106,12 +110,31 @@ def test_groups_derive_from_the_registry_and_ir_re_exports_them():
 def test_checker_surface_names_come_from_the_registry():
     assert checker.SELECTORS == {i.spelling: (op, i.params) for op, i in OPS.items() if i.selector}
     assert checker.FUNCTIONS == {"abs", "min", "max", "clamp", "float", "exp", "log", "sqrt",
-                                 "tanh", "sigmoid"}
+                                 "tanh", "sigmoid", "erf", "exp2", "log2", "floor", "ceil",
+                                 "round", "ilog2"}
+    assert checker.REDUCTIONS == {"any": Op.ANY, "all": Op.ALL, "sum": Op.SUM,
+                                  "max": Op.REDUCE_MAX, "min": Op.REDUCE_MIN}
 
 
-def test_the_lowerings_refuse_only_the_selectors():
-    """Selectors are replaced by tables before lowering (codegen/tables.py): both lowerings
-    refuse them, and only them."""
+def test_the_lowerings_refuse_only_the_selectors_and_the_reductions():
+    """Selectors are replaced by tables before lowering (codegen/tables.py), reductions and
+    their loop variables expanded (attndsl/expand.py): both lowerings refuse them, and only
+    them; so do the analyses and the derivative for the reductions."""
     for table in (lower.TRITON_RULES, torch_lower.TORCH_RULES):
         refusing = {op for op, rule in table.items() if rule is lower.needs_table}
         assert refusing == set(ops.SELECTOR_OPS)
+        expanding = {op for op, rule in table.items() if rule is lower.needs_expansion}
+        assert expanding == ops.EXPANDED_OPS
+    for table in (intervals.INTERVAL_RULES, cost.SYMPY_RULES):
+        assert {op for op, rule in table.items() if rule is intervals.needs_expansion} == \
+            ops.EXPANDED_OPS
+
+
+@pytest.mark.parametrize("name", ["triton", "torch", "intervals", "derivative"])
+def test_a_refused_reduction_says_it_needs_expansion(name):
+    node = ir.Expr(Op.ANY, Type.BOOL, (ir.const(2), ir.const(True)), 0)
+    rule = {"triton": lower.TRITON_RULES, "torch": torch_lower.TORCH_RULES,
+            "intervals": intervals.INTERVAL_RULES,
+            "derivative": derivative.DERIVATIVE_RULES}[name][Op.ANY]
+    with pytest.raises(Exception, match="expand"):
+        rule(None, node, [])

@@ -28,7 +28,7 @@ TI = np.array([3, -1, 0, 7, 2, 5])                   # ti: int[], indexed by k (
 TF = np.array([0.5, -2.0, 1.25, 3.0, -0.75, 10.0])   # tf: float[]
 TENSOR_TEXT = "ti: int[], tf: float[]"
 
-IF, OR, AND, NOT, CMP, ADD, MUL, UNARY, POW, ATOM = range(10)
+IF, OR, AND, NOT, CMP, BOR, BXOR, BAND, SHIFT, ADD, MUL, UNARY, POW, ATOM = range(14)
 INT, FLOAT, BOOL = "int", "float", "bool"
 BIG = 2 ** 53
 
@@ -163,7 +163,15 @@ def expr(draw, typ: str, depth: int, allow_score: bool = False) -> Node:
     sub = lambda t, d=depth - 1: expr(t, d, allow_score)  # noqa: E731
     par = lambda: draw(st.integers(0, 7)) == 0             # noqa: E731 - a redundant parenthesis
     if typ == INT:
-        kind = draw(st.sampled_from(["+", "-", "*", "neg", "//", "%", "abs", "min", "max", "clamp", "if"]))
+        kind = draw(st.sampled_from(["+", "-", "*", "neg", "//", "%", "abs", "min", "max", "clamp", "if",
+                                     "&", "|", "^", "<<", ">>", "~", "ilog2", "floor", "ceil", "round",
+                                     "sum", "max_of"]))
+        if kind in _BITS or kind in ("<<", ">>", "~", "ilog2"):
+            return _int_bits(draw, kind, sub, par)
+        if kind in ("floor", "ceil", "round"):      # (of no score: the checker refuses it)
+            return _to_int(kind, draw(expr(FLOAT, depth - 1)))
+        if kind in ("sum", "max_of"):
+            return _int_reduction(draw, kind, depth, sub)
         if kind in ("+", "-"):
             a, b = draw(sub(INT)), draw(sub(INT))
             return _binary(kind, ADD, ADD, MUL, INT, a, b, (lambda x, y: x + y) if kind == "+" else
@@ -195,7 +203,8 @@ def expr(draw, typ: str, depth: int, allow_score: bool = False) -> Node:
         return _if(draw, INT, sub, par)
     if typ == FLOAT:
         kind = draw(st.sampled_from(["+", "-", "*", "/", "**", "square", "neg", "float", "abs", "min",
-                                     "max", "clamp", "if", "exp", "log", "sqrt", "tanh", "sigmoid"]))
+                                     "max", "clamp", "if", "exp", "log", "sqrt", "tanh", "sigmoid",
+                                     "erf", "exp2", "log2"]))
         if kind in ("+", "-", "*"):
             a, b = draw(sub(FLOAT)), draw(sub(FLOAT))
             py = {"+": lambda x, y: x + y, "-": lambda x, y: x - y, "*": lambda x, y: x * y}[kind]
@@ -250,9 +259,21 @@ def expr(draw, typ: str, depth: int, allow_score: bool = False) -> Node:
             return _call("sqrt", [inner], FLOAT, math.sqrt)   # correctly rounded everywhere
         if kind == "tanh":
             return _call("tanh", [x], FLOAT, np.tanh, exact=False)
+        if kind == "erf":
+            return _call("erf", [x], FLOAT, math.erf, exact=False)
+        if kind == "exp2":                      # keep its argument from overflowing
+            inner = _call("min", [x, Node("5.0", ATOM, FLOAT, lambda env: V(5.0))], FLOAT, min)
+            return _call("exp2", [inner], FLOAT, lambda v: 2.0 ** v, exact=False)
+        if kind == "log2":
+            inner = Node(f"abs({x.text}) + 1.0", ADD, FLOAT,
+                         lambda env: (lambda y: mk(abs(y.v) + 1.0, y))(x.fn(env)))
+            return _call("log2", [inner], FLOAT, math.log2, exact=False)
         return _call("sigmoid", [x], FLOAT, lambda v: 1.0 / (1.0 + np.exp(-v)), exact=False)
     # bool
-    kind = draw(st.sampled_from(["and", "or", "not", "cmp_int", "cmp_float", "chain", "eq_bool", "if"]))
+    kind = draw(st.sampled_from(["and", "or", "not", "cmp_int", "cmp_float", "chain", "eq_bool", "if",
+                                 "any", "all"]))
+    if kind in ("any", "all"):
+        return _bool_reduction(draw, kind, depth, sub)
     if kind in ("and", "or"):
         a, b = draw(sub(BOOL)), draw(sub(BOOL))
         level, rmin = (AND, NOT) if kind == "and" else (OR, AND)
@@ -276,6 +297,89 @@ def expr(draw, typ: str, depth: int, allow_score: bool = False) -> Node:
         op = draw(st.sampled_from(["==", "!="]))
         return Node(f"{a.at(ADD)} {op} {b.at(ADD)}", CMP, BOOL, _cmp_fn([op], [a, b]))
     return _if(draw, BOOL, sub, par)
+
+
+_BITS = {"&": (BAND, lambda x, y: x & y), "|": (BOR, lambda x, y: x | y),
+         "^": (BXOR, lambda x, y: x ^ y)}
+
+
+def _int_bits(draw, kind, sub, par) -> Node:
+    """A bit operator, a shift by a small count (a literal, or a sub-expression made small), ~
+    or ilog2, with Python's semantics."""
+    if kind in _BITS:
+        level, py = _BITS[kind]
+        a, b = draw(sub(INT)), draw(sub(INT))
+        return _binary(kind, level, level, level + 1, INT, a, b, py, (par(), par()))
+    if kind == "~":
+        a = draw(sub(INT))
+        return Node(f"~{a.at(UNARY, par())}", UNARY, INT, lambda env: mk(_int(~a.fn(env).v)))
+    if kind == "ilog2":
+        return _call("ilog2", [draw(sub(INT))], INT,
+                     lambda n: n.bit_length() - 1 if n >= 1 else -1)
+    a = draw(sub(INT))
+    if draw(st.booleans()):
+        c = draw(st.integers(0, 6))
+        count = Node(str(c), ATOM, INT, lambda env, c=c: V(c))
+    else:                                   # a computed count in 0..4
+        x = draw(sub(INT))
+        count = Node(f"abs({x.text}) % 5", MUL, INT,
+                     lambda env: (lambda y: mk(abs(y.v) % 5, y))(x.fn(env)))
+    py = (lambda x, y: x << y) if kind == "<<" else (lambda x, y: x >> y)
+    return _binary(kind, SHIFT, SHIFT, ADD, INT, a, count, py, (par(), par()))
+
+
+def _to_int(kind: str, x: Node) -> Node:
+    """floor / ceil / round (half to even) of a float, skipped (NearTie) where an inexact
+    argument is too close to the boundary where the result changes."""
+    py = {"floor": math.floor, "ceil": math.ceil, "round": round}[kind]
+
+    def fn(env):
+        y = x.fn(env)
+        if not math.isfinite(y.v) or abs(y.v) > BIG:
+            raise Overflow(y.v)
+        edge = y.v - 0.5 if kind == "round" else y.v
+        if not y.exact and abs(edge - round(edge)) <= 1e-9 * (1 + y.mag):
+            raise NearTie()
+        return mk(_int(py(y.v)), y)
+    return Node(f"{kind}({x.text})", ATOM, INT, fn)
+
+
+def _loop(depth: int) -> str:
+    """The loop variable of a reduction at this generator depth (names differ when nested)."""
+    return f"i{depth}"
+
+
+def _int_reduction(draw, kind, depth, sub) -> Node:
+    """sum(A * i + B for i in range(N)) or max(A - i * B ...), N in 0..3 (max: 1..3)."""
+    name = _loop(depth)
+    n = draw(st.integers(0 if kind == "sum" else 1, 3))
+    a, b = draw(sub(INT)), draw(sub(INT))
+    if kind == "sum":
+        body = f"{a.at(MUL)} * {name} + {b.at(MUL)}"
+        item = lambda env: a.fn(env).v * env[name] + b.fn(env).v       # noqa: E731
+    else:
+        body = f"{a.at(ADD)} - {name} * {b.at(UNARY)}"
+        item = lambda env: a.fn(env).v - env[name] * b.fn(env).v       # noqa: E731
+    spell = "sum" if kind == "sum" else "max"
+
+    def fn(env):
+        vals = [item({**env, name: i}) for i in range(n)]
+        return mk(_int(sum(vals) if kind == "sum" else max(vals)))
+    return Node(f"{spell}({body} for {name} in range({n}))", ATOM, INT, fn)
+
+
+def _bool_reduction(draw, kind, depth, sub) -> Node:
+    """any/all(C for i in range(N)) with C a bool expression of i, N in 0..3, short-circuit."""
+    name = _loop(depth)
+    n = draw(st.integers(0, 3))
+    a = draw(sub(INT))
+    c = draw(sub(BOOL))
+    text_body = f"({a.text}) % 4 == {name} or {c.at(OR)}"
+
+    def fn(env):
+        items = ((a.fn({**env, name: i}).v % 4 == i) or c.fn({**env, name: i}).v for i in range(n))
+        return V(any(items) if kind == "any" else all(items))
+    return Node(f"{kind}({text_body} for {name} in range({n}))", ATOM, BOOL, fn)
 
 
 def _if(draw, typ, sub, par) -> Node:

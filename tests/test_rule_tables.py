@@ -36,6 +36,7 @@ f2 = Expr(Op.CONST, Tf, (), 0.25)
 tru = Expr(Op.CONST, Tb, (), True)
 fals = Expr(Op.CONST, Tb, (), False)
 three = Expr(Op.CONST, Ti, (), 3)
+i0 = Expr(Op.VAR, Ti, (), 0)          # the loop variable of the reduction around it (depth 0)
 
 
 def one_node(op: Op) -> Expr:
@@ -68,6 +69,19 @@ def one_node(op: Op) -> Expr:
         Op.ROUTE: Expr(Op.ROUTE, Tb, (), "c"),
         Op.RANDOM_BLOCKS: Expr(Op.RANDOM_BLOCKS, Tb, (Expr(Op.CONST, Ti, (), 1), Expr(Op.CONST, Ti, (), 4),
                                                      Expr(Op.CONST, Ti, (), 7))),
+        Op.ERF: Expr(Op.ERF, Tf, (f1,)), Op.EXP2: Expr(Op.EXP2, Tf, (f1,)),
+        Op.LOG2: Expr(Op.LOG2, Tf, (f1,)),
+        Op.FLOOR: Expr(Op.FLOOR, Ti, (f1,)), Op.CEIL: Expr(Op.CEIL, Ti, (f1,)),
+        Op.ROUND: Expr(Op.ROUND, Ti, (f1,)), Op.ILOG2: Expr(Op.ILOG2, Ti, (q,)),
+        Op.BIT_AND: Expr(Op.BIT_AND, Ti, (q, k)), Op.BIT_OR: Expr(Op.BIT_OR, Ti, (q, k)),
+        Op.BIT_XOR: Expr(Op.BIT_XOR, Ti, (q, k)), Op.LSHIFT: Expr(Op.LSHIFT, Ti, (q, three)),
+        Op.RSHIFT: Expr(Op.RSHIFT, Ti, (q, three)), Op.INVERT: Expr(Op.INVERT, Ti, (q,)),
+        Op.ANY: Expr(Op.ANY, Tb, (three, Expr(Op.EQ, Tb, (i0, k))), 0),
+        Op.ALL: Expr(Op.ALL, Tb, (three, Expr(Op.NE, Tb, (i0, k))), 0),
+        Op.SUM: Expr(Op.SUM, Ti, (three, Expr(Op.ADD, Ti, (i0, q))), 0),
+        Op.REDUCE_MAX: Expr(Op.REDUCE_MAX, Ti, (three, Expr(Op.SUB, Ti, (q, i0))), 0),
+        Op.REDUCE_MIN: Expr(Op.REDUCE_MIN, Ti, (three, Expr(Op.SUB, Ti, (k, i0))), 0),
+        Op.VAR: i0,
     }
     return table[op]
 
@@ -77,7 +91,9 @@ PARAMS = (Param("w", Ti, 2), Param("t", TensorType(Ti, 1)), Param("c", TensorTyp
 
 def as_pattern(node: Expr) -> PatternIR:
     """A pattern using ``node``: the mask when bool, compared with itself when int, the score when
-    float (so that ``score`` is legal)."""
+    float (so that ``score`` is legal); a loop variable inside a reduction binding it."""
+    if node.op is Op.VAR:
+        node = Expr(Op.ANY, Tb, (three, Expr(Op.EQ, Tb, (node, q))), 0)
     if node.type is Tb:
         return PatternIR("p", PARAMS, node, None)
     if node.type is Ti:

@@ -16,8 +16,10 @@ from conftest import pattern
 from test_rule_tables import PARAMS, one_node
 from torch.overrides import TorchFunctionMode
 
+import attndsl
 from attndsl import interp, torch_backend
 from attndsl.ir import SELECTOR_OPS, Expr, Op, Type
+from attndsl.ops import EXPANDED_OPS
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -36,7 +38,8 @@ def _lowered(expr, as_score: bool):
     return namespace
 
 
-@pytest.mark.parametrize("op", [op for op in Op if op not in SELECTOR_OPS], ids=lambda o: o.name)
+@pytest.mark.parametrize("op", [op for op in Op if op not in SELECTOR_OPS | EXPANDED_OPS],
+                         ids=lambda o: o.name)
 def test_the_torch_lowering_computes_what_the_interpreter_does(op):
     node = one_node(op)
     score = np.random.default_rng(0).standard_normal((H, len(Q), len(K))) * 3
@@ -280,3 +283,18 @@ def test_a_malformed_tile_setting_is_a_clear_error(spec, monkeypatch):
     pat = pattern("pattern t:\n    mask = causal\n")
     with pytest.raises(AttnCallError, match="ATTNDSL_TORCH_BLOCK must be ROWSxKEYS"):
         pat(*_call(pat, 8))
+
+
+def test_a_score_derivative_of_constants_keeps_the_call_dtype():
+    """d max(score, 0.0)/d score is where(c, 1.0, 0.0) of two float literals: the backward
+    multiplies it into float32 tiles (it once came back float64 and failed)."""
+    pat = attndsl.compile("pattern p:\n    mask = causal\n    score = max(score, 0.0)\n")["p"]
+    gen = torch.Generator().manual_seed(0)
+    base = [torch.randn(1, 2, 9, 8, generator=gen, dtype=torch.float64) for _ in range(4)]
+    grads = []
+    for dtype in (torch.float32, torch.float64):
+        q, k, v = (x.to(dtype).clone().requires_grad_() for x in base[:3])
+        (pat(q, k, v, backend="torch") * base[3].to(dtype)).sum().backward()
+        assert q.grad.dtype == dtype
+        grads.append(q.grad.double())
+    assert torch.allclose(grads[0], grads[1], atol=1e-4)

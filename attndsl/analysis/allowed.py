@@ -9,11 +9,12 @@ and the branch conditions that avoid a literal ``-inf``). Empty tiles are proved
 full tiles on ``lower``; the two are equal for position-dependent ``score if c else -inf``.
 
 ``finite(e)`` is a sufficient condition for ``e`` not to be +-inf, given a finite ``score``:
-arithmetic on finite values is taken not to overflow (documented in docs/language.md); ``log``,
-``/`` and ``**`` add the conditions that keep them finite when those are free of ``score``,
-otherwise the pair is not claimed; a float tensor is finite when all its elements are. With
-``tensors=None`` (values unknown, as for tile lists built on the device) each element read is
-tested where it is read instead: ``abs(t[i]) < inf``, an expression of the pair.
+arithmetic on finite values is taken not to overflow (documented in docs/language.md); ``erf`` is
+always finite; ``log``, ``log2``, ``/`` and ``**`` add the conditions that keep them finite when
+those are free of ``score``, otherwise the pair is not claimed; a float tensor is finite when
+all its elements are. With ``tensors=None`` (values unknown, as for tile lists built on the
+device) each element read is tested where it is read instead: ``abs(t[i]) < inf``, an
+expression of the pair.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from .fold import fold
 from .pieces import FALSE, TRUE, b_and, b_not, b_or
 
 _PASS = {Op.NEG, Op.ADD, Op.SUB, Op.MUL, Op.ABS, Op.MIN, Op.MAX, Op.FLOAT, Op.EXP, Op.SQRT,
-         Op.TANH, Op.SIGMOID}
+         Op.TANH, Op.SIGMOID, Op.EXP2}
 _ZERO = const(0.0)
 
 
@@ -51,6 +52,8 @@ def finite(e: Expr, values: dict, tensors: dict | None) -> Expr:
             return Expr(Op.LT, Type.BOOL, (Expr(Op.ABS, Type.FLOAT, (e,)), const(math.inf)))
         t = tensors.get(e.value)
         return const(t is not None and bool(np.isfinite(np.asarray(t, np.float64)).all()))
+    if e.op is Op.ERF:                              # within [-1, 1] (or NaN), whatever its operand
+        return TRUE
     args = [finite(a, values, tensors) for a in e.args]
     if e.op in _PASS:
         out = TRUE
@@ -62,11 +65,11 @@ def finite(e: Expr, values: dict, tensors: dict | None) -> Expr:
         if c.uses(Op.SCORE):
             return b_and(args[1], args[2])
         return b_or(b_and(c, args[1]), b_and(b_not(c), args[2]))
-    if e.op in (Op.LOG, Op.DIV, Op.POW):
+    if e.op in (Op.LOG, Op.LOG2, Op.DIV, Op.POW):
         guarded = e.args[0] if e.op is not Op.DIV else e.args[1]
         if guarded.uses(Op.SCORE):
             return FALSE
-        keep = _cmp(Op.GT, guarded, _ZERO) if e.op is Op.LOG else _cmp(Op.NE, guarded, _ZERO)
+        keep = _cmp(Op.GT if e.op in (Op.LOG, Op.LOG2) else Op.NE, guarded, _ZERO)
         if is_constant(keep):           # decided by the parameters alone: 1.0 / cap
             keep = const(bool(evaluate_scalar(keep, values)))
         out = keep

@@ -6,8 +6,9 @@ never leaves a tile marked full.
 
 Input: a :class:`~attndsl.bound.BoundPattern` and a call's sizes, tile shape and tensor
 inputs. Output: the block map or the :class:`~attndsl.analysis.descriptors.Description`.
-Solved row sets are kept in the ``analysis.row_sets`` cache per (pattern, specialised mask,
-run-contiguous tensors); descriptions of calls without tensor inputs in
+A pattern's reductions are expanded at the call's sizes first (``BoundPattern.for_sizes``):
+every pass below sees none. Solved row sets are kept in the ``analysis.row_sets`` cache per
+(pattern, specialised mask, run-contiguous tensors); descriptions of calls without tensor inputs in
 ``analysis.descriptions`` per (pattern, lengths, heads, block) (:mod:`attndsl.caches`).
 """
 
@@ -55,13 +56,15 @@ def _with_runs(pattern, tensors: dict):
 
 
 def _static_call(pattern, q_len, kv_len, heads, kv_heads, block, given):
-    """(grid of the upper bound of the allowed pairs, lower-bound mask or None, block, runs)."""
+    """(the pattern at these sizes: its reductions expanded, grid of the upper bound of the
+    allowed pairs, lower-bound mask or None, block, runs)."""
     if pattern.uses_selectors():
         raise AttnCallError(f"pattern '{pattern.name}' selects blocks from the query and key "
                             "vectors at run time; block maps describe static patterns only")
     kv_heads = heads if kv_heads is None else kv_heads
     q_len, kv_len, heads, kv_heads = check_lengths(q_len, kv_len, heads, kv_heads)
     pattern.check_sizes(q_len, kv_len, heads, kv_heads)
+    pattern = pattern.for_sizes(q_len, kv_len, heads, kv_heads)      # (attndsl/expand.py)
     block = tile_shape(block)
     check_dense_size(heads, -(-q_len // block[0]), -(-kv_len // block[1]), "block map")
     tensors, runs = _with_runs(pattern, tensor_inputs(pattern.ir, given, None)[0])
@@ -71,7 +74,7 @@ def _static_call(pattern, q_len, kv_len, heads, kv_heads, block, given):
         lower, upper = (fold(e, sizes, {}) for e in (lower, upper))   # parameters stay
     ir = replace(pattern.ir, mask=upper) if upper is not pattern.ir.mask else pattern.ir
     grid = CallGrid(ir, dict(pattern.values), q_len, kv_len, heads, kv_heads, tensors)
-    return grid, (None if lower == upper else lower), block, runs
+    return pattern, grid, (None if lower == upper else lower), block, runs
 
 
 def _classes(pattern, grid, runs):
@@ -166,8 +169,8 @@ class CallClasses:
 def call_classes(pattern, q_len, kv_len, heads=1, block=(128, 128), kv_heads=None,
                  given=None) -> CallClasses:
     """The head classes of a static call: what block_map and describe are computed from."""
-    grid, lower, block, runs = _static_call(pattern, q_len, kv_len, heads, kv_heads, block,
-                                            given or {})
+    pattern, grid, lower, block, runs = _static_call(pattern, q_len, kv_len, heads, kv_heads,
+                                                     block, given or {})
     low = None
     if lower is not None:
         low_grid = CallGrid(replace(grid.ir, mask=lower), grid.params, grid.q_len, grid.kv_len,

@@ -49,11 +49,15 @@ import sympy as sp
 
 from ..bound import as_bound
 from ..caches import LRUCache
+from ..errors import AttnCallError
+from ..expand import has_reductions
 from ..inputs import tensor_inputs
 from ..ir import SELECTOR_OPS, Expr, Op, Type, const
+from ..ops import EXPANDED_OPS, REDUCE_OPS
 from . import api
 from .allowed import allowed_bounds
 from .fold import fold
+from .intervals import needs_expansion
 from .pieces import b_and, i_add, i_max, i_min, i_sub
 from .rows import eval_rows, merge, piece_bounds
 from .solve import solve
@@ -364,7 +368,9 @@ class _Summer:
 
 # ----------------------------------------------------------------------------- sympy rules
 # One rule per op: (summer, e, a, b) -> the segments of e over q in [a, b). An op without a
-# closed form here raises _NoForm (//, %, floats, tensors, selectors, k, h and the head counts).
+# closed form here raises _NoForm (//, %, floats, tensors, selectors, k, h and the head counts,
+# the bit operators but ~ and << by a constant, ilog2, floor/ceil/round); reductions are
+# expanded before analysis (a refusal).
 
 
 def _sym_const(s: _Summer, e: Expr, a, b) -> list:
@@ -422,6 +428,13 @@ def _no_form(s: _Summer, op: Op, v: list, lo, hi) -> list:
     raise _NoForm
 
 
+def _shifted(v: list):
+    """x << c with a constant count: x * 2**c (a count outside 0..62 is a call error)."""
+    if not (v[1].is_Integer and 0 <= v[1] <= 62):
+        raise _NoForm
+    return v[0] * 2 ** int(v[1])
+
+
 _EXTREME = _pointwise(lambda s, op, v, lo, hi: s.extreme([v[0], -v[0]] if op is Op.ABS else v,
                                                           op is Op.MIN, lo, hi))
 _COMPARE = _pointwise(lambda s, op, v, lo, hi: s.compare(op, v[0], v[1], lo, hi))
@@ -434,11 +447,14 @@ SYMPY_RULES = {
     Op.ADD: _value(lambda v: v[0] + v[1]), Op.SUB: _value(lambda v: v[0] - v[1]),
     Op.MUL: _value(lambda v: v[0] * v[1]), Op.NEG: _value(lambda v: -v[0]),
     Op.NOT: _value(lambda v: not v[0]),
+    Op.INVERT: _value(lambda v: -v[0] - 1), Op.LSHIFT: _value(_shifted),
     Op.MIN: _EXTREME, Op.MAX: _EXTREME, Op.ABS: _EXTREME,
     **dict.fromkeys((Op.LT, Op.LE, Op.GT, Op.GE, Op.EQ, Op.NE), _COMPARE),
     **dict.fromkeys((Op.DIV, Op.FLOORDIV, Op.MOD, Op.POW, Op.FLOAT, Op.EXP, Op.LOG, Op.SQRT,
                      Op.TANH, Op.SIGMOID, Op.INDEX, Op.TOPK_BLOCKS, Op.TOPP_BLOCKS,
-                     Op.RANDOM_BLOCKS), _NONE),
+                     Op.RANDOM_BLOCKS, Op.ERF, Op.EXP2, Op.LOG2, Op.FLOOR, Op.CEIL, Op.ROUND,
+                     Op.ILOG2, Op.BIT_AND, Op.BIT_OR, Op.BIT_XOR, Op.RSHIFT), _NONE),
+    **dict.fromkeys(EXPANDED_OPS, needs_expansion),
 }
 
 
@@ -472,7 +488,8 @@ def _closed_form(pattern, heads, kv_heads, given):
     values = dict(pattern.values)
     ints = {k: v for k, v in values.items() if type(v) is int}
     kvh = heads if kv_heads is None else kv_heads
-    mask = _allowed_upper(pattern, values, heads, kvh, given)
+    expanded = _expanded(pattern, heads, kvh)
+    mask = None if expanded is None else _allowed_upper(expanded, values, heads, kvh, given)
     if mask is None or "N" in ints or mask.uses(Op.INDEX, *SELECTOR_OPS):
         return None
     rest = {k: v for k, v in values.items() if k not in ints}
@@ -508,6 +525,21 @@ def _closed_form(pattern, heads, kv_heads, given):
             return None
     return (_readable(total, summer.N), text, n0, _asymptotic(total, summer.N, summer.syms.values()),
             tuple(sorted(ints.items())))
+
+
+def _expanded(pattern, heads, kv_heads):
+    """The pattern with its reductions expanded, when no bound of theirs reads the lengths (a
+    closed form is in N = q_len = kv_len; the counts it is verified against expand at their own
+    lengths), else None."""
+    if not has_reductions(pattern.ir):
+        return pattern
+    if any(n.args[0].uses(Op.Q_LEN, Op.KV_LEN) for r in pattern.ir.roots() for n in r.walk()
+           if n.op in REDUCE_OPS):
+        return None
+    try:
+        return pattern.for_sizes(1, 1, heads, kv_heads)
+    except AttnCallError:
+        return None
 
 
 def _allowed_upper(pattern, values, heads, kv_heads, given):

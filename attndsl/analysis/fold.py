@@ -12,13 +12,17 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..constants import CONSTANT_OPS, is_constant
+from ..constants import CONSTANT_OPS, is_call_constant, is_constant
+from ..errors import AttnCallError
 from ..interp import Env, Evaluator
 from ..ir import DATA_SELECTOR_OPS, LEAF_OPS, SELECTOR_OPS, Expr, Op, Type, const
 
 _LEAVES = {Op.H: "h", Op.Q_LEN: "q_len", Op.KV_LEN: "kv_len", Op.HEADS: "heads",
            Op.KV_HEADS: "kv_heads"}
 _SELECTOR_ARGS = SELECTOR_OPS - LEAF_OPS        # selectors with (constant) operands
+# the operands the solver reads as constants: divisors, moduli, shift counts, bit masks
+_SIZED = {**dict.fromkeys((Op.FLOORDIV, Op.MOD, Op.LSHIFT, Op.RSHIFT), slice(1, 2)),
+          **dict.fromkeys((Op.BIT_AND, Op.BIT_OR, Op.BIT_XOR), slice(0, 2))}
 
 
 def _value(v, kind: Type) -> Expr:
@@ -62,9 +66,12 @@ def fold(expr: Expr, bindings: dict, params: dict) -> Expr:
         if op is Op.IF and known(args[0]):
             return args[1] if args[0].value else args[2]
         if op in CONSTANT_OPS and all(known(a) for a in args):      # (INDEX reads a tensor)
-            with np.errstate(all="ignore"):
-                value = Evaluator(env).sub(Expr(op, e.type, args, e.value))
-            return _value(value, e.type)
+            try:
+                with np.errstate(all="ignore"):
+                    value = Evaluator(env).sub(Expr(op, e.type, args, e.value, e.span))
+                return _value(value, e.type)
+            except AttnCallError:       # (a shift count past 62, floor(inf)): an error only
+                pass                    # where a pair evaluates it: kept as it is
         return Expr(op, e.type, args, e.value, e.span)
 
     return go(expr)
@@ -75,9 +82,10 @@ def head_classes(expr: Expr, heads: int, params: dict, sizes: dict) -> list[tupl
     if expr.uses(*DATA_SELECTOR_OPS):                           # per-head data: no sharing
         return [(expr, [h]) for h in range(heads)]
     if not expr.uses(Op.H):
-        # a divisor of the call's sizes becomes the constant it is at this call (the solver
-        # reads divisors and moduli as constants)
-        sized = any(n.op in (Op.FLOORDIV, Op.MOD) and not is_constant(n.args[1])
+        # a divisor, shift count or bit mask of the call's sizes becomes the constant it is at
+        # this call (the solver reads them as constants)
+        sized = any(n.op in _SIZED and any(is_call_constant(a) and not is_constant(a)
+                                           for a in n.args[_SIZED[n.op]])
                     for n in expr.walk())
         return [(fold(expr, sizes, params) if sized else expr, list(range(heads)))]
     groups: dict[Expr, list[int]] = {}

@@ -9,13 +9,19 @@ tile may be allowed) and ``must`` (every in-bounds pair of the tile is allowed),
 Numbers are abstracted by intervals ``[lo, hi]`` (plus, for floats, a may-be-NaN flag), bools
 by ``(may, must)``; one rule per op in :data:`INTERVAL_RULES`. ``%`` by a constant uses
 congruence reasoning (an interval shorter than the modulus keeps its residues), tensor indices
-use range minimum/maximum queries, ``random_blocks`` uses prefix sums over its block table.
+use range minimum/maximum queries (a bool tensor's reads are a Truth: some / every entry of
+the range true), ``random_blocks`` uses prefix sums over its block table. The bit operators,
+shifts, ``ilog2`` and ``floor``/``ceil``/``round`` have exact hulls (:mod:`.bitwise`).
 Every rule over-approximates, so ``not may`` proves a tile empty and ``must`` proves it full.
-Integer overflow (the interpreter wraps at 64 bits) widens the interval to everything.
+Integer overflow (the interpreter wraps at 64 bits) widens the interval to everything. A value
+that is a call error wherever it is evaluated (a NaN reaching ``floor``, a shift count past 62)
+produces no value: the rules bound only the values a successful call computes. Reductions are
+expanded before analysis (attndsl/expand.py): their rules refuse them (:func:`needs_expansion`).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from functools import reduce
 
@@ -23,7 +29,9 @@ import numpy as np
 
 from ..interp import evaluate_scalar
 from ..ir import Expr, Op
+from ..ops import EXPANDED_OPS
 from ..selectors import random_block_table
+from .bitwise import bit_bounds, float_to_int_bounds, ilog2, shift_bounds
 
 _BIG = float(2 ** 62)
 INT_MIN, INT_MAX = np.iinfo(np.int64).min, np.iinfo(np.int64).max
@@ -273,6 +281,62 @@ def _to_float(an, node):
     return Num(np.float64(a.lo) * 1.0, np.float64(a.hi) * 1.0, False)
 
 
+_erf = np.vectorize(math.erf, otypes=[np.float64])
+
+
+def _erf_rule(an, node):
+    """erf is monotone; its bounds are widened by two ulps (the backends' erf need not round
+    like math.erf) and kept within [-1, 1]."""
+    a = an.value(node.args[0])
+    lo = np.maximum(np.nextafter(np.nextafter(_erf(a.lo), -np.inf), -np.inf), -1.0)
+    hi = np.minimum(np.nextafter(np.nextafter(_erf(a.hi), np.inf), np.inf), 1.0)
+    return Num(lo, hi, a.nan)
+
+
+def _float_to_int(fn):
+    """floor / ceil / round (half to even: np.rint): monotone; NaN, infinities and values
+    beyond int64 are call errors, so they add nothing (the NaN flag is dropped)."""
+    def rule(an, node):
+        a = an.value(node.args[0])
+        return Num(*float_to_int_bounds(fn, a.lo, a.hi))
+    return rule
+
+
+def _ilog2(an, node):
+    a = an.value(node.args[0])
+    return Num(ilog2(a.lo), ilog2(a.hi))
+
+
+def _bitwise(an, node):
+    """& | ^: the exact hull (bitwise.bit_bounds); x & (2**m - 1) keeps the residues of x % 2**m."""
+    a, b = (an.value(x) for x in node.args)
+    return Num(*bit_bounds(node.op.value, a.lo, a.hi, b.lo, b.hi))
+
+
+def _shift(an, node):
+    """<< and >> (bitwise.shift_bounds): counts outside 0..62 are call errors."""
+    a, c = (an.value(x) for x in node.args)
+    return Num(*shift_bounds(node.op.value, a.lo, a.hi, c.lo, c.hi))
+
+
+def _invert(an, node):
+    """~x == -x - 1: decreasing, and never wraps."""
+    a = an.value(node.args[0])
+    return Num(-a.hi - 1, -a.lo - 1)
+
+
+class NeedsExpansion(RuntimeError):
+    """A reduction (or its loop variable) reached a pass that runs after the call's expansion."""
+
+
+def needs_expansion(*args):
+    """The rule of the reductions and their loop variable in the analysis tables (intervals,
+    solver, closed forms): attndsl/expand.py replaces them by and/or/+/max/min chains once a
+    call's sizes are known, before any analysis."""
+    node = next(a for a in args if isinstance(a, Expr))
+    raise NeedsExpansion(f"'{node.op.value}' must be expanded (attndsl/expand.py) before analysis")
+
+
 def _if(an, node):
     c = an.value(node.args[0])
     a, b = an.value(node.args[1]), an.value(node.args[2])
@@ -334,7 +398,17 @@ def _range_extremes(arr: np.ndarray, lo: np.ndarray, hi: np.ndarray):
 
 
 def _index(an, node):
+    """A tensor read: the extremes of the tensor over the read range of each tile. A bool
+    tensor's read is a Truth: may where some entry of the range is true, must where every one is
+    (its entries read as 0/1)."""
     t = np.asarray(an.grid.tensors[node.value])
+    if t.dtype == np.bool_:
+        num = _read(an, node, t.astype(np.int8))
+        return Truth(np.asarray(num.hi > 0), np.asarray(num.lo > 0))
+    return _read(an, node, t)
+
+
+def _read(an, node, t: np.ndarray) -> Num:
     is_float = t.dtype.kind == "f"
     if t.size == 0:
         z = np.float64(0) if is_float else np.int64(0)
@@ -442,9 +516,15 @@ INTERVAL_RULES = {
     Op.FLOAT: _to_float, Op.EXP: _monotone(np.exp), Op.LOG: _domain_monotone(np.log, 0.0),
     Op.SQRT: _domain_monotone(np.sqrt, 0.0), Op.TANH: _monotone(np.tanh),
     Op.SIGMOID: _monotone(lambda x: 0.5 * (1.0 + np.tanh(0.5 * x))),
+    Op.ERF: _erf_rule, Op.EXP2: _monotone(np.exp2), Op.LOG2: _domain_monotone(np.log2, 0.0),
+    Op.FLOOR: _float_to_int(np.floor), Op.CEIL: _float_to_int(np.ceil),
+    Op.ROUND: _float_to_int(np.rint), Op.ILOG2: _ilog2,
+    Op.BIT_AND: _bitwise, Op.BIT_OR: _bitwise, Op.BIT_XOR: _bitwise,
+    Op.LSHIFT: _shift, Op.RSHIFT: _shift, Op.INVERT: _invert,
     Op.INDEX: _index,
     Op.TOPK_BLOCKS: _unknown_bool, Op.TOPP_BLOCKS: _unknown_bool, Op.ROUTE: _unknown_bool,
     Op.RANDOM_BLOCKS: _random_blocks,
+    **dict.fromkeys(EXPANDED_OPS, needs_expansion),
 }
 
 
@@ -465,21 +545,3 @@ def whole_call(q_len: int, kv_len: int, heads: int, kv_heads: int, params: dict,
 def within(num: Num, lo, hi) -> bool:
     """Whether every interval of ``num`` lies inside [lo, hi]."""
     return bool(np.all(num.lo >= lo) and np.all(num.hi <= hi))
-
-
-def indices_in_range(grid) -> bool:
-    """Whether every tensor index of the call's mask and score clause is provably in range at
-    every pair (one tile spanning the call; guards are ignored, so this over-approximates
-    where an index is read). ``False`` means "not proved": check pair by pair
-    (attndsl.reference.check_indices), which also names the offending index."""
-    roots = [grid.ir.mask] + ([grid.ir.score] if grid.ir.score is not None else [])
-    nodes = [n for r in roots for n in r.walk() if n.op is Op.INDEX]
-    if not nodes or grid.q_len == 0 or grid.kv_len == 0:
-        return True
-    an = whole_call(grid.q_len, grid.kv_len, grid.heads, grid.kv_heads, grid.params, grid.tensors)
-    for node in nodes:
-        shape = np.shape(grid.tensors[node.value])
-        for axis, index in enumerate(node.args):
-            if axis >= len(shape) or not within(an.value(index), 0, shape[axis] - 1):
-                return False
-    return True

@@ -8,7 +8,10 @@ residue, only those with ``(k - offset) mod m`` in ``live``) are in the set.
 
 Atoms that are linear in ``k`` (or in ``k // c``) with a constant coefficient are solved
 exactly; ``abs``/``min``/``max``/``if`` inside comparisons are rewritten into and/or first;
-``(linear in k) % m`` compared with a constant becomes a residue piece. Anything else
+``(linear in k) % m`` compared with a constant becomes a residue piece. Bit operators that a
+constant makes arithmetic (``k >> 6`` is ``k // 64``, ``k & 63`` is ``k % 64``), low-bit masks
+(``(k ^ 5) & 3 < 2``), xors with a k-free operand under ``==`` and ``ilog2`` compared with a
+constant (bands) are rewritten into those forms first (:mod:`.bitforms`). Anything else
 (tensors indexed by ``k``, selectors, non-linear terms) is unknown: the empty set in ``lower``
 and every key in ``upper``; so is everything past :data:`MAX_SOLVE_STEPS` visited sub-expressions
 (rewrites double per level of nested ``abs``: the solve stays linear in the pattern's size). So
@@ -24,8 +27,12 @@ from functools import reduce
 import numpy as np
 
 from ..constants import is_constant
+from ..errors import AttnCallError
 from ..interp import evaluate_scalar
 from ..ir import Expr, Op, Type, const
+from ..ops import EXPANDED_OPS
+from .bitforms import arith_form, mask_form, rewrite_compare
+from .intervals import needs_expansion
 from .pieces import (
     _KV_LAST,
     ALL,
@@ -102,10 +109,14 @@ class Solver:
         return None
 
     def constant(self, e: Expr):
-        """The value of a compile-time constant expression (attndsl.constants), else None."""
+        """The value of a compile-time constant expression (attndsl.constants), else None (also
+        when evaluating it is a call error: a shift count past 62 under a guard)."""
         if not is_constant(e):
             return None
-        return evaluate_scalar(e, self.params)
+        try:
+            return evaluate_scalar(e, self.params)
+        except AttnCallError:
+            return None
 
     def linear(self, e: Expr):
         """e == coef * var + rest with var 'k' or ('kdiv', c) or None; rest is k-free."""
@@ -135,22 +146,28 @@ class Solver:
                 if c is not None:
                     a = self.linear(x)
                     return None if a is None else (a[0], a[1] * c, i_mul(a[2], c))
-        return None
+        form = arith_form(e, self.constant)        # k >> 6 is k // 64, ~x is -x - 1, ...
+        return None if form is None else self.linear(form)
 
     def small(self, lin) -> bool:
-        """Whether a linear form's coefficient and constants are at most SMALL in magnitude.
+        """Whether a linear form's coefficient, divisor (``k // c``, ``k >> s``) and constants are
+        at most SMALL in magnitude.
 
         The interpreter wraps int64 arithmetic, the solver's algebra does not: with positions
         below 2**31 the two agree when no constant exceeds SMALL. Forms with larger ones are
         left unknown (the tile interval analysis widens on overflow).
         """
-        _var, coef, rest = lin
-        if abs(coef) > SMALL:
-            return False
+        var, coef, rest = lin
+        if abs(coef) > SMALL or (isinstance(var, tuple) and var[1] > SMALL):
+            return False                    # (k // c: the bounds are multiplied by c)
         for n in rest.walk():
             v = n.value if n.op is Op.CONST else self.params.get(n.value) if n.op is Op.PARAM else None
             if n.type is Type.INT and isinstance(v, int) and abs(v) > SMALL:
                 return False
+            if n.op is Op.LSHIFT:               # x << c is x * 2**c
+                c = self.constant(n.args[1])
+                if not isinstance(c, int) or not 0 <= c <= 31:
+                    return False
         return True
 
     def compare(self, op: Op, left: Expr, right: Expr):
@@ -189,27 +206,27 @@ class Solver:
     def modular(self, op: Op, left: Expr, right: Expr):
         """``(s*V + rest) % m OP c`` with V = k or k // b and s = +-1: a residue piece.
 
-        c is a constant (any comparison) or a k-free expression (== and != only). The piece
+        The left side may also be a low-bit form, ``f((s*V + rest) mod m)`` with m a power of
+        two (``(k ^ 5) & 3``: :func:`~attndsl.analysis.bitforms.mask_form`). c is a constant
+        (any comparison) or, for ``%`` itself, a k-free expression (== and != only). The piece
         keeps the keys with ``(k - offset) mod M`` in ``live``, M = m (V = k) or b*m.
         """
-        if left.op is not Op.MOD or depends_on_k(right):
-            if right.op is Op.MOD and not depends_on_k(left):
+        form = mask_form(left, self.constant) if not depends_on_k(right) else None
+        if form is None:
+            if not depends_on_k(left) and mask_form(right, self.constant) is not None:
                 return self.modular(_FLIP[op], right, left)
             return None
-        lin = self.linear(left.args[0])
+        inner, m, value, identity = form         # left == value(inner mod m)
+        lin = self.linear(inner)
         if lin is None or lin[0] is None or lin[1] not in (1, -1) or not self.small(lin):
             return None
-        m = self.constant(left.args[1])
-        if m is None:                           # a modulus of the call's sizes, unfolded
-            return None
-        m = int(m)
         unit = 1 if lin[0] == "k" else lin[0][1]
         if m * unit > 4096:
             return None
         s, rest = lin[1], lin[2]
         c = self.constant(right)
         if c is None:
-            if op not in (Op.EQ, Op.NE):
+            if op not in (Op.EQ, Op.NE) or not identity:
                 return None
             # s*V + rest == c(q) (mod m), c in [0, m)  <=>  V == s*(c - rest) (mod m)
             units = i_mul(i_sub(right, rest), s)
@@ -221,7 +238,7 @@ class Solver:
         test = {Op.LT: lambda r: r < c, Op.LE: lambda r: r <= c, Op.GT: lambda r: r > c,
                 Op.GE: lambda r: r >= c, Op.EQ: lambda r: r == c, Op.NE: lambda r: r != c}[op]
         # s*V + rest == v (mod m)  <=>  (V - o) mod m == s*v mod m, with o = -s*rest
-        live_units = {(s * v) % m for v in range(m) if test(v)}
+        live_units = {(s * v) % m for v in range(m) if test(value(v))}
         if not live_units:
             return NONE
         if len(live_units) == m:
@@ -404,6 +421,8 @@ def _compare(run: _Solve, e: Expr) -> tuple:
     if exact is not None:
         return exact, exact
     rewritten = _rewrite_compare(op, a, b)
+    if rewritten is None:
+        rewritten = rewrite_compare(op, a, b, solver.constant)
     if rewritten is not None:
         return run.go(rewritten)
     return _unknown(run, e)
@@ -425,7 +444,13 @@ SOLVE_RULES = {
     **dict.fromkeys((Op.CONST, Op.PARAM, Op.Q, Op.K, Op.H, Op.Q_LEN, Op.KV_LEN, Op.HEADS,
                      Op.KV_HEADS, Op.SCORE, Op.NEG, Op.ADD, Op.SUB, Op.MUL, Op.DIV, Op.FLOORDIV,
                      Op.MOD, Op.POW, Op.ABS, Op.MIN, Op.MAX, Op.FLOAT, Op.EXP, Op.LOG, Op.SQRT,
-                     Op.TANH, Op.SIGMOID, Op.INDEX), _unknown),
+                     Op.TANH, Op.SIGMOID, Op.ERF, Op.EXP2, Op.LOG2, Op.FLOOR, Op.CEIL, Op.ROUND,
+                     Op.ILOG2, Op.BIT_AND, Op.BIT_OR, Op.BIT_XOR, Op.LSHIFT, Op.RSHIFT, Op.INVERT),
+                    _unknown),
+    # a bool tensor's read depends on the data: unknown (k-free reads are guards)
+    Op.INDEX: _unknown,
+    # reductions are expanded before analysis (attndsl/expand.py)
+    **dict.fromkeys(EXPANDED_OPS, needs_expansion),
 }
 
 
