@@ -7,9 +7,9 @@ in range(N))`` is replaced by its items ``E[i := 0] .. E[i := N-1]`` (the loop v
 becomes an int literal) joined as the interpreter defines them (attndsl/interp.py, the
 meaning, which evaluates reductions with real loops):
 
-* ``any`` / ``all``: an ``or`` / ``and`` chain (false / true when empty), balanced beyond
-  limits.LOGIC_RUN items like every long chain; a later item is evaluated only where the
-  earlier ones did not decide, as in the interpreter;
+* ``any`` / ``all``: an ``or`` / ``and`` chain (false / true when empty) as a balanced tree
+  (an expansion adds at most log2(MAX_RANGE) = 8 levels per reduction to the IR's height); a
+  later item is evaluated only where the earlier ones did not decide, as in the interpreter;
 * ``sum``: ``0 + (items added as a balanced tree)`` (0 or 0.0 by type; the leading zero makes a
   sum of ``-0.0`` items ``0.0``, as Python's ``sum``); float items may be added in another
   order than the interpreter's left-to-right loop, a difference of rounding only;
@@ -34,7 +34,7 @@ from .constants import is_call_constant, range_sites
 from .errors import AttnCallError, source_for
 from .interp import evaluate_scalar
 from .ir import Expr, Op, PatternIR, Type, const
-from .limits import LOGIC_RUN, balanced
+from .limits import balanced
 from .ops import EXPANDED_OPS, MAX_RANGE
 
 MAX_EXPANDED_NODES = 200_000         # as the checker's MAX_TREE_SIZE for one pattern
@@ -147,13 +147,7 @@ def _join(node: Expr, items: list[Expr]) -> Expr:
     if op in (Op.ANY, Op.ALL):
         if not items:
             return const(op is Op.ALL, span)
-        join = Op.OR if op is Op.ANY else Op.AND
-        if len(items) <= LOGIC_RUN:
-            out = items[0]
-            for item in items[1:]:
-                out = Expr(join, Type.BOOL, (out, item), None, span)
-            return out
-        return balanced(join, items, span)
+        return balanced(Op.OR if op is Op.ANY else Op.AND, items, span)
     if op is Op.SUM:
         zero = const(0.0 if kind is Type.FLOAT else 0, span)
         if not items:
