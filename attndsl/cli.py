@@ -1,4 +1,5 @@
-"""The ``attndsl`` command-line tool: ``check``, ``show``, ``run``, ``analyze``, ``emit``, ``testgen``.
+"""The ``attndsl`` command-line tool: ``check``, ``show``, ``run``, ``analyze``, ``bench``, ``emit``,
+``testgen``.
 
 Every :class:`~attndsl.errors.AttnError` (a diagnostic in a file, a file that cannot be read,
 a bad size or parameter) is printed as its rendered message on stderr with exit status 1,
@@ -7,7 +8,8 @@ never as a Python traceback; so is an allocation failure (sizes too large) and, 
 Command-line usage errors are argparse's (usage and message, exit status 2). Pictures and
 report lines are built by :mod:`attndsl.render`.
 Patterns that take tensor inputs or select blocks from the query and key vectors get demo
-values from a fixed seed (:func:`attndsl.render.demo_inputs`), and the output says what they are.
+values from a fixed seed (:func:`attndsl.render.demo_inputs`), and the output says what they are;
+``--input NAME=PATH`` gives a tensor input from a file instead (:mod:`attndsl.cli_common`).
 """
 
 from __future__ import annotations
@@ -23,17 +25,17 @@ import numpy as np
 
 from . import __version__, render
 from .cli_analyze import add_parser as add_analyze
+from .cli_bench import add_parser as add_bench
 from .cli_codegen import add_parsers as add_codegen
+from .cli_common import call_inputs, load_inputs, report, require_bound, select_patterns
 from .cli_common import common_arguments as _common
 from .cli_common import count as _count
 from .cli_common import parse_assignment as parse_assignment  # re-exported: cli.parse_assignment
-from .cli_common import report, require_bound, select_patterns
 from .errors import AttnCallError, AttnError
 from .inputs import check_lengths
 from .ir import Op
 from .program import load
 from .reference import head_dependent
-from .render import demo_inputs
 
 # Accepted max |out - ref| is TOLERANCE[dtype] * (max |ref| + 1); the same rule for lse.
 TOLERANCE = {"float32": 2e-5, "float16": 2e-2, "bfloat16": 5e-2, "float64": 1e-10}
@@ -114,6 +116,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"picture width limit (default: the terminal's, at most {MAX_COLS})")
     p.add_argument("--png", metavar="OUT", help="also write a heat map (one subplot per head "
                                                "group, one row per pattern) to this PNG file")
+    p.add_argument("--color", choices=("auto", "always", "never"), default="auto",
+                   help="colour the pattern's source (needs Pygments; default auto: when the "
+                        "output is a terminal and NO_COLOR is unset)")
     p.set_defaults(func=cmd_show)
 
     p = sub.add_parser("run", help="run a pattern with torch and validate it against the "
@@ -134,6 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_run, heads=None)
 
     add_analyze(sub)
+    add_bench(sub)
     add_codegen(sub)
     return parser
 
@@ -174,14 +180,19 @@ def warn_patterns(prog) -> None:
 
 
 def cmd_show(args) -> int:
+    from .lexer import use_color  # lazily: only `show` loads Pygments
+
     prog = load(args.file)
+    args.colored = use_color(args.color, sys.stdout)
     width = args.width
     if width is None:
         width = max(8, min(MAX_COLS, shutil.get_terminal_size((MAX_COLS, MAX_ROWS)).columns - 1))
     status, figures, blocks = 0, [], []
-    for pat in select_patterns(prog, args):
+    pats = select_patterns(prog, args)
+    given = load_inputs(args)
+    for pat in pats:
         try:
-            lines, figure = show_one(pat, args, MAX_ROWS, width)
+            lines, figure = show_one(pat, args, MAX_ROWS, width, given)
         except AttnError as err:
             report(err)
             status = 1
@@ -199,8 +210,8 @@ def cmd_show(args) -> int:
     return status
 
 
-def show_one(pat, args, max_rows: int, max_cols: int):
-    """(text lines, PNG figure) for one pattern."""
+def show_one(pat, args, max_rows: int, max_cols: int, given=None):
+    """(text lines, PNG figure) for one pattern (``given``: the ``--input`` values)."""
     require_bound(pat)
     q_len, kv_len = args.q_len, args.q_len if args.kv_len is None else args.kv_len
     heads = args.heads or (4 if any(head_dependent(r) for r in pat.ir.roots()) else 1)
@@ -214,8 +225,10 @@ def show_one(pat, args, max_rows: int, max_cols: int):
         key = rng.standard_normal((kv_heads, kv_len, DEMO_DIM))
         notes.append(f"query/key: random Gaussian vectors, head_dim {DEMO_DIM} (seed "
                      f"{args.seed}); the selection depends on them")
-    tensors, more = demo_inputs(pat, (q_len, kv_len, heads, kv_heads), DEMO_DIM, rng, query, key)
-    notes += [f"{line} (seed {args.seed})" for line in more]
+    inputs = call_inputs(pat, given or {}, (q_len, kv_len, heads, kv_heads), DEMO_DIM, rng,
+                         query, key, seed=args.seed)
+    tensors = inputs.first
+    notes += inputs.notes
     total = heads * q_len * kv_len
     dense = None
     if total <= DENSE_LIMIT:
@@ -251,6 +264,9 @@ def show_one(pat, args, max_rows: int, max_cols: int):
         dens = f"density between {lo:.3f} and {hi:.3f} (from the block map)"
     lines = [f"{render.signature(pat)}: q_len={q_len} kv_len={kv_len} heads={heads} "
              f"kv_heads={kv_heads}, {dens}"]
+    from .lexer import source_lines  # the pattern as checked (defs inlined), coloured or not
+
+    lines += [f"  {line}" for line in source_lines(str(pat), getattr(args, "colored", False))]
     lines += [f"  {n}" for n in notes] + [f"  {legend}"]
     groups = render.group_heads(per_head)
     panels = []
@@ -299,9 +315,11 @@ def _figure(pat, args, dense, bmap, sizes, tensors) -> list:
 def cmd_run(args) -> int:
     prog = load(args.file)
     status = 0
-    for pat in select_patterns(prog, args):
+    pats = select_patterns(prog, args)
+    given = load_inputs(args)
+    for pat in pats:
         try:
-            ok = run_one(pat, args)
+            ok = run_one(pat, args, given)
         except AttnError as err:
             report(err)
             print(f"FAIL {pat.name}: {err.message}")
@@ -339,8 +357,9 @@ def compare(out, lse, ref_out, ref_lse, rtol: float):
     return err, ref_max, rtol * (ref_max + 1), lse_err, rtol * (lse_max + 1), same_empty
 
 
-def run_one(pat, args) -> bool:
-    """Run one pattern, print its report; True when it PASSes."""
+def run_one(pat, args, given=None) -> bool:
+    """Run one pattern, print its report; True when it PASSes (``given``: the ``--input``
+    values)."""
     import torch
 
     require_bound(pat)
@@ -361,7 +380,9 @@ def run_one(pat, args) -> bool:
     qn, kn = (x.double().cpu().numpy() for x in (q, k))
     query, key = (qn[0], kn[0]) if selectors else (None, None)
     rng = np.random.default_rng(args.seed)
-    tensors, notes = demo_inputs(pat, (q_len, kv_len, heads, kv_heads), d, rng, query, key)
+    inputs = call_inputs(pat, given or {}, (q_len, kv_len, heads, kv_heads), d, rng, query, key,
+                         batch=b, seed=args.seed)
+    tensors = inputs.values
     backend = args.backend or ("torch" if device.type == "cpu" else "triton")
     tt = {n: torch.as_tensor(a, device=device) for n, a in tensors.items()}
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
@@ -374,10 +395,13 @@ def run_one(pat, args) -> bool:
     total = heads * q_len * kv_len
     density = None
     if total <= DENSE_LIMIT:
-        mask = pat.dense_mask(q_len, kv_len, heads, kv_heads, query=query, key=key, **tensors)
+        mask = pat.dense_mask(q_len, kv_len, heads, kv_heads, query=query, key=key,
+                              **inputs.first)
         density = float(mask.sum()) / total if total else 0.0
         dens = render.density_text(int(mask.sum()), total)
-        dens += " (batch element 0)" if selectors and b > 1 else ""
+        per_batch = any(np.ndim(tensors[n]) > np.ndim(inputs.first[n]) and
+                        np.shape(tensors[n])[0] > 1 for n in tensors)
+        dens += " (batch element 0)" if b > 1 and (selectors or per_batch) else ""
     else:
         dens = "density not computed (mask too large)"
     err, ref_max, tol, lse_err, lse_tol, same_empty = compare(out, lse, ref_out, ref_lse,
@@ -388,8 +412,8 @@ def run_one(pat, args) -> bool:
     print(f"  backend {backend} on {device}, dtype {args.dtype}, scale 1/sqrt({d})")
     print(f"  q {[b, heads, q_len, d]}, k and v {[b, kv_heads, kv_len, d]}: random Gaussian "
           f"(seed {args.seed})")
-    for line in notes:
-        print(f"  {line} (seed {args.seed})")
+    for line in inputs.notes:
+        print(f"  {line}")
     print(f"  {dens}")
     rel = err / ref_max if ref_max else err
     print(f"  out: max |err| {render.fmt_err(err)}, relative {render.fmt_err(rel)} (vs the "

@@ -14,8 +14,14 @@ import time
 
 import numpy as np
 
-from . import render
-from .cli_common import common_arguments, count, require_bound, select_patterns
+from .cli_common import (
+    call_inputs,
+    common_arguments,
+    count,
+    load_inputs,
+    require_bound,
+    select_patterns,
+)
 from .errors import AttnCallError
 from .inputs import check_lengths
 from .reference import head_dependent
@@ -41,7 +47,8 @@ def add_parser(sub) -> None:
     p.set_defaults(func=cmd_analyze)
 
 
-def analyze_one(pat, args) -> dict:
+def analyze_one(pat, args, given=None) -> dict:
+    """The report of one pattern (``given``: the ``--input`` values; demo values for the rest)."""
     from .analysis.cost import cost_report
     from .analysis.graph import graph_report
 
@@ -54,7 +61,7 @@ def analyze_one(pat, args) -> dict:
         raise AttnCallError(f"pattern '{pat.name}' selects blocks from the query and key vectors "
                             "at run time; analyze describes static patterns")
     rng = np.random.default_rng(args.seed)
-    tensors, notes = render.demo_inputs(pat, (q_len, kv_len, heads, kv_heads), 16, rng)
+    tensors, _, notes = call_inputs(pat, given or {}, (q_len, kv_len, heads, kv_heads), 16, rng)
     block = (args.block, args.block)
     t0 = time.perf_counter()
     desc = pat.describe(q_len, kv_len, heads, block, kv_heads, **tensors)
@@ -184,9 +191,11 @@ def cmd_analyze(args) -> int:
 
     prog = load(args.file)
     results = []
-    for pat in select_patterns(prog, args):
+    pats = select_patterns(prog, args)
+    given = load_inputs(args)
+    for pat in pats:
         require_bound(pat)
-        results.append(analyze_one(pat, args))
+        results.append(analyze_one(pat, args, given))
     if args.json:
         print(json.dumps(results, indent=2, default=_json_default))
     else:

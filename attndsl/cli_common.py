@@ -1,5 +1,14 @@
 """What the subcommands of the ``attndsl`` tool share: argument types, the common arguments,
-pattern selection with ``--set`` and the diagnostic printer.
+pattern selection with ``--set``, tensor inputs from files with ``--input`` and the diagnostic
+printer.
+
+``--input NAME=PATH`` reads a tensor input from a ``.npy`` file (``numpy.save``) or a ``.pt``
+file (``torch.save`` of one tensor, or of a dict holding a tensor under NAME). It is checked
+like a call argument (the name a tensor input of a chosen pattern, the declared element type,
+the rank with an optional batch dimension); every problem is an
+:class:`~attndsl.errors.AttnCallError` naming the option. The tensor inputs not given get demo
+values (:func:`attndsl.render.demo_inputs`), derived from the given ones where the demo values are
+(a ``*start*`` table from a given document-id tensor) and sized by the indices the pattern uses.
 
 :mod:`attndsl.cli` (``check``, ``show``, ``run``), :mod:`attndsl.cli_analyze` (``analyze``) and
 :mod:`attndsl.cli_codegen` (``emit``, ``testgen``) import this module; :mod:`attndsl.cli`
@@ -9,9 +18,16 @@ imports the other two, never the reverse.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+from dataclasses import replace
+from typing import NamedTuple
 
+import numpy as np
+
+from . import render
 from .errors import AttnCallError, AttnError
+from .inputs import tensor_inputs, to_numpy
 
 
 def report(err: AttnError) -> None:
@@ -76,6 +92,14 @@ def common_arguments(p: argparse.ArgumentParser, q_len: int, heads_help: str) ->
                    help="bind a scalar parameter (int, float, true/false); repeatable")
     p.add_argument("--seed", type=seed, default=0,
                    help="seed of the random demo inputs, in [0, 2**63) (default 0)")
+    input_argument(p)
+
+
+def input_argument(p: argparse.ArgumentParser, what: str = "") -> None:
+    """The repeatable ``--input NAME=PATH`` option (``what``: a note added to its help)."""
+    p.add_argument("--input", action="append", type=parse_input, metavar="NAME=PATH",
+                   help="a tensor input from a .npy or .pt file (checked like a call argument; "
+                        f"the inputs not given get demo values){what}; repeatable")
 
 
 # ----------------------------------------------------------------------------- patterns
@@ -98,7 +122,25 @@ def select_patterns(prog, args) -> list:
     if unknown:
         raise AttnCallError(f"--set {unknown[0]}: no parameter '{unknown[0]}' in pattern"
                             f"{'s' if len(pats) > 1 else ''} {', '.join(names)}")
+    _check_input_names(pats, [n for n, _ in getattr(args, "input", None) or []])
     return out
+
+
+def _check_input_names(pats: list, names: list[str]) -> None:
+    """Every ``--input`` name is a tensor input of some chosen pattern, given once."""
+    for i, name in enumerate(names):
+        if name in names[:i]:
+            raise AttnCallError(f"--input {name}: given more than once")
+        if any(name in p.tensor_params for p in pats):
+            continue
+        scalar = next((p for p in pats if any(x.name == name for x in p.ir.params)), None)
+        if scalar is not None:
+            raise AttnCallError(f"--input {name}: '{name}' is a compile-time parameter of "
+                                f"pattern '{scalar.name}'; set it with --set {name}=VALUE")
+        known = sorted({n for p in pats for n in p.tensor_params})
+        raise AttnCallError(f"--input {name}: no tensor input '{name}' in pattern"
+                            f"{'s' if len(pats) > 1 else ''} {', '.join(p.name for p in pats)} "
+                            f"(tensor inputs: {', '.join(known) or 'none'})")
 
 
 def require_bound(pat) -> None:
@@ -107,3 +149,127 @@ def require_bound(pat) -> None:
         if not p.is_tensor and p.name not in pat.values:
             raise AttnCallError(f"pattern '{pat.name}' needs a value for parameter '{p.name}' "
                                 f"({p.type.value}): pass --set {p.name}=VALUE")
+
+
+# ----------------------------------------------------------------------------- tensor inputs
+
+INPUT_SUFFIXES = (".npy", ".pt")
+
+
+class Given(NamedTuple):
+    """A tensor input read from a file: its path and its values (not yet checked against a
+    pattern's declaration)."""
+
+    path: str
+    array: np.ndarray
+
+
+class CallInputs(NamedTuple):
+    """The tensor inputs of one call: ``values`` to pass to it (a given input keeps its batch
+    dimension), ``first`` the values of batch element 0 (declared ranks, for ``dense_mask``,
+    ``block_map``, the analyses), and ``notes``, one line per input saying what it is."""
+
+    values: dict
+    first: dict
+    notes: list
+
+
+def parse_input(text: str) -> tuple[str, str]:
+    """``NAME=PATH`` -> (name, path); the file is read by :func:`load_inputs`."""
+    name, sep, path = text.partition("=")
+    name = name.strip()
+    if not sep or not name.isidentifier() or not path.strip():
+        raise argparse.ArgumentTypeError(f"expected NAME=PATH (a .npy or .pt file), got {text!r}")
+    return name, path.strip()
+
+
+def read_tensor(name: str, path: str) -> np.ndarray:
+    """The array in a ``.npy`` file or a ``.pt`` file (one tensor, or a dict holding one under
+    ``name``); an unknown extension, an unreadable file or other content is an AttnCallError."""
+    where = f"--input {name}={path}"
+    suffix = os.path.splitext(path)[1].lower()
+    if suffix not in INPUT_SUFFIXES:
+        raise AttnCallError(f"{where}: expected a .npy file (numpy.save) or a .pt file "
+                            f"(torch.save), got {f'a {suffix} file' if suffix else 'no extension'}")
+    kind = "NumPy .npy" if suffix == ".npy" else "torch .pt"
+    try:
+        if suffix == ".npy":
+            with open(path, "rb") as f:
+                magic = f.read(6)
+            if magic != b"\x93NUMPY":
+                what = "a zip archive (.npz?)" if magic[:2] == b"PK" else "no NumPy header"
+                raise AttnCallError(f"{where}: '{path}' is not a .npy file ({what}); save one "
+                                    "array with numpy.save")
+            value = np.load(path, allow_pickle=False)
+        else:
+            import torch
+
+            value = torch.load(path, map_location="cpu", weights_only=True)
+    except AttnCallError:
+        raise
+    except OSError as exc:
+        raise AttnCallError(f"{where}: cannot read '{path}': {exc.strerror or exc}") from None
+    except Exception as exc:  # noqa: BLE001 - any decoding failure is the file's
+        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise AttnCallError(f"{where}: '{path}' is not a readable {kind} file ({detail})") from None
+    if suffix == ".pt":
+        import torch
+
+        if isinstance(value, dict) and isinstance(value.get(name), torch.Tensor):
+            value = value[name]
+        if not isinstance(value, torch.Tensor):
+            what = (f"a dict without a tensor '{name}' (keys: "
+                    f"{', '.join(map(str, list(value)[:8])) or 'none'})"
+                    if isinstance(value, dict) else f"a {type(value).__name__}")
+            raise AttnCallError(f"{where}: '{path}' holds {what}; save one tensor "
+                                f"(torch.save(t, path)) or a dict with the key '{name}'")
+    try:
+        return to_numpy(value, name)
+    except AttnCallError as err:
+        raise AttnCallError(f"{where}: {err.message}") from None
+
+
+def load_inputs(args) -> dict:
+    """name -> :class:`Given` for every ``--input`` of the command (files read once)."""
+    return {name: Given(path, read_tensor(name, path))
+            for name, path in getattr(args, "input", None) or []}
+
+
+def check_given(pat, given: dict, batch: int | None = None) -> tuple[dict, dict]:
+    """The ``--input`` values that ``pat`` declares, checked like the call's arguments (element
+    type, rank, batch dimension against ``batch``; None: a call without a batch, where a batch
+    dimension must have size 1). Returns (name -> the value as read, name -> batch element 0)."""
+    values, first = {}, {}
+    for name, g in given.items():
+        if name not in pat.tensor_params:
+            continue
+        ir = replace(pat.ir, params=tuple(p for p in pat.ir.params if p.name == name))
+        try:
+            first[name] = tensor_inputs(ir, {name: g.array}, batch)[0][name]
+        except AttnCallError as err:
+            raise AttnCallError(f"--input {name}={g.path}: {err.message}") from None
+        values[name] = g.array if batch is not None else first[name]
+    return values, first
+
+
+def call_inputs(pat, given: dict, sizes, head_dim: int, rng, query=None, key=None,
+                batch: int | None = None, seed: int | None = None) -> CallInputs:
+    """The tensor inputs of a call of ``pat`` at ``sizes`` (q_len, kv_len, heads, kv_heads): the
+    ``--input`` values it declares (:func:`check_given`) and demo values for the others
+    (:func:`attndsl.render.demo_inputs` around them; a demo note ends with the seed when
+    ``seed`` is given)."""
+    values, first = check_given(pat, given, batch)
+    notes = [f"{n}: from {given[n].path} ({given[n].array.dtype}, shape "
+             f"{list(given[n].array.shape)})" for n in values]
+    missing = [n for n in pat.tensor_params if n not in values]
+    if not missing:
+        return CallInputs(values, first, notes)
+    batched = [n for n in values if values[n].ndim > first[n].ndim and values[n].shape[0] > 1]
+    if batched:
+        raise AttnCallError(f"--input {batched[0]}: a tensor input with a batch dimension needs "
+                            f"every tensor input given with --input (missing: "
+                            f"{', '.join(missing)}); demo values describe one batch element")
+    demo, more = render.demo_inputs(pat, sizes, head_dim, rng, query, key, given=first)
+    notes += [line + (f" (seed {seed})" if seed is not None else "") for line in more]
+    extra = {n: demo[n] for n in missing}
+    return CallInputs({**values, **extra}, {**first, **extra}, notes)

@@ -81,6 +81,16 @@ def compile(source: str, filename: str = "<string>") -> Program:  # noqa: A001 -
     return Program(filename, {name: Pattern(ir, source) for name, ir in patterns.items()})
 
 
+def _rebuilt(source: str | None, filename: str, name: str, values: dict, printed: str) -> Pattern:
+    """The pattern :meth:`Pattern.__reduce__` describes."""
+    if source is not None:
+        pat = compile(source, filename)[name]
+        if print_pattern(pat.ir) == printed:
+            return Pattern(pat.ir, pat.source, values)
+    pat = compile(printed, f"<{name}, printed>")[name]
+    return Pattern(pat.ir, None, values)
+
+
 def load(path) -> Program:
     """Compile a .attn file."""
     path = os.fspath(path)
@@ -166,6 +176,13 @@ class Pattern:
     @property
     def name(self) -> str:
         return self.ir.name
+
+    def __reduce__(self):
+        """Pickling and ``copy.deepcopy``: a pattern is rebuilt from text (its source when the
+        source compiles to this IR, else its printed IR, which compiles back to the same IR)
+        with its values, so nothing process-specific (hashes, spans) is stored."""
+        return (_rebuilt, (self.source, self.ir.span.filename, self.name, dict(self.values),
+                           print_pattern(self.ir)))
 
     @property
     def params(self) -> dict:
@@ -289,6 +306,21 @@ class Pattern:
 
         return call(self.bound(), q, k, v, return_lse=return_lse, scale=scale, backend=backend,
                     tensors=tensor_inputs_)
+
+    def to_flex(self, q, k, BLOCK_SIZE=128, scale: float | None = None,  # noqa: N803 - Flex's name
+                **tensor_inputs_):
+        """This pattern's call on ``q`` [B, H, q_len, D] and ``k`` [B, KVH, kv_len, D] exported
+        to PyTorch's FlexAttention (docs/flex.md): an object with ``block_mask`` (a ``BlockMask``
+        of the analysis's full and partial tiles at ``BLOCK_SIZE``, an int or a pair (Q, KV)),
+        ``mask_mod`` and ``score_mod`` (generated torch functions; ``score_mod`` is None without
+        a score clause), ``enable_gqa`` and ``scale``, so that ``flex_attention(q, k, v,
+        score_mod=fx.score_mod, block_mask=fx.block_mask, scale=fx.scale,
+        enable_gqa=fx.enable_gqa)`` equals ``pat(q, k, v, scale=scale, **tensor_inputs)``. It
+        holds the call's tensor inputs and, for selector patterns, the selection computed from
+        ``q`` and ``k``: rebuild it for each call."""
+        from .flex import to_flex  # lazily, like torch
+
+        return to_flex(self.bound(), q, k, BLOCK_SIZE, scale, tensor_inputs_)
 
     def triton_source(self, q_len: int | None = None, kv_len: int | None = None, heads: int = 1,
                       kv_heads: int | None = None, head_dim: int = 64, **tensor_inputs_) -> str:

@@ -312,7 +312,7 @@ def _id_tensors(pat, names, shapes, kv_len, rng, out, notes) -> list[str]:
     return docs
 
 
-def demo_inputs(pat, sizes, head_dim: int, rng, query=None, key=None):
+def demo_inputs(pat, sizes, head_dim: int, rng, query=None, key=None, given=None):
     """Demo values for the tensor inputs of a pattern, and lines saying what they are.
 
     ``sizes`` is (q_len, kv_len, heads, kv_heads). ``route`` centroids are Gaussian
@@ -322,12 +322,18 @@ def demo_inputs(pat, sizes, head_dim: int, rng, query=None, key=None):
     gets random values of the smallest shape covering the indices the pattern uses (ints in
     ``[0, kv_len)``, floats Gaussian, bools true one time in eight). The shapes come from
     evaluating the pattern with probes.
+
+    ``given`` (name -> array of the declared rank, checked; the CLI's ``--input``): those
+    inputs keep their values, and the others are made knowing them (the ``*start*`` table of a
+    given document-id tensor, a table shaped for the indices a given tensor holds); the result
+    holds them too. Given values that do not fit the sizes are an AttnCallError naming them.
     """
     q_len, kv_len, heads, _ = sizes
+    given = dict(given or {})
     declared = {p.name: p.type for p in pat.ir.params if p.is_tensor}
     if not declared:
         return {}, []
-    out, notes = {}, []
+    out, notes = dict(given), []
     for r in pat.ir.roots():
         for node in r.walk():
             if node.op is Op.ROUTE and node.value not in out:
@@ -335,16 +341,36 @@ def demo_inputs(pat, sizes, head_dim: int, rng, query=None, key=None):
                 notes.append(f"{node.value}: random Gaussian route centroids "
                              f"[{heads}, {ROUTE_CLUSTERS}, {head_dim}]")
     rest = [n for n in declared if n not in out]
+    try:
+        _fill(pat, declared, rest, given, sizes, rng, out, notes, query, key)
+    except AttnCallError as err:
+        if not given:
+            raise
+        names, detail = ", ".join(given), err.message
+        if detail.startswith("no demo values"):      # _probe_shapes' own preamble
+            detail = detail.split(": ", 1)[-1]
+        raise AttnCallError(f"the given tensor input{'s' if len(given) > 1 else ''} {names} "
+                            f"and demo values of the others do not fit q_len {q_len}, kv_len "
+                            f"{kv_len}, heads {heads}: {detail}", err.span,
+                            err.source) from None
+    return out, notes
+
+
+def _fill(pat, declared: dict, rest: list, given: dict, sizes, rng, out: dict, notes: list,
+          query, key) -> None:
+    """The demo values of the inputs ``rest`` into ``out`` (see :func:`demo_inputs`)."""
+    kv_len = sizes[1]
     shapes = _probe_shapes(pat, rest, out, sizes, query, key) if rest else {}
-    int1 = [n for n in rest if declared[n].elem is Type.INT and declared[n].rank == 1]
-    docs = _id_tensors(pat, [n for n in int1 if ID_NAME.match(n)], shapes, kv_len, rng, out,
-                       notes)
+    int1 = [n for n in declared if declared[n].elem is Type.INT and declared[n].rank == 1]
+    ids = [n for n in int1 if ID_NAME.match(n)]
+    docs = [n for n in ids if n in given and len(_labels(pat, n)) < 2]
+    docs += _id_tensors(pat, [n for n in ids if n in rest], shapes, kv_len, rng, out, notes)
     for n in (n for n in int1 if docs and "start" in n.lower() and n not in out):
         starts = np.flatnonzero(np.diff(out[docs[0]], prepend=-1))
         out[n] = np.pad(starts, (0, max(0, shapes[n][0] - len(starts))), constant_values=kv_len)
         notes.append(f"{n}: the first position of each document of {docs[0]}")
-    rest = [n for n in rest if n not in out]
-    if rest and any(n in out for n in int1):      # their values may index the others
+    rest[:] = [n for n in rest if n not in out]
+    if rest and (given or any(n in out for n in int1)):   # their values may index the others
         shapes = _probe_shapes(pat, rest, out, sizes, query, key)
     deps = _index_deps(pat, rest)
     while rest:
@@ -353,10 +379,9 @@ def demo_inputs(pat, sizes, head_dim: int, rng, query=None, key=None):
         ready = [n for n in rest if not deps[n] & set(rest)] or rest
         for n in ready:
             _random_input(n, shapes[n], declared[n], kv_len, rng, out, notes)
-        rest = [n for n in rest if n not in out]
+        rest[:] = [n for n in rest if n not in out]
         if rest:
             shapes = _probe_shapes(pat, rest, out, sizes, query, key)
-    return out, notes
 
 
 def _random_input(n: str, shape, t, kv_len: int, rng, out: dict, notes: list) -> None:

@@ -2,7 +2,8 @@
 
 A scalar parameter is passed by name to ``Pattern.bind(**values)``; a tensor input by name to
 each call (``pat(q, k, v, doc=...)``, ``dense_mask``, ``block_map``, ``reference``,
-``describe``, and the analyses behind ``attndsl analyze``: ``cost_report``, ``graph_report``).
+``describe``, ``to_flex``, the analyses behind ``attndsl analyze``: ``cost_report``,
+``graph_report``, and ``attndsl.hf.register``, ``attndsl.nn.Attention``).
 A name that is also a keyword of that function could never be passed. So:
 
 * :data:`BUILTIN_NAMES` cannot name anything a file declares (a def, a pattern, a parameter, a
@@ -25,13 +26,14 @@ BUILTIN_NAMES: tuple[str, ...] = (
 
 PARAM_API_NAMES: tuple[str, ...] = ("self",)          # Pattern.bind(self, **values)
 
-# the keywords of Pattern.__call__, dense_mask, block_map, reference, describe (LANGUAGE.md
-# section 6) and of analysis.cost.cost_report, analysis.graph.graph_report / empty_rows /
-# warn_empty_rows, which take the tensor inputs as keyword arguments too
+# the keywords of Pattern.__call__, dense_mask, block_map, reference, describe, to_flex
+# (LANGUAGE.md section 6) and of analysis.cost.cost_report, analysis.graph.graph_report /
+# empty_rows / warn_empty_rows, attndsl.hf.register and attndsl.nn.Attention, which take the
+# tensor inputs as keyword arguments too
 TENSOR_API_NAMES: tuple[str, ...] = (
     "self", "q", "k", "v", "return_lse", "scale", "backend", "q_len", "kv_len", "heads",
     "kv_heads", "query", "key", "rows", "cols", "block", "head_dim", "dense", "sizes", "layers",
-    "max_tokens",
+    "max_tokens", "BLOCK_SIZE", "name", "pat",        # ("pattern" is a keyword of the language)
 )
 
 RESERVED_NAMES: tuple[str, ...] = tuple(dict.fromkeys(BUILTIN_NAMES + TENSOR_API_NAMES))

@@ -314,8 +314,14 @@ def _keywords(fn) -> set[str]:
 
 
 def test_reserved_names_cover_the_api_and_the_builtins():
-    for method in ("__call__", "dense_mask", "block_map", "reference", "describe", "triton_source"):
+    for method in ("__call__", "dense_mask", "block_map", "reference", "describe", "triton_source",
+                   "to_flex"):
         assert _keywords(getattr(attndsl.Pattern, method)) <= set(reserved.TENSOR_API_NAMES), method
+    from attndsl import nn as attn_nn
+    from attndsl.hf import register  # (a plain module: it imports transformers lazily)
+    for fn in (register, attn_nn.Attention.__init__):
+        # ("pattern", the keyword of the language, cannot name a tensor input anyway)
+        assert _keywords(fn) - {"pattern"} <= set(reserved.TENSOR_API_NAMES), fn.__qualname__
     for fn in (cost_report, graph_report, empty_rows, warn_empty_rows):
         assert _keywords(fn) - {"pattern"} <= set(reserved.TENSOR_API_NAMES), fn.__name__
     assert _keywords(attndsl.Pattern.bind) <= set(reserved.PARAM_API_NAMES)

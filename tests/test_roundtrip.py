@@ -177,3 +177,25 @@ def test_printing_is_deterministic():
     src = "pattern p(w = 2, doc: int[]):\n    mask = causal and (sliding(w) or doc[q] == doc[k])\n"
     texts = {str(attndsl.compile(src)["p"]) for _ in range(3)}
     assert len(texts) == 1
+
+
+@pytest.mark.parametrize("path, name", _example_patterns())
+def test_examples_pickle_and_deepcopy(path, name):
+    import copy
+    import pickle
+
+    if path is None:
+        pytest.skip("examples/ has no .attn files yet")
+    pat = attndsl.load(path)[name]
+    for again in (pickle.loads(pickle.dumps(pat)), copy.deepcopy(pat)):
+        assert again.bound().key == pat.bound().key and again.source == pat.source
+        assert again.ir.span.filename == pat.ir.span.filename
+
+
+def test_a_derived_pattern_pickles_as_its_printed_ir():
+    import pickle
+
+    pat = pattern("pattern s(n = 1, b = 8):\n    mask = causal and (topk_blocks(n, b) or "
+                  "q // b == k // b)\n").without_selectors()
+    again = pickle.loads(pickle.dumps(pat))
+    assert again.bound().key == pat.bound().key and again.ir == pat.ir

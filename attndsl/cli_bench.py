@@ -1,0 +1,148 @@
+"""``attndsl bench``: time each pattern of a file against dense attention at one call's sizes.
+
+Input: the parsed command line (sizes, dtype, device, backend, ``--set``, ``--input``, the
+number of timed calls, ``--backward``, ``--baseline``). Output: per pattern, the median time of
+the pattern's call (forward, or forward and backward) next to torch's dense
+``scaled_dot_product_attention`` on the same q, k, v (bottom-right causal, or with no mask),
+and their ratio; exit status 1 when a pattern could not run. Values are not checked here
+(``attndsl run`` validates against the reference); q, k, v are random Gaussian from
+``--seed``; tensor inputs come from ``--input`` or demo values, as for ``run``. Timings are
+wall-clock medians after one warm-up call, with the device synchronised around each call.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import numpy as np
+
+from .cli_common import (
+    call_inputs,
+    common_arguments,
+    count,
+    load_inputs,
+    report,
+    require_bound,
+    select_patterns,
+)
+from .errors import AttnCallError, AttnError
+from .inputs import check_lengths
+from .program import load
+
+DTYPES = ("float32", "float16", "bfloat16", "float64")
+
+
+def add_parser(sub) -> None:
+    """Register ``bench`` on the subcommand parsers of :func:`attndsl.cli.build_parser`."""
+    p = sub.add_parser("bench", help="time patterns against dense attention",
+                       description="Time each pattern's call (median of --repeat calls after a "
+                                   "warm-up) next to torch's dense scaled_dot_product_attention "
+                                   "on the same inputs. Values are not checked: use 'attndsl "
+                                   "run' for that.")
+    common_arguments(p, 4096, "query heads (default 4)")
+    p.add_argument("--batch", type=count(1), default=1, metavar="B", help="batch size (default 1)")
+    p.add_argument("--head-dim", type=count(1), default=64, metavar="D",
+                   help="head dimension (default 64)")
+    p.add_argument("--dtype", choices=DTYPES, default="float32",
+                   help="dtype of q, k and v (default float32)")
+    p.add_argument("--backend", choices=("torch", "triton", "triton-interpret"),
+                   help="backend (default: torch on CPU, triton on CUDA)")
+    p.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    p.add_argument("--repeat", type=count(1), default=5, metavar="R",
+                   help="timed calls after one warm-up call (default 5)")
+    p.add_argument("--backward", action="store_true",
+                   help="time forward and backward (the gradient of out.sum())")
+    p.add_argument("--baseline", choices=("causal", "full"), default="causal",
+                   help="the dense baseline: SDPA with is_causal (bottom-right aligned, "
+                        "default) or without a mask")
+    p.set_defaults(func=cmd_bench, heads=None)
+
+
+def cmd_bench(args) -> int:
+    prog = load(args.file)
+    given = load_inputs(args)
+    status = 0
+    for pat in select_patterns(prog, args):
+        try:
+            bench_one(pat, args, given)
+        except AttnError as err:
+            report(err)
+            status = 1
+    return status
+
+
+def _median_ms(fn, repeat: int, sync) -> float:
+    fn()                                            # warm-up: compile, caches
+    times = []
+    for _ in range(repeat):
+        sync()
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - t0)
+    return 1e3 * statistics.median(times)
+
+
+def _dense(q, k, v, causal: bool):
+    """torch's dense attention on the call's q, k, v (GQA: k and v repeated per group;
+    ``causal``: bottom-right aligned, the contract's causal)."""
+    import torch
+    import torch.nn.functional as F
+
+    group = q.shape[1] // k.shape[1]
+    if group > 1:
+        k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
+    mask = None
+    if causal:
+        q_len, kv_len = q.shape[-2], k.shape[-2]
+        rows = torch.arange(q_len, device=q.device)[:, None] + (kv_len - q_len)
+        mask = torch.arange(kv_len, device=q.device)[None, :] <= rows
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+
+def bench_one(pat, args, given: dict) -> None:
+    """Time one pattern and the dense baseline; print the report lines."""
+    import torch
+
+    require_bound(pat)
+    b, q_len, d = args.batch, args.q_len, args.head_dim
+    kv_len = q_len if args.kv_len is None else args.kv_len
+    heads = args.heads or 4
+    kv_heads = args.kv_heads or heads
+    check_lengths(q_len, kv_len, heads, kv_heads)
+    try:
+        device = torch.device(args.device)
+        torch.empty(0, device=device)
+    except (RuntimeError, AssertionError) as exc:
+        raise AttnCallError(f"--device {args.device}: {exc}") from None
+    gen = torch.Generator().manual_seed(args.seed)
+    dtype = getattr(torch, args.dtype)
+    q, k, v = (torch.randn(s, generator=gen).to(device=device, dtype=dtype)
+               for s in ((b, heads, q_len, d), (b, kv_heads, kv_len, d), (b, kv_heads, kv_len, d)))
+    selectors = pat.uses_selectors()
+    query, key = ((q[0].double().cpu().numpy(), k[0].double().cpu().numpy()) if selectors
+                  else (None, None))
+    inputs = call_inputs(pat, given, (q_len, kv_len, heads, kv_heads), d,
+                         np.random.default_rng(args.seed), query, key, batch=b, seed=args.seed)
+    tensors = {n: torch.as_tensor(a, device=device) for n, a in inputs.values.items()}
+    backend = args.backend or ("torch" if device.type == "cpu" else "triton")
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    causal = args.baseline == "causal"
+
+    def run(fn):
+        if not args.backward:
+            with torch.no_grad():
+                return _median_ms(lambda: fn(q, k, v), args.repeat, sync)
+        leaves = [x.detach().requires_grad_() for x in (q, k, v)]
+        return _median_ms(lambda: fn(*leaves).sum().backward(), args.repeat, sync)
+
+    ms = run(lambda q_, k_, v_: pat(q_, k_, v_, backend=backend, **tensors))
+    dense_ms = run(lambda q_, k_, v_: _dense(q_, k_, v_, causal))
+    what = "forward and backward" if args.backward else "forward"
+    print(f"{pat.name}: {backend} on {device}, {args.dtype}, q {[b, heads, q_len, d]}, "
+          f"k and v {[b, kv_heads, kv_len, d]}, {what}, median of {args.repeat}")
+    for line in inputs.notes:
+        print(f"  {line}")
+    print(f"  attndsl {ms:.2f} ms, dense {args.baseline} SDPA {dense_ms:.2f} ms: "
+          f"{ms / dense_ms:.2f}x its time" if dense_ms > 0 else f"  attndsl {ms:.2f} ms")
