@@ -15,7 +15,7 @@ import torch
 from attndsl.errors import AttnCallError
 from attndsl.ir import Type
 
-from .lower import MAX_RANK, MAX_TENSORS
+from .lower import MAX_RANK, MAX_TENSORS, wide_reads
 from .tables import with_tables
 
 
@@ -48,8 +48,11 @@ class Launch:
 
 def tensor_args(pattern, given: dict, derived_values: dict, device) -> list:
     """Pointer, sizes, strides and batch stride of every tensor slot (user inputs, then the
-    derived selector tables), and dummies for the unused slots."""
-    _mask, _score, slots, derived = with_tables(pattern)
+    derived selector tables), and dummies for the unused slots. A float input that the argument
+    of a floor/ceil/round reads is held in float64 (``lower.wide_reads``; the hooks read it in
+    float32 elsewhere), the others as :func:`slot_dtype` says."""
+    mask, score, slots, derived = with_tables(pattern)
+    wide = wide_reads((mask, score))
     if len(slots) > MAX_TENSORS:
         raise AttnCallError(f"the Triton backend takes at most {MAX_TENSORS} tensor inputs "
                             "(selector tables included)")
@@ -61,7 +64,7 @@ def tensor_args(pattern, given: dict, derived_values: dict, device) -> list:
         p = declared.get(name)
         rank = p.type.rank if p is not None else derived[name].rank
         t = torch.as_tensor(values[name], device=device)
-        t = t.to(slot_dtype(p, derived.get(name)))
+        t = t.to(torch.float64 if name in wide else slot_dtype(p, derived.get(name)))
         batched = t.dim() == rank + 1
         sizes = list(t.shape[1:] if batched else t.shape) + [1] * (MAX_RANK - rank)
         strides = list(t.stride()[1:] if batched else t.stride()) + [0] * (MAX_RANK - rank)

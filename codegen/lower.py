@@ -125,15 +125,31 @@ def _index(ctx, node, a):
     terms = [f"tl.minimum(tl.maximum({x}, 0), t{slot}_n{d} - 1) * t{slot}_s{d}"
              for d, x in enumerate(a)]
     load = f"tl.load(t{slot} + {' + '.join(terms)})"
-    # a bool tensor's slot holds int8 (codegen/args.py slot_dtype)
-    return f"({load} != 0)" if node.type is Type.BOOL else load
+    # a bool tensor's slot holds int8 (codegen/args.py slot_dtype); a float tensor's float32,
+    # or float64 when a floor/ceil/round argument reads it (wide_reads): read as float32 here
+    if node.type is Type.BOOL:
+        return f"({load} != 0)"
+    return f"tl.cast({load}, tl.float32)" if node.value in ctx.wide else load
 
 
 def _index64(ctx, node, a):
-    # a float tensor holds float32: its read, widened (an int or bool read lands here only when
-    # an index depends on a float64 value)
-    load = _index(ctx, node, a)
-    return f"tl.cast({load}, tl.float64)" if node.type is Type.FLOAT else load
+    # the float64 mode: a float tensor's read in float64 (exact from a wide slot; an int or bool
+    # read lands here only when an index depends on a float64 value)
+    if node.type is not Type.FLOAT:
+        return _index(ctx, node, a)
+    slot = ctx.slots[node.value]
+    terms = [f"tl.minimum(tl.maximum({x}, 0), t{slot}_n{d} - 1) * t{slot}_s{d}"
+             for d, x in enumerate(a)]
+    return f"tl.cast(tl.load(t{slot} + {' + '.join(terms)}), tl.float64)"
+
+
+def wide_reads(roots) -> frozenset:
+    """The float tensor inputs read inside the argument of a floor/ceil/round of ``roots``:
+    both backends hold them in float64 (the Triton slots, codegen/args.py; the torch score
+    functions, codegen/torch_lower.py), so that argument is the reference's."""
+    return frozenset(n.value for root in roots if root is not None for e in root.walk()
+                     if e.op in FLOAT_TO_INT_OPS for n in e.args[0].walk()
+                     if n.op is Op.INDEX and n.type is Type.FLOAT)
 
 
 def _as_int(ctx, text: str) -> str:
@@ -275,9 +291,11 @@ class Context:
     (``base``), computed once for both."""
 
     def __init__(self, values: dict, slots: dict, rules: dict | None = None, literal=None,
-                 int_type: str = "tl.int64", f64: tuple | None = None):
+                 int_type: str = "tl.int64", f64: tuple | None = None,
+                 wide: frozenset = frozenset()):
         self.values = values
         self.slots = slots
+        self.wide = wide                    # float tensor slots that hold float64 (wide_reads)
         self.rules = TRITON_RULES if rules is None else rules
         self.literal = _literal if literal is None else literal
         self.int_type = int_type
@@ -294,7 +312,8 @@ class Context:
         """The float64 mode of this lowering (made on first use)."""
         if self._mode64 is None:
             rules, literal = self._f64
-            mode = Context(self.values, self.slots, rules, literal, self.int_type)
+            mode = Context(self.values, self.slots, rules, literal, self.int_type,
+                           wide=self.wide)
             mode.lines, mode.keep, mode.base = self.lines, self.keep, self
             self._mode64 = mode
         return self._mode64
@@ -366,8 +385,10 @@ def _emit_node(ctx: Context, node: Expr, inner: Context) -> None:
     ctx.keep.append(node)
 
 
-def hook_source(name: str, expr: Expr, values: dict, slots: dict, narrow: bool = False) -> str:
-    """``@triton.jit def NAME(HOOK_ARGS): ...`` computing expr (values: parameters).
+def hook_source(name: str, expr: Expr, values: dict, slots: dict, narrow: bool = False,
+                wide: frozenset = frozenset()) -> str:
+    """``@triton.jit def NAME(HOOK_ARGS): ...`` computing expr (values: parameters; ``wide``:
+    the float tensor slots holding float64, :func:`wide_reads` of the pattern's clauses).
 
     ``narrow``: the positions, head and sizes are taken as int32, so that integer arithmetic
     runs in 32 bits (a GPU does 64-bit integer operations in several instructions and twice the
@@ -378,7 +399,7 @@ def hook_source(name: str, expr: Expr, values: dict, slots: dict, narrow: bool =
         raise LoweringError(f"the Triton backend takes at most {MAX_TENSORS} tensor inputs")
     expr = share_equal(expr)
     ctx = Context(values, slots, int_type="tl.int32" if narrow else "tl.int64",
-                  f64=(TRITON_F64_RULES, _literal64))
+                  f64=(TRITON_F64_RULES, _literal64), wide=wide)
     result = emit(ctx, expr)
     if narrow:
         ctx.lines[:0] = [f"    {v} = {v}.to(tl.int32)" for v in ("q", "k", "h")]
@@ -440,11 +461,14 @@ def module_hooks(mask_ir: Expr, score_ir: Expr | None, values: dict, slots: dict
     ``score_grad_hook32``."""
     hooks = []
     grad_ir = None if score_ir is None else score_derivative(score_ir, values)
+    wide = wide_reads((mask_ir, score_ir))
     for suffix, narrow in (("", False), ("32", True)):     # int64, and int32 where proved
-        hooks.append(hook_source(f"mask_hook{suffix}", mask_ir, values, slots, narrow))
+        hooks.append(hook_source(f"mask_hook{suffix}", mask_ir, values, slots, narrow, wide))
         if score_ir is not None:
-            hooks.append(hook_source(f"score_hook{suffix}", score_ir, values, slots, narrow))
-            hooks.append(hook_source(f"score_grad_hook{suffix}", grad_ir, values, slots, narrow))
+            hooks.append(hook_source(f"score_hook{suffix}", score_ir, values, slots, narrow,
+                                     wide))
+            hooks.append(hook_source(f"score_grad_hook{suffix}", grad_ir, values, slots, narrow,
+                                     wide))
     return with_helpers(hooks)
 
 

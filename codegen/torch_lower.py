@@ -46,7 +46,7 @@ from attndsl.bound import BoundPattern
 from attndsl.caches import LRUCache
 from attndsl.derivative import score_derivative
 from attndsl.ir import Expr, Op, Type
-from attndsl.ops import EXPANDED_OPS, FLOAT_TO_INT_OPS
+from attndsl.ops import EXPANDED_OPS
 
 from .cache import load_torch_module
 from .lower import (
@@ -60,6 +60,7 @@ from .lower import (
     needs_expansion,
     needs_table,
     share_equal,
+    wide_reads,
 )
 from .tables import with_tables
 
@@ -171,14 +172,6 @@ TORCH_F64_RULES = {
     Op.FLOAT: lambda ctx, node, a: f"{a[0]}.to(torch.float64)",
     Op.INDEX: _index64,
 }
-
-
-def wide_reads(roots) -> frozenset:
-    """The float tensor inputs read inside the argument of a floor/ceil/round of ``roots``:
-    the backends pass them to the score functions in float64."""
-    return frozenset(n.value for root in roots if root is not None for e in root.walk()
-                     if e.op in FLOAT_TO_INT_OPS for n in e.args[0].walk()
-                     if n.op is Op.INDEX and n.type is Type.FLOAT)
 
 
 def _function(name: str, expr: Expr, first: tuple, values: dict, slots: dict,

@@ -363,6 +363,21 @@ def test_calls_match_the_reference(src, narrow, monkeypatch):
     assert_same_values(ref_lse, lse)
 
 
+def test_a_float64_input_near_integers_converts_as_the_reference():
+    """A float tensor input read by a floor argument is held in float64 by the kernels (and read
+    in float32 elsewhere): 0.99999999999 is 1.0 in float32, whose floor is 1, not 0."""
+    pat = pattern("pattern p(b: float[]):\n    mask = floor(b[k]) == 0 or q == k\n"
+                  "    score = score + b[k]\n")
+    b = np.full(23, 0.99999999999)
+    b[::3], b[1::5] = 1.00000000001, -0.5
+    assert (np.floor(b.astype(np.float32)) != np.floor(b)).any()
+    gen = torch.Generator().manual_seed(2)
+    q, k, v = (torch.randn(1, 2, n, 16, generator=gen) for n in (19, 23, 23))
+    out = pat(q, k, v, backend="triton-interpret", b=torch.tensor(b))
+    ref = pat.reference(q.double().numpy(), k.double().numpy(), v.double().numpy(), b=b)[0]
+    assert_same_values(ref, out)
+
+
 # ----------------------------------------------------------------------------- ahead of time
 
 TRITON36 = Path(os.environ.get("ATTNDSL_TRITON36_PYTHON", ROOT / ".venv-triton36" / "bin" / "python"))
