@@ -37,7 +37,7 @@ aot36: $(STAMP) $(STAMP36)
 	$(PY) -m attndsl.codegen.aot --python $(PY36) examples/*.attn
 
 lint: $(STAMP)
-	$(PY) -m ruff check attndsl codegen grammar tests bench examples/train
+	$(PY) -m ruff check attndsl codegen grammar tests bench examples/train examples/hf
 
 # the full suite (what CI runs): every test, every hypothesis example; tests/test_codegen_aot.py
 # also compiles the kernels with Triton 3.6 from $(VENV36)

@@ -34,7 +34,7 @@ from importlib import resources
 
 from .errors import AttnCallError
 from .ops import OPS, Type
-from .parser import _lark, parse
+from .parser import parse, terminals
 from .reserved import BUILTIN_NAMES
 
 try:                                    # optional: pip install 'attndsl[highlight]'
@@ -58,13 +58,7 @@ except ImportError:                     # attndsl works without it; AttnLexer is
 # ----------------------------------------------------------------------------- the word lists
 
 
-def _terminals() -> dict[str, tuple[str, str]]:
-    """The grammar's terminals: name -> (kind 'str' or 're', literal or regex)."""
-    return {t.name: ("str" if type(t.pattern).__name__ == "PatternStr" else "re", t.pattern.value)
-            for t in _lark().terminals}
-
-
-_TERMINALS = _terminals()
+_TERMINALS = terminals()
 _STRINGS = [v for kind, v in _TERMINALS.values() if kind == "str"]
 
 # keywords: the grammar's literal words, in the order it declares them

@@ -147,6 +147,14 @@ def _lark() -> lark.Lark:
                      maybe_placeholders=False)
 
 
+def terminals() -> dict[str, tuple[str, str]]:
+    """The grammar's terminals: name -> (kind, text), kind ``"str"`` for a literal (its text)
+    or ``"re"`` for a regular expression (its pattern). For tools that must agree with the
+    grammar (the highlighter, attndsl/lexer.py)."""
+    return {t.name: ("str" if type(t.pattern).__name__ == "PatternStr" else "re", t.pattern.value)
+            for t in _lark().terminals}
+
+
 _WORDS = {
     "NAME": "a name", "INT": "an integer", "FLOAT": "a number", "_NL": "end of line",
     "_INDENT": "an indented block", "_DEDENT": "end of the indented block", "CMP_OP": "a comparison",

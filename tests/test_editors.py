@@ -32,7 +32,7 @@ from pygments.token import (
 from attndsl import cli, lexer
 from attndsl.checker import AT, FUNCTIONS, REDUCTIONS, RESERVED, SELECTORS
 from attndsl.errors import AttnCallError
-from attndsl.parser import _lark
+from attndsl.parser import terminals
 from attndsl.reserved import BUILTIN_NAMES
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -60,8 +60,7 @@ def _word_sample() -> str:
 
 
 def test_keywords_are_the_grammars():
-    reserved = re.match(r"\(\?!\(\?:([\w|]+)\)", next(
-        t.pattern.value for t in _lark().terminals if t.name == "NAME")).group(1).split("|")
+    reserved = re.match(r"\(\?!\(\?:([\w|]+)\)", terminals()["NAME"][1]).group(1).split("|")
     assert sorted(lexer.KEYWORDS) == sorted(reserved)
     assert set(lexer.DECLARATION_KEYWORDS + lexer.CONSTANT_KEYWORDS) <= set(lexer.KEYWORDS)
     assert set(lexer.WORD_OPERATORS) == {"and", "or", "not"}
@@ -80,8 +79,8 @@ def test_builtin_names_are_the_checkers():
 
 
 def test_symbols_are_the_grammars():
-    literals = {t.pattern.value for t in _lark().terminals
-                if type(t.pattern).__name__ == "PatternStr" and not t.pattern.value.isidentifier()}
+    literals = {text for kind, text in terminals().values()
+                if kind == "str" and not text.isidentifier()}
     assert set(lexer.OPERATORS) | set(lexer.PUNCTUATION) == literals | {"<=", ">=", "==", "!=",
                                                                           "<", ">"}
     for op in ("&", "|", "^", "~", "<<", ">>", "**", "//", "%"):
