@@ -76,6 +76,7 @@ class BoundPattern:
     values: MappingProxyType
     source: str | None = field(default=None, repr=False)
     key: str = field(default="", repr=False)
+    reduces: bool = field(default=False, repr=False)      # has a reduction to expand per call
 
     @classmethod
     def make(cls, ir: PatternIR, values: dict, source: str | None = None) -> BoundPattern:
@@ -83,7 +84,7 @@ class BoundPattern:
         digest = hashlib.blake2b(
             "\n".join([ir_digest(ir), *(f"{n}={_atom(v)}" for n, v in vals.items())]).encode(),
             digest_size=20).hexdigest()
-        made = cls(ir, vals, source, digest)
+        made = cls(ir, vals, source, digest, has_reductions(ir))
         _LIVE.setdefault(digest, []).append(weakref.ref(made, partial(_forget, digest)))
         return made
 
@@ -116,7 +117,7 @@ class BoundPattern:
         """The pattern every stage below the API runs at a call of these sizes: itself, or with
         its reductions expanded (attndsl/expand.py; cached by content and sizes in
         ``bound.expanded``)."""
-        if not has_reductions(self.ir):
+        if not self.reduces:
             return self
         sizes = {"q_len": q_len, "kv_len": kv_len, "heads": heads, "kv_heads": kv_heads}
 
