@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import statistics
 import sys
 import time
 
@@ -27,7 +26,15 @@ from . import __version__, render
 from .cli_analyze import add_parser as add_analyze
 from .cli_bench import add_parser as add_bench
 from .cli_codegen import add_parsers as add_codegen
-from .cli_common import call_inputs, load_inputs, report, require_bound, select_patterns
+from .cli_common import (
+    call_inputs,
+    load_inputs,
+    random_call,
+    report,
+    require_bound,
+    select_patterns,
+    timed,
+)
 from .cli_common import common_arguments as _common
 from .cli_common import count as _count
 from .cli_common import parse_assignment as parse_assignment  # re-exported: cli.parse_assignment
@@ -328,18 +335,6 @@ def cmd_run(args) -> int:
     return int(status)
 
 
-def _timed(fn, repeat: int, sync):
-    result = fn()                                  # warm-up (and the values checked)
-    times = []
-    for _ in range(repeat):
-        sync()
-        t0 = time.perf_counter()
-        result = fn()
-        sync()
-        times.append(time.perf_counter() - t0)
-    return result, 1e3 * statistics.median(times)
-
-
 def compare(out, lse, ref_out, ref_lse, rtol: float):
     """Errors of (out, lse) against the reference, with the tolerances they are held to.
 
@@ -362,32 +357,14 @@ def run_one(pat, args, given=None) -> bool:
     values)."""
     import torch
 
-    require_bound(pat)
-    b, q_len, d = args.batch, args.q_len, args.head_dim
-    kv_len = q_len if args.kv_len is None else args.kv_len
-    heads = args.heads or 4
-    kv_heads = args.kv_heads or heads
-    check_lengths(q_len, kv_len, heads, kv_heads)
-    try:
-        device = torch.device(args.device)
-        torch.empty(0, device=device)
-    except (RuntimeError, AssertionError) as exc:
-        raise AttnCallError(f"--device {args.device}: {exc}") from None
-    gen = torch.Generator().manual_seed(args.seed)
-    q, k, v = (torch.randn(shape, generator=gen).to(device=device, dtype=getattr(torch, args.dtype))
-               for shape in ((b, heads, q_len, d), (b, kv_heads, kv_len, d), (b, kv_heads, kv_len, d)))
-    selectors = pat.uses_selectors()
-    qn, kn = (x.double().cpu().numpy() for x in (q, k))
-    query, key = (qn[0], kn[0]) if selectors else (None, None)
-    rng = np.random.default_rng(args.seed)
-    inputs = call_inputs(pat, given or {}, (q_len, kv_len, heads, kv_heads), d, rng, query, key,
-                         batch=b, seed=args.seed)
-    tensors = inputs.values
-    backend = args.backend or ("torch" if device.type == "cpu" else "triton")
+    call = random_call(pat, args, given)
+    b, heads, kv_heads, q_len, kv_len, d = call.sizes
+    q, k, v, query, key, inputs, backend = (call.q, call.k, call.v, call.query, call.key,
+                                            call.inputs, call.backend)
+    device, selectors, tensors = q.device, query is not None, inputs.values
     tt = {n: torch.as_tensor(a, device=device) for n, a in tensors.items()}
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    (out, lse), ms = _timed(lambda: pat(q, k, v, return_lse=True, backend=backend, **tt),
-                            args.repeat, sync)
+    (out, lse), ms = timed(lambda: pat(q, k, v, return_lse=True, backend=backend, **tt),
+                            args.repeat, call.sync)
     t0 = time.perf_counter()
     ref_out, ref_lse = pat.reference(q, k, v, **tensors)
     ref_ms = 1e3 * (time.perf_counter() - t0)

@@ -12,22 +12,16 @@ wall-clock medians after one warm-up call, with the device synchronised around e
 
 from __future__ import annotations
 
-import statistics
-import time
-
-import numpy as np
-
 from .cli_common import (
-    call_inputs,
     common_arguments,
     count,
     load_inputs,
+    random_call,
     report,
-    require_bound,
     select_patterns,
+    timed,
 )
-from .errors import AttnCallError, AttnError
-from .inputs import check_lengths
+from .errors import AttnError
 from .program import load
 
 DTYPES = ("float32", "float16", "bfloat16", "float64")
@@ -72,18 +66,6 @@ def cmd_bench(args) -> int:
     return status
 
 
-def _median_ms(fn, repeat: int, sync) -> float:
-    fn()                                            # warm-up: compile, caches
-    times = []
-    for _ in range(repeat):
-        sync()
-        t0 = time.perf_counter()
-        fn()
-        sync()
-        times.append(time.perf_counter() - t0)
-    return 1e3 * statistics.median(times)
-
-
 def _dense(q, k, v, causal: bool):
     """torch's dense attention on the call's q, k, v (GQA: k and v repeated per group;
     ``causal``: bottom-right aligned, the contract's causal)."""
@@ -105,37 +87,19 @@ def bench_one(pat, args, given: dict) -> None:
     """Time one pattern and the dense baseline; print the report lines."""
     import torch
 
-    require_bound(pat)
-    b, q_len, d = args.batch, args.q_len, args.head_dim
-    kv_len = q_len if args.kv_len is None else args.kv_len
-    heads = args.heads or 4
-    kv_heads = args.kv_heads or heads
-    check_lengths(q_len, kv_len, heads, kv_heads)
-    try:
-        device = torch.device(args.device)
-        torch.empty(0, device=device)
-    except (RuntimeError, AssertionError) as exc:
-        raise AttnCallError(f"--device {args.device}: {exc}") from None
-    gen = torch.Generator().manual_seed(args.seed)
-    dtype = getattr(torch, args.dtype)
-    q, k, v = (torch.randn(s, generator=gen).to(device=device, dtype=dtype)
-               for s in ((b, heads, q_len, d), (b, kv_heads, kv_len, d), (b, kv_heads, kv_len, d)))
-    selectors = pat.uses_selectors()
-    query, key = ((q[0].double().cpu().numpy(), k[0].double().cpu().numpy()) if selectors
-                  else (None, None))
-    inputs = call_inputs(pat, given, (q_len, kv_len, heads, kv_heads), d,
-                         np.random.default_rng(args.seed), query, key, batch=b, seed=args.seed)
+    call = random_call(pat, args, given)
+    b, heads, kv_heads, q_len, kv_len, d = call.sizes
+    q, k, v, inputs, backend, sync = call.q, call.k, call.v, call.inputs, call.backend, call.sync
+    device = q.device
     tensors = {n: torch.as_tensor(a, device=device) for n, a in inputs.values.items()}
-    backend = args.backend or ("torch" if device.type == "cpu" else "triton")
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     causal = args.baseline == "causal"
 
     def run(fn):
         if not args.backward:
             with torch.no_grad():
-                return _median_ms(lambda: fn(q, k, v), args.repeat, sync)
+                return timed(lambda: fn(q, k, v), args.repeat, sync)[1]
         leaves = [x.detach().requires_grad_() for x in (q, k, v)]
-        return _median_ms(lambda: fn(*leaves).sum().backward(), args.repeat, sync)
+        return timed(lambda: fn(*leaves).sum().backward(), args.repeat, sync)[1]
 
     ms = run(lambda q_, k_, v_: pat(q_, k_, v_, backend=backend, **tensors))
     dense_ms = run(lambda q_, k_, v_: _dense(q_, k_, v_, causal))

@@ -273,3 +273,71 @@ def call_inputs(pat, given: dict, sizes, head_dim: int, rng, query=None, key=Non
     notes += [line + (f" (seed {seed})" if seed is not None else "") for line in more]
     extra = {n: demo[n] for n in missing}
     return CallInputs({**values, **extra}, {**first, **extra}, notes)
+
+
+class RandomCall(NamedTuple):
+    """The arguments of one call of ``run`` or ``bench``: sizes (batch, heads, kv_heads, q_len,
+    kv_len, head_dim), random Gaussian q, k, v on the device, the query and key vectors of
+    batch element 0 as float64 NumPy (selector patterns only, else None), the tensor inputs,
+    the backend and the device's synchronisation."""
+
+    sizes: tuple
+    q: object
+    k: object
+    v: object
+    query: object
+    key: object
+    inputs: CallInputs
+    backend: str
+    sync: object
+
+
+def random_call(pat, args, given: dict) -> RandomCall:
+    """The call of ``pat`` that ``args`` describes (``--batch``, ``--q-len``, ``--kv-len``,
+    ``--heads`` (default 4), ``--kv-heads``, ``--head-dim``, ``--dtype``, ``--device``,
+    ``--backend``, ``--seed``), with the ``--input`` values ``given`` and demo values for the
+    other tensor inputs; sizes and device checked (AttnCallError)."""
+    import torch
+
+    from .inputs import check_lengths
+
+    require_bound(pat)
+    b, q_len, d = args.batch, args.q_len, args.head_dim
+    kv_len = q_len if args.kv_len is None else args.kv_len
+    heads = args.heads or 4
+    kv_heads = args.kv_heads or heads
+    check_lengths(q_len, kv_len, heads, kv_heads)
+    try:
+        device = torch.device(args.device)
+        torch.empty(0, device=device)
+    except (RuntimeError, AssertionError) as exc:
+        raise AttnCallError(f"--device {args.device}: {exc}") from None
+    gen = torch.Generator().manual_seed(args.seed)
+    dtype = getattr(torch, args.dtype)
+    q, k, v = (torch.randn(shape, generator=gen).to(device=device, dtype=dtype)
+               for shape in ((b, heads, q_len, d), (b, kv_heads, kv_len, d), (b, kv_heads, kv_len, d)))
+    query, key = ((q[0].double().cpu().numpy(), k[0].double().cpu().numpy())
+                  if pat.uses_selectors() else (None, None))
+    inputs = call_inputs(pat, given or {}, (q_len, kv_len, heads, kv_heads), d,
+                         np.random.default_rng(args.seed), query, key, batch=b, seed=args.seed)
+    backend = args.backend or ("torch" if device.type == "cpu" else "triton")
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    return RandomCall((b, heads, kv_heads, q_len, kv_len, d), q, k, v, query, key, inputs,
+                      backend, sync)
+
+
+def timed(fn, repeat: int, sync):
+    """(the result of a warm-up call of ``fn``, the median wall time in ms of ``repeat`` more
+    calls, the device synchronised (``sync``) around each)."""
+    import statistics
+    import time
+
+    result = fn()
+    times = []
+    for _ in range(repeat):
+        sync()
+        t0 = time.perf_counter()
+        result = fn()
+        sync()
+        times.append(time.perf_counter() - t0)
+    return result, 1e3 * statistics.median(times)
