@@ -27,6 +27,7 @@ from .cli_analyze import add_parser as add_analyze
 from .cli_bench import add_parser as add_bench
 from .cli_codegen import add_parsers as add_codegen
 from .cli_common import (
+    call_arguments,
     call_inputs,
     load_inputs,
     random_call,
@@ -133,16 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "inputs, time it, and compare its output and log-sum-exp with the "
                        "float64 reference interpreter. Exit status 1 when any pattern FAILs.")
     _common(p, 512, "query heads (default 4)")
-    p.add_argument("--batch", type=_count(1), default=1, metavar="B", help="batch size (default 1)")
-    p.add_argument("--head-dim", type=_count(1), default=64, metavar="D",
-                   help="head dimension (default 64)")
-    p.add_argument("--dtype", choices=tuple(TOLERANCE), default="float32",
-                   help="dtype of q, k and v (default float32)")
-    p.add_argument("--backend", choices=("torch", "triton", "triton-interpret"),
-                   help="backend (default: torch on CPU, triton on CUDA)")
-    p.add_argument("--device", default="cpu", help="torch device (default cpu)")
-    p.add_argument("--repeat", type=_count(1), default=1, metavar="R",
-                   help="timed calls after one warm-up call; the median is reported (default 1)")
+    call_arguments(p, 1, "timed calls after one warm-up call; the median is reported")
     p.set_defaults(func=cmd_run, heads=None)
 
     add_analyze(sub)

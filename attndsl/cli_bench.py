@@ -13,8 +13,8 @@ wall-clock medians after one warm-up call, with the device synchronised around e
 from __future__ import annotations
 
 from .cli_common import (
+    call_arguments,
     common_arguments,
-    count,
     load_inputs,
     random_call,
     report,
@@ -23,8 +23,6 @@ from .cli_common import (
 )
 from .errors import AttnError
 from .program import load
-
-DTYPES = ("float32", "float16", "bfloat16", "float64")
 
 
 def add_parser(sub) -> None:
@@ -35,16 +33,7 @@ def add_parser(sub) -> None:
                                    "on the same inputs. Values are not checked: use 'attndsl "
                                    "run' for that.")
     common_arguments(p, 4096, "query heads (default 4)")
-    p.add_argument("--batch", type=count(1), default=1, metavar="B", help="batch size (default 1)")
-    p.add_argument("--head-dim", type=count(1), default=64, metavar="D",
-                   help="head dimension (default 64)")
-    p.add_argument("--dtype", choices=DTYPES, default="float32",
-                   help="dtype of q, k and v (default float32)")
-    p.add_argument("--backend", choices=("torch", "triton", "triton-interpret"),
-                   help="backend (default: torch on CPU, triton on CUDA)")
-    p.add_argument("--device", default="cpu", help="torch device (default cpu)")
-    p.add_argument("--repeat", type=count(1), default=5, metavar="R",
-                   help="timed calls after one warm-up call (default 5)")
+    call_arguments(p, 5, "timed calls after one warm-up call")
     p.add_argument("--backward", action="store_true",
                    help="time forward and backward (the gradient of out.sum())")
     p.add_argument("--baseline", choices=("causal", "full"), default="causal",

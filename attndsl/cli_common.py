@@ -95,6 +95,24 @@ def common_arguments(p: argparse.ArgumentParser, q_len: int, heads_help: str) ->
     input_argument(p)
 
 
+DTYPES = ("float32", "float16", "bfloat16", "float64")      # of q, k, v in run and bench
+
+
+def call_arguments(p: argparse.ArgumentParser, repeat: int, repeat_help: str) -> None:
+    """The arguments of the call that ``run`` and ``bench`` make (read by :func:`random_call`):
+    --batch, --head-dim, --dtype, --backend, --device, and --repeat (default ``repeat``)."""
+    p.add_argument("--batch", type=count(1), default=1, metavar="B", help="batch size (default 1)")
+    p.add_argument("--head-dim", type=count(1), default=64, metavar="D",
+                   help="head dimension (default 64)")
+    p.add_argument("--dtype", choices=DTYPES, default="float32",
+                   help="dtype of q, k and v (default float32)")
+    p.add_argument("--backend", choices=("torch", "triton", "triton-interpret"),
+                   help="backend (default: torch on CPU, triton on CUDA)")
+    p.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    p.add_argument("--repeat", type=count(1), default=repeat, metavar="R",
+                   help=f"{repeat_help} (default {repeat})")
+
+
 def input_argument(p: argparse.ArgumentParser, what: str = "") -> None:
     """The repeatable ``--input NAME=PATH`` option (``what``: a note added to its help)."""
     p.add_argument("--input", action="append", type=parse_input, metavar="NAME=PATH",
