@@ -24,7 +24,7 @@ from .constants import call_constant_sites
 from .errors import AttnCallError, source_for
 from .expand import expand_reductions, has_reductions
 from .inputs import tensor_inputs
-from .interp import evaluate_scalar
+from .interp import call_sizes_text, evaluate_scalar
 from .ir import DATA_SELECTOR_OPS, Expr, PatternIR
 from .reference import CallGrid
 
@@ -135,8 +135,8 @@ class BoundPattern:
                 self.key, lambda: tuple(call_constant_sites(self.ir))):
             value = evaluate_scalar(expr, dict(self.values), sizes)
             if not ok(value):
-                shown = ", ".join(f"{n}={v}" for n, v in sizes.items())
-                raise AttnCallError(f"{message}, got {value} at this call ({shown})", expr.span,
+                raise AttnCallError(f"{message}, got {value} at this call "
+                                    f"({call_sizes_text(sizes)})", expr.span,
                                     source_for(expr.span.filename))
 
     def grid(self, q_len, kv_len, heads, kv_heads, tensors, query=None, key=None,

@@ -32,10 +32,10 @@ from dataclasses import replace
 
 from .constants import is_call_constant, range_sites
 from .errors import AttnCallError, source_for
-from .interp import evaluate_scalar
+from .interp import call_sizes_text, checked_bound, empty_range_error, evaluate_scalar
 from .ir import Expr, Op, PatternIR, Type, const
 from .limits import balanced
-from .ops import EXPANDED_OPS, MAX_RANGE
+from .ops import EXPANDED_OPS
 
 MAX_EXPANDED_NODES = 200_000         # as the checker's MAX_TREE_SIZE for one pattern
 _SIZES = ("q_len", "kv_len", "heads", "kv_heads")
@@ -89,7 +89,7 @@ class _Expansion:
                          f"this call ({self._shown()}); use smaller ranges", where)
 
     def _shown(self) -> str:
-        return ", ".join(f"{n}={v}" for n, v in self.sizes.items())
+        return call_sizes_text(self.sizes)
 
     def expand(self, node: Expr, env: dict[int, int], memo: dict[int, Expr]) -> Expr:
         """``node`` with the loop variables of ``env`` (depth -> value) replaced and its
@@ -125,11 +125,7 @@ class _Expansion:
         return _join(node, items)
 
     def _bound(self, expr: Expr, at: Expr) -> int:
-        value = evaluate_scalar(expr, self.values, self.sizes)
-        if not 0 <= value <= MAX_RANGE:
-            raise _error(f"range(N): N must be between 0 and {MAX_RANGE}, got {value} at this "
-                         f"call ({self._shown()})", at)
-        return int(value)
+        return checked_bound(evaluate_scalar(expr, self.values, self.sizes), at, self.sizes)
 
     def check_sites(self, ir: PatternIR) -> None:
         """Every divisor and range bound of the expanded pattern that is known at this call
@@ -155,8 +151,7 @@ def _join(node: Expr, items: list[Expr]) -> Expr:
         total = _balanced_sum(items, kind, span)
         return Expr(Op.ADD, kind, (zero, total), None, span) if kind is Type.FLOAT else total
     if not items:
-        name = "max" if op is Op.REDUCE_MAX else "min"
-        raise _error(f"{name}() of an empty range: range(N) has N = 0 at this call", node)
+        raise empty_range_error(node)
     if len(items) == 1:
         return items[0]
     return Expr(Op.MAX if op is Op.REDUCE_MAX else Op.MIN, kind, tuple(items), None, span)

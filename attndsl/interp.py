@@ -414,17 +414,37 @@ def _ilog2(ev, node, live):
     return xp.where(n >= 1, out, -1)
 
 
-def _bound(ev, node) -> int:
-    """The bound n of a reduction's range(n), checked 0 <= n <= MAX_RANGE (a call constant:
-    checked wherever the reduction is evaluated, whatever the live points)."""
-    count = node.args[0]
-    n = int(np.asarray(ev.xp.to_numpy(ev.sub(count))).item())
+def call_sizes_text(sizes: dict) -> str:
+    """``q_len=8, kv_len=8, heads=2, kv_heads=2``: the sizes an error at a call names."""
+    return ", ".join(f"{n}={v}" for n, v in sizes.items())
+
+
+def checked_bound(n, count: Expr, sizes: dict) -> int:
+    """The bound ``n`` of a reduction's range(n) (``count``: its expression), 0 <= n <=
+    MAX_RANGE, else the AttnCallError at ``count`` naming the call's ``sizes`` (the interpreter
+    and the expansion, attndsl/expand.py, check it alike)."""
+    n = int(n)
     if not 0 <= n <= MAX_RANGE:
-        env = ev.env
         raise AttnCallError(f"range(N): N must be between 0 and {MAX_RANGE}, got {n} at this "
-                            f"call (q_len={env.q_len}, kv_len={env.kv_len}, heads={env.heads}, "
-                            f"kv_heads={env.kv_heads})", count.span, _source_of(count))
+                            f"call ({call_sizes_text(sizes)})", count.span, _source_of(count))
     return n
+
+
+def empty_range_error(node: Expr) -> AttnCallError:
+    """The error of max/min (``node``) over an empty range."""
+    name = "max" if node.op is Op.REDUCE_MAX else "min"
+    return AttnCallError(f"{name}() of an empty range: range(N) has N = 0 at this call",
+                         node.span, _source_of(node))
+
+
+def _bound(ev, node) -> int:
+    """The bound n of a reduction's range(n) (a call constant: checked wherever the reduction
+    is evaluated, whatever the live points)."""
+    env = ev.env
+    sizes = {"q_len": env.q_len, "kv_len": env.kv_len, "heads": env.heads,
+             "kv_heads": env.kv_heads}
+    return checked_bound(np.asarray(ev.xp.to_numpy(ev.sub(node.args[0]))).item(), node.args[0],
+                         sizes)
 
 
 def _reduction(ev, node, live):
@@ -435,9 +455,7 @@ def _reduction(ev, node, live):
     op, body, depth, xp = node.op, node.args[1], node.value, ev.xp
     if n == 0:
         if op in (Op.REDUCE_MAX, Op.REDUCE_MIN):
-            name = "max" if op is Op.REDUCE_MAX else "min"
-            raise AttnCallError(f"{name}() of an empty range: range(N) has N = 0 at this call",
-                                node.span, _source_of(node))
+            raise empty_range_error(node)
         if op is Op.SUM:
             return xp.scalar(0.0 if node.type is Type.FLOAT else 0)
         return xp.scalar(op is Op.ALL)
