@@ -39,9 +39,8 @@ import numpy as np
 
 from .errors import AttnCallError, source_for
 from .ir import Expr, Op, Type
-from .ops import FLOAT_TO_INT_OPS, MAX_RANGE, REDUCE_OPS, SHIFT_OPS
+from .ops import FLOAT_TO_INT_OPS, MAX_RANGE, MAX_SHIFT, REDUCE_OPS, SHIFT_OPS
 
-MAX_SHIFT = 62              # shift counts lie in 0..MAX_SHIFT
 # the ops whose operands can fail at a pair: evaluated only at live points
 _LIVE_OPS = (Op.INDEX, *SHIFT_OPS, *FLOAT_TO_INT_OPS)
 _ERF = np.frompyfunc(math.erf, 1, 1)
@@ -365,7 +364,7 @@ def _shift(name):
         if _failed(ev, bad, live):
             value, at = _first(ev, bad & _live_np(ev, live), c_np)
             expr = _short(count)
-            why = _why(ev, "a shift", "its shift counts must be in 0..62")
+            why = _why(ev, "a shift", f"its shift counts must be in 0..{MAX_SHIFT}")
             raise AttnCallError(
                 f"shift count {int(value)} is out of range: the count '{expr}' of "
                 f"'{node.op.value}' is {int(value)} at {at}, and a shift count must lie in "

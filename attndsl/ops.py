@@ -283,6 +283,7 @@ REDUCE_OPS = {op for op, i in OPS.items() if i.form == "reduce"}
 EXPANDED_OPS = REDUCE_OPS | {Op.VAR}
 FLOAT_TO_INT_OPS = {Op.FLOOR, Op.CEIL, Op.ROUND}
 MAX_RANGE = 256          # the largest bound N of a reduction's range(N)
+MAX_SHIFT = 62           # shift counts lie in 0..MAX_SHIFT (else a call error)
 SHIFT_OPS = {Op.LSHIFT, Op.RSHIFT}
 
 

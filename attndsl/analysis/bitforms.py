@@ -23,7 +23,7 @@ value (so the solver's answers stay those of the interpreter):
 from __future__ import annotations
 
 from ..ir import Expr, Op, Type, const
-from .bitwise import MAX_SHIFT
+from ..ops import MAX_SHIFT
 from .pieces import FALSE, ONE, TRUE, b_and, b_not, depends_on_k, i_neg, i_sub
 
 MAX_MASK_BITS = 12          # residue forms of bit masks up to 2**12 residues (as for '%')

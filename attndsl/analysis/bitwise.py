@@ -28,8 +28,9 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..ops import MAX_SHIFT
+
 INT_MIN, INT_MAX = np.iinfo(np.int64).min, np.iinfo(np.int64).max
-MAX_SHIFT = 62                      # the largest shift count a call may evaluate
 FLOAT_INT_LO = -2.0 ** 63           # floats that convert to int64: [-2**63, 2**63)
 FLOAT_INT_HI = 2.0 ** 63 - 1024.0   # (the largest float below 2**63)
 _U = np.uint64

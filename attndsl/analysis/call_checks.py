@@ -16,8 +16,8 @@ from __future__ import annotations
 import numpy as np
 
 from ..ir import Op
-from ..ops import FLOAT_TO_INT_OPS, SHIFT_OPS
-from .bitwise import MAX_SHIFT, float_converts
+from ..ops import FLOAT_TO_INT_OPS, MAX_SHIFT, SHIFT_OPS
+from .bitwise import float_converts
 from .intervals import whole_call, within
 
 _CHECKED = FLOAT_TO_INT_OPS | SHIFT_OPS | {Op.INDEX}

@@ -53,7 +53,7 @@ from ..errors import AttnCallError
 from ..expand import has_reductions
 from ..inputs import tensor_inputs
 from ..ir import SELECTOR_OPS, Expr, Op, Type, const
-from ..ops import EXPANDED_OPS, REDUCE_OPS
+from ..ops import EXPANDED_OPS, MAX_SHIFT, REDUCE_OPS
 from . import api
 from .allowed import allowed_bounds
 from .fold import fold
@@ -430,7 +430,7 @@ def _no_form(s: _Summer, op: Op, v: list, lo, hi) -> list:
 
 def _shifted(v: list):
     """x << c with a constant count: x * 2**c (a count outside 0..62 is a call error)."""
-    if not (v[1].is_Integer and 0 <= v[1] <= 62):
+    if not (v[1].is_Integer and 0 <= v[1] <= MAX_SHIFT):
         raise _NoForm
     return v[0] * 2 ** int(v[1])
 
