@@ -120,13 +120,18 @@ def _float(ctx, node, a):
     return f"tl.cast({a[0]}, tl.float32)"
 
 
-def _index(ctx, node, a):
+def _load(ctx, node, a) -> str:
+    """The raw load of a tensor read: its indices clamped into the tensor."""
     slot = ctx.slots[node.value]
     terms = [f"tl.minimum(tl.maximum({x}, 0), t{slot}_n{d} - 1) * t{slot}_s{d}"
              for d, x in enumerate(a)]
-    load = f"tl.load(t{slot} + {' + '.join(terms)})"
+    return f"tl.load(t{slot} + {' + '.join(terms)})"
+
+
+def _index(ctx, node, a):
     # a bool tensor's slot holds int8 (codegen/args.py slot_dtype); a float tensor's float32,
     # or float64 when a floor/ceil/round argument reads it (wide_reads): read as float32 here
+    load = _load(ctx, node, a)
     if node.type is Type.BOOL:
         return f"({load} != 0)"
     return f"tl.cast({load}, tl.float32)" if node.value in ctx.wide else load
@@ -137,10 +142,7 @@ def _index64(ctx, node, a):
     # read lands here only when an index depends on a float64 value)
     if node.type is not Type.FLOAT:
         return _index(ctx, node, a)
-    slot = ctx.slots[node.value]
-    terms = [f"tl.minimum(tl.maximum({x}, 0), t{slot}_n{d} - 1) * t{slot}_s{d}"
-             for d, x in enumerate(a)]
-    return f"tl.cast(tl.load(t{slot} + {' + '.join(terms)}), tl.float64)"
+    return f"tl.cast({_load(ctx, node, a)}, tl.float64)"
 
 
 def wide_reads(roots) -> frozenset:

@@ -108,16 +108,19 @@ class _Literals:
         return [f"{name} = {text}" for name, text in self.names.values()]
 
 
+def _gather(ctx, node, a) -> str:
+    return f"gather(t{ctx.slots[node.value]}, {', '.join(a)})"
+
+
 def _index(ctx, node, a):
-    text = f"gather(t{ctx.slots[node.value]}, {', '.join(a)})"
     # a float input may arrive in float64 (TorchHooks.wide_inputs): read in fdt
-    return f"{text}.to(fdt)" if node.type is Type.FLOAT else text
+    return f"{_gather(ctx, node, a)}.to(fdt)" if node.type is Type.FLOAT else _gather(ctx, node, a)
 
 
 def _index64(ctx, node, a):
     # float64 mode (reached by float reads only): the input's float64 values where it
     # arrives in float64, else its fdt values widened
-    return f"gather(t{ctx.slots[node.value]}, {', '.join(a)}).to(torch.float64)"
+    return f"{_gather(ctx, node, a)}.to(torch.float64)"
 
 
 def _to_int(fn):
