@@ -175,6 +175,20 @@ def largest_tensor():
     return LargestTensor()
 
 
+@pytest.fixture
+def wide_terminal(monkeypatch):
+    """A 120 x 50 terminal for the command line's pictures (``usefixtures("wide_terminal")``)."""
+    monkeypatch.setenv("COLUMNS", "120")
+    monkeypatch.setenv("LINES", "50")
+
+
+def write_file(tmp_path, name: str, text: str) -> str:
+    """``text`` written to ``tmp_path / name`` (UTF-8); its path as a str."""
+    path = tmp_path / name
+    path.write_text(text, encoding="utf-8")
+    return str(path)
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """torch's CPU thread pool thrashes on a loaded 2-core machine; one thread is much faster

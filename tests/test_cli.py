@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import write_file
 
 import attndsl
 from attndsl import cli, render
@@ -59,16 +60,7 @@ pattern routing(c: float[][][]):
 """
 
 
-@pytest.fixture(autouse=True)
-def _wide_terminal(monkeypatch):
-    monkeypatch.setenv("COLUMNS", "120")
-    monkeypatch.setenv("LINES", "50")
-
-
-def write(tmp_path: Path, name: str, text: str) -> str:
-    path = tmp_path / name
-    path.write_text(text, encoding="utf-8")
-    return str(path)
+pytestmark = pytest.mark.usefixtures("wide_terminal")
 
 
 def console_script() -> str:
@@ -83,7 +75,7 @@ def console_script() -> str:
 
 
 def test_check_ok_lists_patterns(tmp_path, capsys):
-    path = write(tmp_path, "two.attn", TWO)
+    path = write_file(tmp_path, "two.attn", TWO)
     assert cli.main(["check", path]) == 0
     out, err = capsys.readouterr()
     assert out.strip() == f"{path}: ok (2 patterns: a, b)"
@@ -91,7 +83,7 @@ def test_check_ok_lists_patterns(tmp_path, capsys):
 
 
 def test_check_reports_every_error_with_caret(tmp_path, capsys):
-    path = write(tmp_path, "bad.attn", BAD)
+    path = write_file(tmp_path, "bad.attn", BAD)
     assert cli.main(["check", path]) == 1
     out, err = capsys.readouterr()
     assert out == ""
@@ -104,8 +96,8 @@ def test_check_reports_every_error_with_caret(tmp_path, capsys):
 
 
 def test_check_several_files_and_missing_file(tmp_path, capsys):
-    good = write(tmp_path, "good.attn", CAUSAL)
-    bad = write(tmp_path, "bad.attn", BAD)
+    good = write_file(tmp_path, "good.attn", CAUSAL)
+    bad = write_file(tmp_path, "bad.attn", BAD)
     missing = str(tmp_path / "missing.attn")
     assert cli.main(["check", good, bad, missing, str(tmp_path)]) == 1
     out, err = capsys.readouterr()
@@ -125,7 +117,7 @@ def test_check_examples_if_present(capsys):
 
 
 def test_console_script_check_bad_file(tmp_path):
-    path = write(tmp_path, "bad.attn", BAD)
+    path = write_file(tmp_path, "bad.attn", BAD)
     proc = subprocess.run([console_script(), "check", path], capture_output=True, text=True,
                           timeout=120)
     assert proc.returncode == 1
@@ -137,7 +129,7 @@ def test_console_script_check_bad_file(tmp_path):
 
 
 def test_python_dash_m(tmp_path):
-    path = write(tmp_path, "two.attn", TWO)
+    path = write_file(tmp_path, "two.attn", TWO)
     proc = subprocess.run([sys.executable, "-m", "attndsl", "check", path], capture_output=True,
                           text=True, timeout=120, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
@@ -174,7 +166,7 @@ def test_parse_assignment():
 
 
 def test_show_causal_4x4_exact(tmp_path, capsys):
-    path = write(tmp_path, "causal.attn", CAUSAL)
+    path = write_file(tmp_path, "causal.attn", CAUSAL)
     assert cli.main(["show", path, "--q-len", "4", "--kv-len", "4"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[0] == ("causal_lm(): q_len=4 kv_len=4 heads=1 kv_heads=1, "
@@ -183,14 +175,14 @@ def test_show_causal_4x4_exact(tmp_path, capsys):
 
 
 def test_show_half_blocks(tmp_path, capsys):
-    path = write(tmp_path, "causal.attn", CAUSAL)
+    path = write_file(tmp_path, "causal.attn", CAUSAL)
     assert cli.main(["show", path, "--q-len", "4", "--kv-len", "4", "--view", "half"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[-4:] == ["┌────┐", "│█▄  │", "│███▄│", "└────┘"]
 
 
 def test_show_groups_identical_heads(tmp_path, capsys):
-    path = write(tmp_path, "duo.attn", HEADS)
+    path = write_file(tmp_path, "duo.attn", HEADS)
     assert cli.main(["show", path, "--q-len", "6", "--kv-len", "6"]) == 0
     out = capsys.readouterr().out
     assert "heads=4" in out                       # the mask uses h: 4 heads by default
@@ -198,7 +190,7 @@ def test_show_groups_identical_heads(tmp_path, capsys):
 
 
 def test_show_falls_back_to_block_map(tmp_path, capsys):
-    path = write(tmp_path, "causal.attn", CAUSAL)
+    path = write_file(tmp_path, "causal.attn", CAUSAL)
     assert cli.main(["show", path, "--q-len", "4096", "--kv-len", "4096", "--block", "64"]) == 0
     out = capsys.readouterr().out
     lines = out.splitlines()
@@ -210,14 +202,14 @@ def test_show_falls_back_to_block_map(tmp_path, capsys):
 
 
 def test_show_enlarges_block_to_fit(tmp_path, capsys):
-    path = write(tmp_path, "causal.attn", CAUSAL)
+    path = write_file(tmp_path, "causal.attn", CAUSAL)
     assert cli.main(["show", path, "--q-len", "2048", "--kv-len", "2048", "--width", "40"]) == 0
     out = capsys.readouterr().out
     assert "tiles of 64 queries x 64 keys (--block 16 enlarged to fit)" in out
 
 
 def test_show_png(tmp_path, capsys):
-    path = write(tmp_path, "two.attn", TWO + HEADS)
+    path = write_file(tmp_path, "two.attn", TWO + HEADS)
     png = tmp_path / "out.png"
     assert cli.main(["show", path, "--q-len", "16", "--kv-len", "16", "--png", str(png)]) == 0
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -227,11 +219,11 @@ def test_show_png(tmp_path, capsys):
 
 
 def test_show_tensor_input_and_selectors(tmp_path, capsys):
-    path = write(tmp_path, "packed.attn", PACKED)
+    path = write_file(tmp_path, "packed.attn", PACKED)
     assert cli.main(["show", path, "--q-len", "32", "--kv-len", "32"]) == 0
     out = capsys.readouterr().out
     assert "random documents covering 32 positions" in out
-    path = write(tmp_path, "sel.attn", SELECTORS)
+    path = write_file(tmp_path, "sel.attn", SELECTORS)
     assert cli.main(["show", path, "--q-len", "64", "--kv-len", "64", "--view", "blocks"]) == 0
     out = capsys.readouterr().out
     assert out.count("random Gaussian vectors") == 2
@@ -240,7 +232,7 @@ def test_show_tensor_input_and_selectors(tmp_path, capsys):
 
 
 def test_show_set_and_required_parameter(tmp_path, capsys):
-    path = write(tmp_path, "win.attn", REQUIRED)
+    path = write_file(tmp_path, "win.attn", REQUIRED)
     assert cli.main(["show", path]) == 1
     err = capsys.readouterr().err
     assert "needs a value for parameter 'w'" in err and "--set w=VALUE" in err
@@ -253,7 +245,7 @@ def test_show_set_and_required_parameter(tmp_path, capsys):
 def test_show_errors_without_traceback(tmp_path, capsys):
     assert cli.main(["show", str(tmp_path / "missing.attn")]) == 1
     assert "cannot read" in capsys.readouterr().err
-    path = write(tmp_path, "causal.attn", CAUSAL)
+    path = write_file(tmp_path, "causal.attn", CAUSAL)
     assert cli.main(["show", path, "-p", "nope"]) == 1
     assert "no pattern 'nope'" in capsys.readouterr().err
     assert cli.main(["show", path, "--heads", "4", "--kv-heads", "3"]) == 1
@@ -266,7 +258,7 @@ SMALL = ["--q-len", "48", "--kv-len", "64", "--heads", "2", "--head-dim", "16"]
 
 
 def test_run_pass_causal(tmp_path, capsys):
-    path = write(tmp_path, "causal.attn", CAUSAL)
+    path = write_file(tmp_path, "causal.attn", CAUSAL)
     assert cli.main(["run", path, *SMALL]) == 0
     out = capsys.readouterr().out
     last = out.splitlines()[-1]
@@ -276,7 +268,7 @@ def test_run_pass_causal(tmp_path, capsys):
 
 
 def test_run_tensor_inputs(tmp_path, capsys):
-    path = write(tmp_path, "inputs.attn", PACKED + "\n" + BIAS)
+    path = write_file(tmp_path, "inputs.attn", PACKED + "\n" + BIAS)
     assert cli.main(["run", path, *SMALL, "--batch", "2", "--kv-heads", "1"]) == 0
     out = capsys.readouterr().out
     assert "PASS packed:" in out and "PASS bias:" in out
@@ -285,7 +277,7 @@ def test_run_tensor_inputs(tmp_path, capsys):
 
 
 def test_run_selectors_and_half_precision(tmp_path, capsys):
-    path = write(tmp_path, "sel.attn", SELECTORS)
+    path = write_file(tmp_path, "sel.attn", SELECTORS)
     assert cli.main(["run", path, *SMALL, "--dtype", "bfloat16"]) == 0
     out = capsys.readouterr().out
     assert "PASS moba:" in out and "PASS routing:" in out
@@ -294,17 +286,17 @@ def test_run_selectors_and_half_precision(tmp_path, capsys):
 
 def test_run_fail_exit_code(tmp_path, capsys, monkeypatch):
     monkeypatch.setitem(cli.TOLERANCE, "float32", -1.0)
-    path = write(tmp_path, "causal.attn", CAUSAL)
+    path = write_file(tmp_path, "causal.attn", CAUSAL)
     assert cli.main(["run", path, *SMALL]) == 1
     assert capsys.readouterr().out.splitlines()[-1].startswith("FAIL causal_lm:")
 
 
 def test_run_errors_are_reported(tmp_path, capsys):
-    path = write(tmp_path, "bad.attn", BAD)
+    path = write_file(tmp_path, "bad.attn", BAD)
     assert cli.main(["run", path]) == 1
     out, err = capsys.readouterr()
     assert "error: unknown name 'windw'" in err and "Traceback" not in err
-    path = write(tmp_path, "win.attn", REQUIRED + "\n" + CAUSAL)
+    path = write_file(tmp_path, "win.attn", REQUIRED + "\n" + CAUSAL)
     assert cli.main(["run", path, *SMALL]) == 1         # win fails, causal_lm still runs
     out, err = capsys.readouterr()
     assert "--set w=VALUE" in err

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import pattern
+from conftest import pattern, write_file
 
 from attndsl import AttnCallError
 from attndsl.cli import main
@@ -45,16 +45,7 @@ pattern bias(rel: float[][], max_dist = 4):
 DOC = np.repeat([0, 1, 2], [5, 7, 4])            # 16 positions, three documents
 
 
-@pytest.fixture(autouse=True)
-def _wide_terminal(monkeypatch):
-    monkeypatch.setenv("COLUMNS", "120")
-    monkeypatch.setenv("LINES", "50")
-
-
-def _file(tmp_path: Path, name: str, text: str) -> str:
-    path = tmp_path / name
-    path.write_text(text, encoding="utf-8")
-    return str(path)
+pytestmark = pytest.mark.usefixtures("wide_terminal")
 
 
 def _npy(tmp_path: Path, name: str, array) -> str:
@@ -86,7 +77,7 @@ def _error(capsys, argv) -> str:
 
 
 def test_show_draws_the_given_documents_with_their_derived_starts(tmp_path, capsys):
-    src = _file(tmp_path, "docs.attn", DOCS)
+    src = write_file(tmp_path, "docs.attn", DOCS)
     doc = _npy(tmp_path, "doc.npy", DOC)
     assert main(["show", src, "-p", "doc_window", "--q-len", "16", "--view", "cells",
                  "--input", f"doc={doc}"]) == 0
@@ -100,7 +91,7 @@ def test_show_draws_the_given_documents_with_their_derived_starts(tmp_path, caps
 
 
 def test_show_without_input_keeps_the_demo_documents(tmp_path, capsys):
-    src = _file(tmp_path, "docs.attn", DOCS)
+    src = write_file(tmp_path, "docs.attn", DOCS)
     assert main(["show", src, "-p", "packed", "--q-len", "16"]) == 0
     out = capsys.readouterr().out
     assert "random documents covering 16 positions" in out and "from " not in out
@@ -110,7 +101,7 @@ def test_show_without_input_keeps_the_demo_documents(tmp_path, capsys):
 
 
 def test_run_with_a_pt_input_passes_and_says_where_it_came_from(tmp_path, capsys):
-    src = _file(tmp_path, "docs.attn", DOCS)
+    src = write_file(tmp_path, "docs.attn", DOCS)
     path = tmp_path / "doc.pt"
     torch.save(torch.tensor(DOC, dtype=torch.int32), path)
     assert main(["run", src, "--q-len", "16", "--heads", "2", "--head-dim", "8",
@@ -123,7 +114,7 @@ def test_run_with_a_pt_input_passes_and_says_where_it_came_from(tmp_path, capsys
 
 
 def test_run_with_a_dict_pt_file_and_per_batch_inputs(tmp_path, capsys):
-    src = _file(tmp_path, "bias.attn", BIAS)
+    src = write_file(tmp_path, "bias.attn", BIAS)
     rel = torch.randn(2, 3, 5, generator=torch.Generator().manual_seed(0))   # [batch, heads, 5]
     path = tmp_path / "tables.pt"
     torch.save({"rel": rel, "other": torch.zeros(2)}, path)
@@ -140,7 +131,7 @@ def test_run_with_a_dict_pt_file_and_per_batch_inputs(tmp_path, capsys):
 
 
 def test_a_per_batch_input_needs_the_others_given_too(tmp_path, capsys):
-    src = _file(tmp_path, "docs.attn", DOCS)
+    src = write_file(tmp_path, "docs.attn", DOCS)
     doc = _npy(tmp_path, "doc.npy", np.stack([DOC, DOC[::-1]]))
     err = _error(capsys, ["run", src, "-p", "doc_window", "--q-len", "16", "--batch", "2",
                           "--input", f"doc={doc}"])
@@ -156,7 +147,7 @@ def test_a_per_batch_input_needs_the_others_given_too(tmp_path, capsys):
 
 
 def test_analyze_uses_the_given_input(tmp_path, capsys):
-    src = _file(tmp_path, "docs.attn", DOCS)
+    src = write_file(tmp_path, "docs.attn", DOCS)
     doc = _npy(tmp_path, "doc.npy", DOC)
     assert main(["analyze", src, "-p", "doc_window", "--q-len", "16", "--block", "4", "--json",
                  "--input", f"doc={doc}"]) == 0
@@ -167,7 +158,7 @@ def test_analyze_uses_the_given_input(tmp_path, capsys):
 
 
 def test_emit_takes_inputs_with_q_len_only(tmp_path, capsys):
-    src = _file(tmp_path, "docs.attn", DOCS)
+    src = write_file(tmp_path, "docs.attn", DOCS)
     doc = _npy(tmp_path, "doc.npy", DOC)
     assert main(["emit", src, "-p", "packed", "--q-len", "16", "--input", f"doc={doc}"]) == 0
     assert "# pattern packed(doc: int[])" in capsys.readouterr().out
@@ -181,7 +172,7 @@ def test_emit_takes_inputs_with_q_len_only(tmp_path, capsys):
 @pytest.mark.parametrize("case", ["float", "rank", "unknown", "scalar", "missing", "junk",
                                   "extension", "npz", "pt-list", "pt-dict", "twice", "size"])
 def test_input_errors_are_rendered_with_exit_status_1(tmp_path, capsys, case):
-    src = _file(tmp_path, "docs.attn", DOCS)
+    src = write_file(tmp_path, "docs.attn", DOCS)
     doc = _npy(tmp_path, "doc.npy", DOC)
     args = {
         "float": (f"doc={_npy(tmp_path, 'f.npy', DOC.astype(float))}",
@@ -194,9 +185,9 @@ def test_input_errors_are_rendered_with_exit_status_1(tmp_path, capsys, case):
         "scalar": (f"window={doc}", "'window' is a compile-time parameter of pattern "
                                     "'doc_window'; set it with --set window=VALUE"),
         "missing": (f"doc={tmp_path / 'nope.npy'}", "cannot read"),
-        "junk": (f"doc={_file(tmp_path, 'junk.npy', 'not an array')}",
+        "junk": (f"doc={write_file(tmp_path, 'junk.npy', 'not an array')}",
                  "is not a .npy file (no NumPy header)"),
-        "extension": (f"doc={_file(tmp_path, 'doc.csv', '0,1')}",
+        "extension": (f"doc={write_file(tmp_path, 'doc.csv', '0,1')}",
                       "expected a .npy file (numpy.save) or a .pt file (torch.save), got a .csv "
                       "file"),
         "npz": (f"doc={tmp_path / 'a.npy'}", "is not a .npy file (a zip archive (.npz?))"),
@@ -221,7 +212,7 @@ def test_input_errors_are_rendered_with_exit_status_1(tmp_path, capsys, case):
 
 
 def test_a_malformed_option_is_a_usage_error(tmp_path, capsys):
-    src = _file(tmp_path, "docs.attn", DOCS)
+    src = write_file(tmp_path, "docs.attn", DOCS)
     for bad in ("doc", "=x.npy", "doc=", "1x=a.npy"):
         assert main(["show", src, "--input", bad]) == 2
         assert "expected NAME=PATH" in capsys.readouterr().err
@@ -271,7 +262,7 @@ def _load(path: Path, monkeypatch):
 
 def test_testgen_embeds_the_given_inputs_and_uses_them_at_every_shape(tmp_path, capsys,
                                                                        monkeypatch):
-    src = _file(tmp_path, "docs.attn", DOCS)
+    src = write_file(tmp_path, "docs.attn", DOCS)
     doc = np.repeat(np.arange(5), [30, 20, 40, 10, 30])       # 130 positions: every kv_len
     path = _npy(tmp_path, "doc.npy", doc.astype(np.int16))
     out = tmp_path / "gen" / "test_generated_docs.py"
@@ -300,7 +291,7 @@ def test_testgen_embeds_the_given_inputs_and_uses_them_at_every_shape(tmp_path, 
 
 
 def test_testgen_refuses_an_input_too_large_to_embed(tmp_path, capsys):
-    src = _file(tmp_path, "docs.attn", DOCS)
+    src = write_file(tmp_path, "docs.attn", DOCS)
     path = _npy(tmp_path, "doc.npy", np.zeros(20000, np.int64))
     out = tmp_path / "test_x.py"
     err = _error(capsys, ["testgen", src, "-p", "packed", "-o", str(out), "--input",
@@ -312,7 +303,7 @@ def test_testgen_refuses_an_input_too_large_to_embed(tmp_path, capsys):
 
 
 def test_bench_times_the_pattern_and_dense_attention_with_a_given_input(tmp_path, capsys):
-    src = _file(tmp_path, "docs.attn", DOCS)
+    src = write_file(tmp_path, "docs.attn", DOCS)
     doc = _npy(tmp_path, "doc.npy", DOC)
     assert main(["bench", src, "-p", "packed", "--q-len", "16", "--heads", "2", "--kv-heads", "1",
                  "--head-dim", "8", "--repeat", "1", "--backward", "--input", f"doc={doc}"]) == 0
@@ -324,7 +315,7 @@ def test_bench_times_the_pattern_and_dense_attention_with_a_given_input(tmp_path
 
 
 def test_bench_checks_its_inputs_like_a_call(tmp_path, capsys):
-    src = _file(tmp_path, "docs.attn", DOCS)
+    src = write_file(tmp_path, "docs.attn", DOCS)
     bad = _npy(tmp_path, "doc.npy", np.zeros((2, 3, 4), np.int64))
     err = _error(capsys, ["bench", src, "-p", "packed", "--q-len", "16", "--repeat", "1",
                           "--input", f"doc={bad}"])
