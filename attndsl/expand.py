@@ -54,7 +54,8 @@ def expand_reductions(ir: PatternIR, values: dict, sizes: dict) -> PatternIR:
     mask = run.expand(ir.mask, {}, {})
     score = None if ir.score is None else run.expand(ir.score, {}, {})
     out = replace(ir, mask=mask, score=score)
-    run.check_sites(out)
+    if any(arg.uses(Op.VAR) for arg, _ok, _message in range_sites(ir)):
+        run.check_sites(out)    # (the other sites are checked per call: BoundPattern.check_sizes)
     return out
 
 
@@ -128,8 +129,8 @@ class _Expansion:
         return checked_bound(evaluate_scalar(expr, self.values, self.sizes), at, self.sizes)
 
     def check_sites(self, ir: PatternIR) -> None:
-        """Every divisor and range bound of the expanded pattern that is known at this call
-        holds (those that read a loop variable were not checkable before)."""
+        """Every divisor and selector argument of the expanded pattern that is known at this
+        call holds (run when some of them read a loop variable: not checkable before)."""
         for expr, ok, message in range_sites(ir):
             if is_call_constant(expr):
                 value = evaluate_scalar(expr, self.values, self.sizes)
